@@ -1,0 +1,40 @@
+"""Builds the Cython data plane in smg/_fast/. There is no pure-Python fallback:
+the gateway does not import without its compiled extensions."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+FAST_MODULES = [
+    "http1",
+    "worker",
+    "exchange",
+    "upstream",
+    "server",
+    "routing_text",
+    "policies",
+    "proxy",
+    "selector",
+]
+
+extensions = [
+    Extension(
+        f"smg._fast.{name}",
+        [f"smg/_fast/{name}.pyx"],
+        extra_compile_args=["-O3"],
+    )
+    for name in FAST_MODULES
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+            "embedsignature": True,
+        },
+    ),
+)

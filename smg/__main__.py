@@ -1,0 +1,3 @@
+from smg.cli import main
+
+main()

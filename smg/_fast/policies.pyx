@@ -1,0 +1,316 @@
+# cython: language_level=3
+"""Routing policies and the router that groups workers by (type, model).
+
+Every policy picks among a group's ready workers, skipping those whose
+circuit breaker is open. Load is the gateway's own in-flight count per
+worker (Worker.inflight), kept by the proxy for every policy."""
+
+import os
+
+from libc.stdint cimport uint64_t, uint32_t
+from libc.stdlib cimport malloc, free, realloc
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from smg._fast.worker cimport Worker, STATE_READY
+
+
+# --- a small fast PRNG (xorshift64*), seeded per process -----------------
+
+cdef uint64_t _rng_state = 0
+
+
+cdef uint64_t rand64() noexcept:
+    global _rng_state
+    cdef uint64_t x = _rng_state
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    _rng_state = x
+    return x * 0x2545F4914F6CDD1D
+
+
+def reseed():
+    global _rng_state
+    _rng_state = int.from_bytes(os.urandom(8), "little") | 1
+
+reseed()
+
+
+cdef inline uint64_t fnv1a(const unsigned char* data, Py_ssize_t n) noexcept:
+    cdef uint64_t h = 0xcbf29ce484222325
+    cdef Py_ssize_t i
+    for i in range(n):
+        h ^= data[i]
+        h *= 0x100000001b3
+    # final avalanche (splitmix64) so nearby keys spread over the ring
+    h ^= h >> 30
+    h *= 0xbf58476d1ce4e5b9
+    h ^= h >> 27
+    h *= 0x94d049bb133111eb
+    h ^= h >> 31
+    return h
+
+
+def hash_key(bytes key):
+    return fnv1a(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+
+
+cdef inline bint less_loaded(Worker a, Worker b) noexcept:
+    """a is a better least-loaded choice than b: fewer in flight, then fewer routed."""
+    if a.inflight != b.inflight:
+        return a.inflight < b.inflight
+    return a.routed < b.routed
+
+
+cdef Worker least_loaded(list ready, double now, Worker avoid):
+    cdef Worker best = None, w
+    for w in ready:
+        if w is avoid or not w.routable(now):
+            continue
+        if best is None or less_loaded(w, best):
+            best = w
+    return best
+
+
+# --- policies --------------------------------------------------------------
+
+cdef class Policy:
+
+    def __init__(self):
+        self.name = "base"
+        self.needs_text = False
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        return least_loaded(ready, now, None)
+
+    cpdef workers_changed(self, list workers):
+        pass
+
+    cpdef worker_removed(self, Worker worker):
+        pass
+
+    def pick_py(self, list ready, str text=None, bytes key=None, double now=0.0):
+        """Python entry point, for tests and benchmarks."""
+        return self.pick(ready, text, key, now)
+
+
+cdef class RoundRobinPolicy(Policy):
+    cdef uint64_t counter
+
+    def __init__(self):
+        self.name = "round_robin"
+        self.needs_text = False
+        self.counter = 0
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef Py_ssize_t n = len(ready), i
+        cdef Worker w
+        if n == 0:
+            return None
+        for i in range(n):
+            w = <Worker>ready[(self.counter + i) % n]
+            if w.routable(now):
+                self.counter += i + 1
+                return w
+        return None
+
+
+cdef class RandomPolicy(Policy):
+
+    def __init__(self):
+        self.name = "random"
+        self.needs_text = False
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef Py_ssize_t n = len(ready), i, start
+        cdef Worker w
+        if n == 0:
+            return None
+        start = rand64() % n
+        for i in range(n):
+            w = <Worker>ready[(start + i) % n]
+            if w.routable(now):
+                return w
+        return None
+
+
+cdef class PowerOfTwoPolicy(Policy):
+
+    def __init__(self):
+        self.name = "power_of_two"
+        self.needs_text = False
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef Py_ssize_t n = len(ready), i, j
+        cdef Worker a, b
+        if n == 0:
+            return None
+        if n == 1:
+            a = <Worker>ready[0]
+            return a if a.routable(now) else None
+        i = rand64() % n
+        j = rand64() % (n - 1)
+        if j >= i:
+            j += 1
+        a = <Worker>ready[i]
+        b = <Worker>ready[j]
+        if not a.routable(now):
+            if b.routable(now):
+                return b
+            return least_loaded(ready, now, None)
+        if not b.routable(now):
+            return a
+        return b if less_loaded(b, a) else a
+
+
+DEF VNODES = 150
+
+
+def _point_key(p):
+    return (p[0], p[1])
+
+
+cdef class ConsistentHashPolicy(Policy):
+    """A hash ring with 150 virtual nodes per worker. The key comes from
+    X-SMG-Routing-Key, else Authorization, else X-Forwarded-For; a request
+    with none is routed to the least-loaded worker. A key whose worker is
+    not routable moves clockwise to the next routable one."""
+    cdef uint64_t* ring_hashes
+    cdef list ring_workers
+    cdef Py_ssize_t ring_size
+
+    def __init__(self):
+        self.name = "consistent_hashing"
+        self.needs_text = False
+        self.ring_hashes = NULL
+        self.ring_workers = []
+        self.ring_size = 0
+
+    def __dealloc__(self):
+        if self.ring_hashes != NULL:
+            free(self.ring_hashes)
+
+    cpdef workers_changed(self, list workers):
+        cdef list points = []
+        cdef Worker w
+        cdef int v
+        cdef bytes label
+        for w in workers:
+            for v in range(VNODES):
+                label = f"{w.url}#{v}".encode()
+                points.append((fnv1a(<const unsigned char*>PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label)), w.url, w))
+        points.sort(key=_point_key)
+        if self.ring_hashes != NULL:
+            free(self.ring_hashes)
+            self.ring_hashes = NULL
+        self.ring_size = len(points)
+        self.ring_workers = [p[2] for p in points]
+        if self.ring_size:
+            self.ring_hashes = <uint64_t*>malloc(self.ring_size * sizeof(uint64_t))
+            if self.ring_hashes == NULL:
+                raise MemoryError()
+            for v in range(self.ring_size):
+                self.ring_hashes[v] = points[v][0]
+
+    cpdef worker_removed(self, Worker worker):
+        self.workers_changed([w for w in dict.fromkeys(self.ring_workers) if w is not worker])
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef uint64_t h
+        cdef Py_ssize_t lo = 0, hi = self.ring_size, mid, i
+        cdef Worker w
+        if key is None or self.ring_size == 0:
+            return least_loaded(ready, now, None)
+        h = fnv1a(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.ring_hashes[mid] < h:
+                lo = mid + 1
+            else:
+                hi = mid
+        for i in range(self.ring_size):
+            w = <Worker>self.ring_workers[(lo + i) % self.ring_size]
+            if w.routable(now):
+                return w
+        return None
+
+
+# --- groups and the router -------------------------------------------------
+
+cdef class WorkerGroup:
+
+    def __init__(self, str model_id, int worker_type, Policy policy):
+        self.model_id = model_id
+        self.worker_type = worker_type
+        self.workers = []
+        self.ready = []
+        self.policy = policy
+
+    def __repr__(self):
+        return f"<WorkerGroup {self.model_id} type={self.worker_type} {len(self.ready)}/{len(self.workers)} ready>"
+
+    cpdef refresh(self):
+        """Recompute the ready list after a worker's state changed."""
+        cdef Worker w
+        self.ready = [w for w in self.workers if w.state == STATE_READY]
+        self.policy.workers_changed(self.ready)
+
+    cdef Worker select(self, str text, bytes key, double now, Worker avoid):
+        cdef Worker w = self.policy.pick(self.ready, text, key, now)
+        cdef Worker other
+        if w is not None and w is avoid and len(self.ready) > 1:
+            # a retry: prefer any other routable worker over the one that failed
+            other = least_loaded(self.ready, now, avoid)
+            if other is not None:
+                return other
+        return w
+
+    def select_py(self, str text=None, bytes key=None, double now=0.0, Worker avoid=None):
+        return self.select(text, key, now, avoid)
+
+
+cdef class Router:
+
+    def __init__(self, policy_factory):
+        self.groups = {}
+        self.policy_factory = policy_factory
+        self.needs_text = False
+
+    cpdef WorkerGroup group(self, int worker_type, str model):
+        return self.groups.get((worker_type, model))
+
+    cpdef list groups_of(self, int worker_type):
+        return [g for (t, _), g in self.groups.items() if t == worker_type]
+
+    def add_worker(self, Worker w):
+        key = (w.worker_type, w.model_id)
+        cdef WorkerGroup g = self.groups.get(key)
+        if g is None:
+            policy = self.policy_factory(w.worker_type)
+            g = WorkerGroup(w.model_id, w.worker_type, policy)
+            self.groups[key] = g
+            if policy.needs_text:
+                self.needs_text = True
+        if w not in g.workers:
+            g.workers.append(w)
+        g.refresh()
+
+    def remove_worker(self, Worker w):
+        cdef WorkerGroup g = self.groups.get((w.worker_type, w.model_id))
+        if g is None:
+            return
+        if w in g.workers:
+            g.workers.remove(w)
+        g.refresh()
+        g.policy.worker_removed(w)
+        if not g.workers:
+            del self.groups[(w.worker_type, w.model_id)]
+
+    def refresh_worker(self, Worker w):
+        cdef WorkerGroup g = self.groups.get((w.worker_type, w.model_id))
+        if g is not None:
+            g.refresh()
+
+    def models(self, int worker_type):
+        """Model ids with at least one registered worker of this type."""
+        return sorted(m for (t, m) in self.groups if t == worker_type)

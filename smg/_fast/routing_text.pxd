@@ -1,0 +1,9 @@
+cdef enum:
+    EP_GENERATE = 0
+    EP_CHAT = 1
+    EP_COMPLETIONS = 2
+    EP_EMBEDDINGS = 3
+    EP_RERANK = 4
+    EP_CLASSIFY = 5
+
+cpdef str routing_text(int endpoint, dict body)

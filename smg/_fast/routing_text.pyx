@@ -1,0 +1,111 @@
+# cython: language_level=3
+"""The text a routing policy keys on, per endpoint (SPEC §5), taken from the
+request's parsed JSON body. Values of the wrong type contribute nothing:
+routing never fails because of the body's shape (the worker validates it)."""
+
+ENDPOINTS = {
+    "/generate": EP_GENERATE,
+    "/v1/chat/completions": EP_CHAT,
+    "/v1/completions": EP_COMPLETIONS,
+    "/v1/embeddings": EP_EMBEDDINGS,
+    "/v1/rerank": EP_RERANK,
+    "/rerank": EP_RERANK,
+    "/v1/classify": EP_CLASSIFY,
+}
+ENDPOINT_NAMES = {
+    EP_GENERATE: "generate",
+    EP_CHAT: "chat",
+    EP_COMPLETIONS: "completions",
+    EP_EMBEDDINGS: "embeddings",
+    EP_RERANK: "rerank",
+    EP_CLASSIFY: "classify",
+}
+
+
+cdef str _join_texts(object value):
+    """A string, or a list of strings (and of lists of them), joined by spaces."""
+    cdef list parts
+    if type(value) is str:
+        return <str>value
+    if type(value) is list:
+        parts = []
+        for item in <list>value:
+            if type(item) is str:
+                parts.append(item)
+            elif type(item) is list:
+                parts.append(_join_texts(item))
+        return " ".join(parts)
+    return ""
+
+
+cdef str _ids_text(object value):
+    """input_ids as decimal numbers joined by spaces (nested lists flattened)."""
+    cdef list parts
+    if type(value) is list:
+        parts = []
+        for item in <list>value:
+            if type(item) is int:
+                parts.append(str(item))
+            elif type(item) is list:
+                parts.append(_ids_text(item))
+        return " ".join(parts)
+    return ""
+
+
+cdef str _content_text(object content):
+    """A chat message's content: a string, or a list of parts of which the
+    text parts count."""
+    cdef list parts
+    if type(content) is str:
+        return <str>content
+    if type(content) is list:
+        parts = []
+        for part in <list>content:
+            if type(part) is dict:
+                t = (<dict>part).get("text")
+                if type(t) is str and (<dict>part).get("type", "text") == "text":
+                    parts.append(t)
+            elif type(part) is str:
+                parts.append(part)
+        return " ".join(parts)
+    return ""
+
+
+cdef str _chat_text(object messages):
+    cdef list parts = []
+    cdef str t
+    if type(messages) is not list:
+        return ""
+    for msg in <list>messages:
+        if type(msg) is not dict:
+            continue
+        t = _content_text((<dict>msg).get("content"))
+        if t:
+            parts.append(t)
+        r = (<dict>msg).get("reasoning_content")
+        if type(r) is str and r:
+            parts.append(<str>r)
+    return " ".join(parts)
+
+
+cpdef str routing_text(int endpoint, dict body):
+    if endpoint == EP_GENERATE:
+        text = body.get("text")
+        if text is not None:
+            return _join_texts(text)
+        ids = body.get("input_ids")
+        if ids is not None:
+            return _ids_text(ids)
+        return ""
+    if endpoint == EP_CHAT:
+        return _chat_text(body.get("messages"))
+    if endpoint == EP_COMPLETIONS:
+        return _join_texts(body.get("prompt"))
+    if endpoint == EP_EMBEDDINGS or endpoint == EP_CLASSIFY:
+        v = body.get("input")
+        if v is None:
+            v = body.get("text")
+        return _join_texts(v)
+    if endpoint == EP_RERANK:
+        return _join_texts(body.get("query"))
+    return ""

@@ -1,0 +1,433 @@
+# cython: language_level=3
+"""Connections from the gateway to workers: a keep-alive pool per worker
+address, the protocol that parses responses, and `fetch`, the small HTTP
+client the control plane uses (probes, health checks, fan-out routes)."""
+
+import asyncio
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from smg._fast.clock cimport monotonic
+from smg._fast.http1 cimport ResponseParser
+from smg._fast.exchange cimport Exchange, FAIL_CONNECT, FAIL_BEFORE_HEAD, FAIL_BODY
+
+from smg._fast.http1 import UpstreamProtocolError
+
+
+class UpstreamClosed(ConnectionError):
+    """The worker closed the connection before the response ended."""
+
+
+cdef class UpstreamPool:
+
+    def __init__(self, str host, int port, double idle_timeout=3.0, loop=None):
+        self.host = host
+        self.port = port
+        self.idle_timeout = idle_timeout
+        self.closed = False
+        self.open_count = 0
+        self.connecting = 0
+        self.connects_total = 0
+        self.reuses_total = 0
+        self.idle = []
+        self.loop = loop if loop is not None else asyncio.get_event_loop()
+
+    def __repr__(self):
+        return f"<UpstreamPool {self.host}:{self.port} open={self.open_count} idle={len(self.idle)}>"
+
+    @property
+    def idle_count(self):
+        return len(self.idle)
+
+    cdef UpstreamConnection take_idle(self):
+        cdef UpstreamConnection conn
+        while self.idle:
+            conn = <UpstreamConnection>self.idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    cdef ConnectWaiter acquire(self, Exchange ex):
+        """Give `ex` a connection: an idle one at once, else a new one when
+        connected (ex.upstream_ready) or the connect error (ex.upstream_failed).
+        Returns the waiter of a new connection (to cancel it), else None."""
+        cdef UpstreamConnection conn = self.take_idle()
+        cdef ConnectWaiter waiter
+        if conn is not None:
+            conn.reused = True
+            self.reuses_total += 1
+            ex.upstream_ready(conn)
+            return None
+        if self.closed:
+            ex.upstream_failed(None, ConnectionRefusedError("worker removed"), FAIL_CONNECT)
+            return None
+        waiter = ConnectWaiter(self, ex)
+        self.connecting += 1
+        self.connects_total += 1
+        task = self.loop.create_task(
+            self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port))
+        task.add_done_callback(waiter)
+        return waiter
+
+    def acquire_for(self, Exchange ex):
+        self.acquire(ex)
+
+    cdef int release(self, UpstreamConnection conn) except -1:
+        if conn.closed:
+            return 0
+        if self.closed or self.idle_timeout <= 0:
+            conn.abort()
+            return 0
+        conn.idle_since = monotonic()
+        conn.reused = False
+        self.idle.append(conn)
+        return 0
+
+    cdef int forget(self, UpstreamConnection conn) except -1:
+        self.open_count -= 1
+        return 0
+
+    def sweep(self, double now=0.0):
+        """Close connections idle for longer than idle_timeout."""
+        cdef UpstreamConnection conn
+        cdef list keep = []
+        if now == 0.0:
+            now = monotonic()
+        for conn in self.idle:
+            if conn.closed:
+                continue
+            if now - conn.idle_since > self.idle_timeout:
+                conn.abort()
+            else:
+                keep.append(conn)
+        self.idle = keep
+
+    def close(self):
+        """No new connections; idle ones close now, busy ones when released."""
+        cdef UpstreamConnection conn
+        self.closed = True
+        for conn in self.idle:
+            conn.abort()
+        self.idle = []
+
+
+cdef class ConnectWaiter:
+
+    def __init__(self, UpstreamPool pool, Exchange ex):
+        self.pool = pool
+        self.ex = ex
+        self.cancelled = False
+
+    def __call__(self, task):
+        cdef UpstreamConnection conn
+        self.pool.connecting -= 1
+        if task.cancelled():
+            if not self.cancelled:
+                self.ex.upstream_failed(None, ConnectionError("connect cancelled"), FAIL_CONNECT)
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not self.cancelled:
+                self.ex.upstream_failed(None, exc, FAIL_CONNECT)
+            return
+        conn = <UpstreamConnection>task.result()[1]
+        if self.cancelled:
+            # the exchange gave up while we were connecting; keep the connection
+            self.pool.release(conn)
+            return
+        self.ex.upstream_ready(conn)
+
+
+cdef class UpstreamConnection:
+
+    def __init__(self, UpstreamPool pool):
+        self.pool = pool
+        self.transport = None
+        self.ex = None
+        self.parser = ResponseParser()
+        self.closed = False
+        self.reused = False
+        self.got_bytes = False
+        self.discarding = False
+        self.reading_paused = False
+        self.idle_since = 0.0
+        self.decoded = None
+
+    # asyncio protocol
+    def connection_made(self, transport):
+        self.transport = transport
+        self.pool.open_count += 1
+
+    def data_received(self, bytes data):
+        cdef Exchange ex = self.ex
+        cdef Py_ssize_t off = 0, used, n
+        cdef bint head_done = False
+        cdef object piece
+        if ex is None and not self.discarding:
+            # bytes nobody asked for (an idle connection): unusable
+            self.abort()
+            return
+        self.got_bytes = True
+        n = PyBytes_GET_SIZE(data)
+        try:
+            if self.parser.in_head():
+                off = self.parser.feed_head(data)
+                if off < 0:
+                    return
+                head_done = True
+            if self.decoded is not None:
+                used = self.parser.feed_body(<const unsigned char*>PyBytes_AS_STRING(data) + off, n - off, self.decoded)
+            else:
+                used = self.parser.feed_body(<const unsigned char*>PyBytes_AS_STRING(data) + off, n - off, None)
+        except UpstreamProtocolError as e:
+            self._fail(e, FAIL_BODY if not head_done and not self.parser.in_head() else FAIL_BEFORE_HEAD)
+            return
+        if off + used < n:
+            # bytes past the end of the response: the worker broke framing
+            self.parser.keep_alive = False
+        if self.discarding:
+            if self.parser.done():
+                self.discarding = False
+                self._message_done()
+            return
+        if self.decoded is not None:
+            if head_done:
+                ex.upstream_response(self, self.parser, b"", 0, 0)
+            for piece in self.decoded:
+                if self.ex is not ex:
+                    return
+                ex.upstream_body(self, <bytes>piece, 0, PyBytes_GET_SIZE(piece))
+            self.decoded = []
+        elif head_done:
+            ex.upstream_response(self, self.parser, data, off, used)
+        elif used > 0:
+            ex.upstream_body(self, data, off, used)
+        if self.ex is ex and self.parser.done():
+            self._message_done()
+            ex.upstream_done(self)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        cdef Exchange ex = self.ex
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.forget(self)
+        if ex is None:
+            return
+        if self.parser.until_eof():
+            self.parser.finish_eof()
+            self.ex = None
+            ex.upstream_done(self)
+            return
+        self.ex = None
+        if self.parser.in_head():
+            ex.upstream_failed(self, exc or UpstreamClosed("worker closed the connection before responding"),
+                               FAIL_BEFORE_HEAD)
+        else:
+            ex.upstream_failed(self, exc or UpstreamClosed("worker closed the connection mid-response"), FAIL_BODY)
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+    # used by exchanges
+    cdef int attach(self, Exchange ex, bint head_only) except -1:
+        self.ex = ex
+        self.got_bytes = False
+        self.discarding = False
+        self.parser.reset(head_only)
+        self.decoded = [] if ex.wants_decoded() else None
+        return 0
+
+    cdef int send(self, bytes data) except -1:
+        self.transport.write(data)
+        return 0
+
+    cdef int send2(self, bytes head, object body) except -1:
+        if body is None or len(body) == 0:
+            self.transport.write(head)
+        elif len(body) <= 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.writelines((head, body))
+        return 0
+
+    cdef int discard(self) except -1:
+        """Detach from the exchange; read and drop the rest of the response
+        so the connection can be reused (unless it cannot be)."""
+        self.ex = None
+        if self.closed:
+            return 0
+        if self.parser.done():
+            self._message_done()
+        elif self.parser.in_head() or self.parser.until_eof():
+            self.abort()
+        else:
+            if self.reading_paused:
+                self.resume_reading()
+            self.discarding = True
+        return 0
+
+    cdef int abort(self) except -1:
+        self.ex = None
+        self.discarding = False
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
+        return 0
+
+    cdef int pause_reading(self) except -1:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        return 0
+
+    cdef int resume_reading(self) except -1:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return 0
+
+    cdef int _message_done(self) except -1:
+        """The response ended: back to the pool, or closed if it can't be reused."""
+        self.ex = None
+        if self.reading_paused:
+            self.resume_reading()
+        if self.parser.keep_alive and not self.closed:
+            self.pool.release(self)
+        else:
+            self.abort()
+        return 0
+
+    cdef int _fail(self, object exc, int stage) except -1:
+        cdef Exchange ex = self.ex
+        self.abort()
+        if ex is not None:
+            ex.upstream_failed(self, exc, stage)
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# fetch: the control plane's HTTP client
+
+class FetchResult:
+    __slots__ = ("status", "headers", "body", "content_type")
+
+    def __init__(self, int status, bytes headers, bytes body, bytes content_type=None):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.content_type = content_type
+
+    def __repr__(self):
+        return f"<FetchResult {self.status} {len(self.body)} bytes>"
+
+
+cdef class FetchExchange(Exchange):
+    cdef object future
+    cdef bytes request
+    cdef bint head_only
+    cdef list parts
+    cdef int status
+    cdef bytes headers
+    cdef bytes content_type
+    cdef object timer
+    cdef UpstreamConnection conn
+    cdef ConnectWaiter waiter
+    cdef bint stale_retry_done
+    cdef UpstreamPool pool
+
+    def __init__(self, UpstreamPool pool, bytes request, bint head_only, future):
+        self.pool = pool
+        self.request = request
+        self.head_only = head_only
+        self.future = future
+        self.parts = []
+        self.status = 0
+        self.headers = b""
+        self.timer = None
+        self.conn = None
+        self.stale_retry_done = False
+
+    cdef int upstream_ready(self, object c) except -1:
+        cdef UpstreamConnection conn = <UpstreamConnection>c
+        if self.future.done():
+            self.pool.release(conn)
+            return 0
+        self.conn = conn
+        conn.attach(self, self.head_only)
+        conn.send(self.request)
+        return 0
+
+    cdef bint wants_decoded(self):
+        return True
+
+    cdef int upstream_response(self, object conn, ResponseParser parser, bytes data,
+                               Py_ssize_t off, Py_ssize_t n) except -1:
+        self.status = parser.status
+        self.headers = parser.forward_headers
+        self.content_type = parser.content_type
+        return 0
+
+    cdef int upstream_body(self, object conn, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        self.parts.append(data[off:off + n])
+        return 0
+
+    cdef int upstream_done(self, object conn) except -1:
+        self.conn = None
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.future.done():
+            self.future.set_result(FetchResult(self.status, self.headers, b"".join(self.parts),
+                                               self.content_type))
+        return 0
+
+    cdef int upstream_failed(self, object c, object exc, int stage) except -1:
+        cdef UpstreamConnection conn = <UpstreamConnection>c if c is not None else None
+        self.conn = None
+        if (stage == FAIL_BEFORE_HEAD and conn is not None and conn.reused and not conn.got_bytes
+                and not self.stale_retry_done and not self.future.done()):
+            # an idle keep-alive connection the worker had already closed
+            self.stale_retry_done = True
+            self.pool.acquire(self)
+            return 0
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.future.done():
+            self.future.set_exception(exc if isinstance(exc, BaseException) else ConnectionError(str(exc)))
+        return 0
+
+    def on_timeout(self):
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+        if not self.future.done():
+            self.future.set_exception(asyncio.TimeoutError("worker did not answer in time"))
+
+
+def fetch(UpstreamPool pool, str method, str path, bytes body=None, headers=None, double timeout=5.0):
+    """Send one request to the pool's worker; returns a future of FetchResult.
+    `headers` is a list of (name, value) strings; raises asyncio.TimeoutError
+    after `timeout` seconds and OSError subclasses on transport failures."""
+    loop = pool.loop
+    future = loop.create_future()
+    lines = [f"{method} {path} HTTP/1.1\r\n", f"host: {pool.host}:{pool.port}\r\n"]
+    if headers:
+        for name, value in headers:
+            lines.append(f"{name}: {value}\r\n")
+    if body is not None:
+        lines.append(f"content-length: {len(body)}\r\n")
+        if not headers or not any(n.lower() == "content-type" for n, _ in headers):
+            lines.append("content-type: application/json\r\n")
+    lines.append("\r\n")
+    request = "".join(lines).encode("latin-1")
+    if body:
+        request += body
+    cdef FetchExchange ex = FetchExchange(pool, request, method == "HEAD", future)
+    ex.timer = loop.call_later(timeout, ex.on_timeout)
+    pool.acquire(ex)
+    return future

@@ -1,0 +1,64 @@
+cdef enum:
+    # Worker.state
+    STATE_PENDING = 0
+    STATE_READY = 1
+    STATE_NOT_READY = 2
+    STATE_FAILED = 3
+    STATE_DRAINING = 4
+
+cdef enum:
+    # Worker.worker_type
+    TYPE_REGULAR = 0
+    TYPE_PREFILL = 1
+    TYPE_DECODE = 2
+
+cdef enum:
+    # Worker.cb_state, as exported in smg_worker_cb_state
+    CB_CLOSED = 0
+    CB_OPEN = 1
+    CB_HALF_OPEN = 2
+
+
+cdef class Worker:
+    """One worker as the data plane sees it: address, routing state, load,
+    circuit breaker. The control plane (smg.workers.Registry) owns its
+    lifecycle; the data plane reads it on every request."""
+
+    cdef public str id
+    cdef public str url
+    cdef public str host
+    cdef public int port
+    cdef public str model_id
+    cdef public int worker_type
+    cdef public object bootstrap_port
+    cdef public dict labels
+    cdef public int state
+    cdef public str api_key
+    cdef public bytes host_header       # "host: h:p\r\n"
+    cdef public bytes auth_header       # "authorization: Bearer k\r\n" from api_key, or None
+    cdef public bytes url_header        # "x-smg-routed-worker-id: url\r\n"
+    cdef public object pool             # smg._fast.upstream.UpstreamPool
+    cdef public object info             # dict of what registration learned
+
+    # load: requests in flight through this gateway, and all ever routed
+    cdef public long inflight
+    cdef public long long routed
+    cdef public long long requests_total
+
+    # circuit breaker
+    cdef public bint cb_enabled
+    cdef public int cb_state
+    cdef public int cb_failures
+    cdef public int cb_successes
+    cdef public int cb_failure_threshold
+    cdef public int cb_success_threshold
+    cdef public double cb_timeout
+    cdef public double cb_opened_at
+    cdef public object cb_listener      # callable(worker, old_state, new_state)
+    cdef public long long cb_outcome_success
+    cdef public long long cb_outcome_failure
+
+    cdef bint routable(self, double now) noexcept
+    cpdef bint available(self, double now)
+    cpdef record_outcome(self, bint success, double now)
+    cdef void _cb_move(self, int new_state, double now) noexcept

@@ -1,0 +1,168 @@
+# cython: language_level=3
+"""The worker record shared by the data plane (policies, proxy) and the
+control plane (registry, health checks)."""
+
+import logging
+
+_log = logging.getLogger("smg.workers")
+
+STATE_NAMES = ("pending", "ready", "not_ready", "failed", "draining")
+TYPE_NAMES = ("regular", "prefill", "decode")
+CB_NAMES = ("closed", "open", "half_open")
+
+PENDING = STATE_PENDING
+READY = STATE_READY
+NOT_READY = STATE_NOT_READY
+FAILED = STATE_FAILED
+DRAINING = STATE_DRAINING
+REGULAR = TYPE_REGULAR
+PREFILL = TYPE_PREFILL
+DECODE = TYPE_DECODE
+CLOSED = CB_CLOSED
+OPEN = CB_OPEN
+HALF_OPEN = CB_HALF_OPEN
+
+
+def split_url(str url):
+    """'http://h:p' -> (host, port). IPv6 hosts come bracketed in URLs and
+    are returned without brackets. Raises ValueError on a bad URL."""
+    cdef str rest, host, port_s
+    if url.startswith("http://"):
+        rest = url[7:]
+        default_port = 80
+    elif url.startswith("https://"):
+        raise ValueError(f"{url}: https workers are not supported")
+    else:
+        raise ValueError(f"{url}: URL must start with http://")
+    rest = rest.rstrip("/")
+    if "/" in rest or "?" in rest or "#" in rest or "@" in rest:
+        raise ValueError(f"{url}: URL must be scheme://host[:port] with no path")
+    if not rest:
+        raise ValueError(f"{url}: URL has no host")
+    if rest.startswith("["):
+        end = rest.find("]")
+        if end < 0:
+            raise ValueError(f"{url}: unterminated IPv6 address")
+        host = rest[1:end]
+        tail = rest[end + 1:]
+        if tail and not tail.startswith(":"):
+            raise ValueError(f"{url}: invalid port")
+        port_s = tail[1:]
+    else:
+        host, sep, port_s = rest.partition(":")
+        if sep and not port_s:
+            raise ValueError(f"{url}: invalid port")
+        if ":" in port_s:
+            raise ValueError(f"{url}: bracket IPv6 addresses, e.g. http://[::1]:8000")
+    if not host:
+        raise ValueError(f"{url}: URL has no host")
+    if port_s:
+        if not port_s.isdigit() or not (0 < int(port_s) < 65536):
+            raise ValueError(f"{url}: invalid port {port_s!r}")
+        port = int(port_s)
+    else:
+        port = default_port
+    return host, port
+
+
+cdef class Worker:
+
+    def __init__(self, str worker_id, str url, str model_id="unknown", int worker_type=TYPE_REGULAR,
+                 bootstrap_port=None, dict labels=None, str api_key=None):
+        self.id = worker_id
+        self.url = url.rstrip("/")
+        self.host, self.port = split_url(self.url)
+        self.model_id = model_id
+        self.worker_type = worker_type
+        self.bootstrap_port = bootstrap_port
+        self.labels = labels if labels is not None else {}
+        self.state = STATE_PENDING
+        self.api_key = api_key
+        authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self.host_header = f"host: {authority}\r\n".encode("latin-1")
+        self.auth_header = f"authorization: Bearer {api_key}\r\n".encode("latin-1") if api_key else None
+        self.url_header = f"x-smg-routed-worker-id: {self.url}\r\n".encode("latin-1")
+        self.pool = None
+        self.info = {}
+        self.inflight = 0
+        self.routed = 0
+        self.requests_total = 0
+        self.cb_enabled = True
+        self.cb_state = CB_CLOSED
+        self.cb_failures = 0
+        self.cb_successes = 0
+        self.cb_failure_threshold = 10
+        self.cb_success_threshold = 3
+        self.cb_timeout = 60.0
+        self.cb_opened_at = 0.0
+        self.cb_listener = None
+        self.cb_outcome_success = 0
+        self.cb_outcome_failure = 0
+
+    def __repr__(self):
+        return f"<Worker {self.url} {STATE_NAMES[self.state]} {TYPE_NAMES[self.worker_type]} model={self.model_id}>"
+
+    @property
+    def state_name(self):
+        return STATE_NAMES[self.state]
+
+    @property
+    def type_name(self):
+        return TYPE_NAMES[self.worker_type]
+
+    @property
+    def cb_state_name(self):
+        return CB_NAMES[self.cb_state]
+
+    cdef bint routable(self, double now) noexcept:
+        if self.state != STATE_READY:
+            return False
+        if not self.cb_enabled or self.cb_state != CB_OPEN:
+            return True
+        if now - self.cb_opened_at >= self.cb_timeout:
+            self._cb_move(CB_HALF_OPEN, now)
+            return True
+        return False
+
+    cpdef bint available(self, double now):
+        """Ready and not held back by an open circuit breaker."""
+        return self.routable(now)
+
+    cpdef record_outcome(self, bint success, double now):
+        """One attempt's result, for the circuit breaker: success, or a
+        failure (408, 429, 5xx, transport error)."""
+        if success:
+            self.cb_outcome_success += 1
+        else:
+            self.cb_outcome_failure += 1
+        if not self.cb_enabled:
+            return
+        if self.cb_state == CB_CLOSED:
+            if success:
+                self.cb_failures = 0
+            else:
+                self.cb_failures += 1
+                if self.cb_failures >= self.cb_failure_threshold:
+                    self._cb_move(CB_OPEN, now)
+        elif self.cb_state == CB_HALF_OPEN:
+            if success:
+                self.cb_successes += 1
+                if self.cb_successes >= self.cb_success_threshold:
+                    self._cb_move(CB_CLOSED, now)
+            else:
+                self._cb_move(CB_OPEN, now)
+        elif self.cb_state == CB_OPEN and not success:
+            self.cb_opened_at = now
+
+    cdef void _cb_move(self, int new_state, double now) noexcept:
+        cdef int old = self.cb_state
+        self.cb_state = new_state
+        self.cb_failures = 0
+        self.cb_successes = 0
+        if new_state == CB_OPEN:
+            self.cb_opened_at = now
+        if self.cb_listener is not None:
+            try:
+                self.cb_listener(self, old, new_state)
+            except Exception:
+                _log.exception("circuit breaker listener failed")

@@ -1,0 +1,97 @@
+"""The workers admin API (SPEC.md §2): list, inspect, add and remove workers.
+Error bodies follow the reference's admin shape: {"error": msg, "code": CODE}."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+from smg._fast.server import Response, json_response
+from smg._fast.worker import DECODE, PREFILL, REGULAR
+from smg.handlers import decode_json_body
+from smg.workers import WORKER_TYPES, DuplicateWorker
+
+if TYPE_CHECKING:
+    from smg.gateway import Gateway
+
+
+def _admin_error(status: int, code: str, message: str) -> Response:
+    return json_response({"error": message, "code": code}, status)
+
+
+class AdminRoutes:
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+
+    def list_workers(self, req) -> Response:
+        registry = self.gw.registry
+        workers = registry.all()
+        return json_response({
+            "workers": [registry.info(w) for w in workers],
+            "total": len(workers),
+            "stats": {
+                "prefill_count": sum(1 for w in workers if w.worker_type == PREFILL),
+                "decode_count": sum(1 for w in workers if w.worker_type == DECODE),
+                "regular_count": sum(1 for w in workers if w.worker_type == REGULAR),
+            },
+        })
+
+    def worker_route(self, req) -> Response:
+        """GET and DELETE /workers/{id}."""
+        worker_id = req.path[len("/workers/"):]
+        try:
+            uuid.UUID(worker_id)
+        except ValueError:
+            return _admin_error(400, "BAD_REQUEST", f"Invalid worker_id '{worker_id}' (expected UUID)")
+        w = self.gw.registry.get(worker_id)
+        if w is None:
+            return _admin_error(404, "WORKER_NOT_FOUND", f"Worker {worker_id} not found")
+        if req.method == b"DELETE":
+            self.gw.registrar.cancel(w)
+            self.gw.registry.drain(w, "admin request")
+            return json_response({"status": "accepted", "worker_id": w.id,
+                                  "message": "Worker removal queued for background processing"}, 202)
+        return json_response(self.gw.registry.info(w))
+
+    def add_worker(self, req) -> Response:
+        body, err = decode_json_body(req)
+        if err is not None:
+            return err
+        url = body.get("url")
+        if not isinstance(url, str) or not url:
+            return _admin_error(400, "BAD_REQUEST", "Missing required field 'url'")
+        wtype_name = body.get("worker_type", "regular") or "regular"
+        if wtype_name not in WORKER_TYPES:
+            return _admin_error(400, "BAD_REQUEST",
+                                f"Invalid value for field 'worker_type': {wtype_name!r} (regular, prefill or decode)")
+        wtype = WORKER_TYPES[wtype_name]
+        pd = self.gw.cfg.pd_disaggregation
+        if pd and wtype == REGULAR:
+            return _admin_error(400, "BAD_REQUEST", "In --pd-disaggregation mode worker_type must be prefill or decode")
+        if not pd and wtype != REGULAR:
+            return _admin_error(400, "BAD_REQUEST", f"worker_type {wtype_name!r} needs --pd-disaggregation")
+        bootstrap_port = body.get("bootstrap_port")
+        if bootstrap_port is not None and (not isinstance(bootstrap_port, int) or isinstance(bootstrap_port, bool)
+                                           or not 0 < bootstrap_port < 65536):
+            return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'bootstrap_port': expected 1-65535")
+        labels = body.get("labels") or {}
+        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in labels.items()):
+            return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'labels': expected string to string")
+        api_key = body.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'api_key': expected a string")
+        model_id = body.get("model_id")
+        if model_id is not None and not isinstance(model_id, str):
+            return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'model_id': expected a string")
+        try:
+            w = self.gw.registry.add(url, wtype, bootstrap_port, labels, api_key, source="api")
+        except DuplicateWorker as e:
+            return _admin_error(409, "WORKER_ALREADY_EXISTS", str(e))
+        except ValueError as e:
+            return _admin_error(400, "BAD_REQUEST", f"Invalid value for field 'url': {e}")
+        self.gw.registrar.register(w, model_id)
+        location = f"/workers/{w.id}"
+        return json_response({"status": "accepted", "worker_id": w.id, "url": w.url, "location": location,
+                              "message": "Worker addition queued for background processing"}, 202,
+                             b"location: " + location.encode() + b"\r\n")

@@ -1,0 +1,245 @@
+"""The `smg` command: flags compatible with the reference gateway (SPEC.md §1).
+
+    smg --worker-urls http://w1:8000 http://w2:8000
+    smg launch --worker-urls ...        # the reference's spelling, also accepted
+
+Invalid flags or combinations exit with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import NoReturn, Optional, Sequence
+
+from smg.config import POLICIES, Config, PrefillSpec
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one clear line, exit status 2
+        self.exit(2, f"smg: error: {message}\n")
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return n
+
+
+def _port(value: str) -> int:
+    n = int(value)
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value!r}")
+    return n
+
+
+def _non_negative_float(value: str) -> float:
+    f = float(value)
+    if not math.isfinite(f) or f < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return f
+
+
+def _positive_float(value: str) -> float:
+    f = float(value)
+    if not math.isfinite(f) or f <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
+    return f
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = _Parser(
+        prog="smg",
+        description="smg: a fast model gateway for SGLang and vLLM workers (compatible with the Rust SMG).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default=d.host)
+    s.add_argument("--port", type=_port, default=d.port)
+    s.add_argument("--workers", type=_positive_int, default=d.workers,
+                   help="serving processes sharing the port (SO_REUSEPORT)")
+    s.add_argument("--max-payload-size", type=_positive_int, default=d.max_payload_size,
+                   help="largest request body in bytes; larger ones get 413")
+    s.add_argument("--request-timeout-secs", type=_positive_float, default=d.request_timeout_secs)
+    s.add_argument("--header-read-timeout-secs", type=_non_negative_float, default=d.header_read_timeout_secs,
+                   help="time a client has to send a request's headers (0 disables)")
+    s.add_argument("--idle-connection-timeout-secs", type=_non_negative_float,
+                   default=d.idle_connection_timeout_secs, help="close keep-alive connections idle this long (0 disables)")
+    s.add_argument("--shutdown-grace-period-secs", type=_non_negative_float, default=d.shutdown_grace_period_secs)
+    s.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                   help="proxied requests served at once (-1 or 0: unlimited)")
+    s.add_argument("--queue-size", type=_non_negative_int, default=d.queue_size,
+                   help="requests waiting for a slot when --max-concurrent-requests is reached")
+    s.add_argument("--queue-timeout-secs", type=_positive_float, default=d.queue_timeout_secs)
+    s.add_argument("--api-key", default=None, help="serving routes require 'Authorization: Bearer <key>'")
+    s.add_argument("--admin-api-key", default=None, help="key for the admin routes (default: --api-key)")
+    s.add_argument("--upstream-pool-idle-timeout-secs", type=_non_negative_float,
+                   default=d.upstream_pool_idle_timeout_secs, help="close idle worker connections after this long")
+
+    w = p.add_argument_group("workers")
+    w.add_argument("--worker-urls", nargs="*", default=[], metavar="URL")
+    w.add_argument("--worker-startup-timeout-secs", type=_positive_float, default=d.worker_startup_timeout_secs)
+    w.add_argument("--worker-startup-check-interval", type=_positive_float, default=d.worker_startup_check_interval)
+    w.add_argument("--drain-timeout-secs", type=_non_negative_float, default=d.drain_timeout_secs,
+                   help="longest wait for a removed worker's in-flight requests")
+
+    r = p.add_argument_group("routing")
+    r.add_argument("--policy", choices=POLICIES, default=d.policy)
+    r.add_argument("--prefill-policy", choices=POLICIES, default=None)
+    r.add_argument("--decode-policy", choices=POLICIES, default=None)
+    r.add_argument("--cache-threshold", type=_non_negative_float, default=d.cache_threshold)
+    r.add_argument("--balance-abs-threshold", type=_non_negative_int, default=d.balance_abs_threshold)
+    r.add_argument("--balance-rel-threshold", type=_non_negative_float, default=d.balance_rel_threshold)
+    r.add_argument("--eviction-interval-secs", type=_positive_float, default=d.eviction_interval_secs)
+    r.add_argument("--max-tree-size", type=_positive_int, default=d.max_tree_size)
+
+    pd = p.add_argument_group("prefill/decode disaggregation")
+    pd.add_argument("--pd-disaggregation", action="store_true")
+    pd.add_argument("--prefill", nargs="+", action="append", default=[], metavar="URL [BOOTSTRAP_PORT|none]")
+    pd.add_argument("--decode", action="append", default=[], metavar="URL")
+
+    k = p.add_argument_group("Kubernetes service discovery")
+    k.add_argument("--service-discovery", action="store_true")
+    k.add_argument("--selector", nargs="+", default=[], metavar="SELECTOR")
+    k.add_argument("--service-discovery-namespace", default=None)
+    k.add_argument("--service-discovery-port", type=_port, default=d.service_discovery_port)
+    k.add_argument("--prefill-selector", nargs="+", default=[], metavar="SELECTOR")
+    k.add_argument("--decode-selector", nargs="+", default=[], metavar="SELECTOR")
+    k.add_argument("--model-id-from", default=None, metavar="namespace|label:KEY|annotation:KEY")
+    k.add_argument("--bootstrap-port-annotation", default=d.bootstrap_port_annotation)
+    k.add_argument("--worker-ports-annotation", default=d.worker_ports_annotation)
+
+    h = p.add_argument_group("health checks")
+    h.add_argument("--health-check-interval-secs", type=_positive_float, default=d.health_check_interval_secs)
+    h.add_argument("--health-check-timeout-secs", type=_positive_float, default=d.health_check_timeout_secs)
+    h.add_argument("--health-failure-threshold", type=_positive_int, default=d.health_failure_threshold)
+    h.add_argument("--health-success-threshold", type=_positive_int, default=d.health_success_threshold)
+    h.add_argument("--health-check-endpoint", default=d.health_check_endpoint)
+    h.add_argument("--disable-health-check", action="store_true")
+    h.add_argument("--remove-unhealthy-workers", action="store_true")
+
+    c = p.add_argument_group("circuit breaker")
+    c.add_argument("--cb-failure-threshold", type=_positive_int, default=d.cb_failure_threshold)
+    c.add_argument("--cb-success-threshold", type=_positive_int, default=d.cb_success_threshold)
+    c.add_argument("--cb-timeout-duration-secs", type=_non_negative_float, default=d.cb_timeout_duration_secs)
+    c.add_argument("--disable-circuit-breaker", action="store_true")
+
+    rt = p.add_argument_group("retries")
+    rt.add_argument("--retry-max-retries", type=_positive_int, default=d.retry_max_retries,
+                    help="attempts per request, the first one included")
+    rt.add_argument("--retry-initial-backoff-ms", type=_non_negative_float, default=d.retry_initial_backoff_ms)
+    rt.add_argument("--retry-max-backoff-ms", type=_non_negative_float, default=d.retry_max_backoff_ms)
+    rt.add_argument("--retry-backoff-multiplier", type=_non_negative_float, default=d.retry_backoff_multiplier)
+    rt.add_argument("--retry-jitter-factor", type=_non_negative_float, default=d.retry_jitter_factor)
+    rt.add_argument("--disable-retries", action="store_true")
+
+    o = p.add_argument_group("observability")
+    o.add_argument("--prometheus-host", default=d.prometheus_host)
+    o.add_argument("--prometheus-port", type=_port, default=d.prometheus_port)
+    o.add_argument("--log-level", choices=("debug", "info", "warn", "warning", "error"), default=d.log_level)
+    o.add_argument("--log-json", action="store_true")
+    o.add_argument("--log-dir", default=None)
+    return p
+
+
+def _parse_prefill(items: list[list[str]]) -> list[PrefillSpec]:
+    out = []
+    for item in items:
+        if len(item) > 2:
+            raise ValueError(f"--prefill takes URL [BOOTSTRAP_PORT|none], got {' '.join(item)!r}")
+        port: Optional[int] = None
+        if len(item) == 2 and item[1].lower() != "none":
+            if not item[1].isdigit() or not 0 < int(item[1]) < 65536:
+                raise ValueError(f"--prefill {item[0]}: bootstrap port must be 1-65535 or 'none', got {item[1]!r}")
+            port = int(item[1])
+        out.append(PrefillSpec(item[0], port))
+    return out
+
+
+def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
+    """Parse and validate; exits with status 2 on any error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = vars(args)
+    try:
+        values["prefill"] = _parse_prefill(values["prefill"])
+        if values["log_level"] == "warning":
+            values["log_level"] = "warn"
+        cfg = Config(**values)
+        validate(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one flag, or the worker modules."""
+    from smg._fast.worker import split_url
+
+    for url in cfg.worker_urls + cfg.decode + [p.url for p in cfg.prefill]:
+        split_url(url)
+    if cfg.cache_threshold > 1.0:
+        raise ValueError(f"--cache-threshold must be between 0 and 1, got {cfg.cache_threshold}")
+    if cfg.balance_rel_threshold < 1.0:
+        raise ValueError(f"--balance-rel-threshold must be at least 1.0, got {cfg.balance_rel_threshold}")
+    if cfg.retry_max_backoff_ms < cfg.retry_initial_backoff_ms:
+        raise ValueError("--retry-max-backoff-ms must not be below --retry-initial-backoff-ms")
+    if not cfg.health_check_endpoint.startswith("/"):
+        raise ValueError(f"--health-check-endpoint must start with '/', got {cfg.health_check_endpoint!r}")
+    if not cfg.pd_disaggregation and (cfg.prefill or cfg.decode):
+        raise ValueError("--prefill and --decode need --pd-disaggregation")
+    if cfg.pd_disaggregation and cfg.worker_urls:
+        raise ValueError("--worker-urls cannot be used with --pd-disaggregation; use --prefill and --decode")
+    if cfg.prometheus_port == cfg.port and cfg.port != 0:
+        raise ValueError(f"--prometheus-port must differ from --port ({cfg.port})")
+    if cfg.service_discovery:
+        from smg._fast.selector import parse_selector_items
+
+        if cfg.pd_disaggregation:
+            if not cfg.prefill_selector or not cfg.decode_selector:
+                raise ValueError("--service-discovery with --pd-disaggregation needs --prefill-selector and --decode-selector")
+            parse_selector_items(cfg.prefill_selector, "--prefill-selector")
+            parse_selector_items(cfg.decode_selector, "--decode-selector")
+        else:
+            if not cfg.selector:
+                raise ValueError("--service-discovery needs --selector (e.g. --selector app=sglang-worker)")
+            parse_selector_items(cfg.selector, "--selector")
+        if cfg.model_id_from is not None:
+            src = cfg.model_id_from
+            if not (src == "namespace" or (src.startswith("label:") and len(src) > 6)
+                    or (src.startswith("annotation:") and len(src) > 11)):
+                raise ValueError(f"--model-id-from must be namespace, label:<key> or annotation:<key>, got {src!r}")
+    elif cfg.selector or cfg.prefill_selector or cfg.decode_selector:
+        raise ValueError("--selector, --prefill-selector and --decode-selector need --service-discovery")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    if argv and argv[0] == "launch":  # the reference's subcommand spelling
+        argv = argv[1:]
+    if argv and argv[0] in ("--version", "-V"):
+        from smg import __version__
+
+        print(f"smg {__version__}")
+        return
+    cfg = config_from_args(argv)
+    from smg.gateway import run
+
+    sys.exit(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

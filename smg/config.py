@@ -1,0 +1,107 @@
+"""The gateway's settings: one field per command-line flag (SPEC.md §1), with
+the reference gateway's names and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "consistent_hashing")
+
+
+@dataclasses.dataclass
+class PrefillSpec:
+    url: str
+    bootstrap_port: Optional[int] = None
+
+
+@dataclasses.dataclass
+class Config:
+    # server
+    host: str = "0.0.0.0"
+    port: int = 30000
+    workers: int = 1
+    max_payload_size: int = 536870912
+    request_timeout_secs: float = 1800.0
+    header_read_timeout_secs: float = 30.0
+    idle_connection_timeout_secs: float = 90.0
+    shutdown_grace_period_secs: float = 180.0
+    max_concurrent_requests: int = -1
+    queue_size: int = 100
+    queue_timeout_secs: float = 60.0
+    api_key: Optional[str] = None
+    admin_api_key: Optional[str] = None
+    upstream_pool_idle_timeout_secs: float = 3.0
+
+    # workers
+    worker_urls: list[str] = dataclasses.field(default_factory=list)
+    worker_startup_timeout_secs: float = 1800.0
+    worker_startup_check_interval: float = 30.0
+    drain_timeout_secs: float = 60.0
+
+    # routing
+    policy: str = "cache_aware"
+    prefill_policy: Optional[str] = None
+    decode_policy: Optional[str] = None
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    eviction_interval_secs: float = 60.0
+    max_tree_size: int = 67108864
+
+    # prefill/decode disaggregation
+    pd_disaggregation: bool = False
+    prefill: list[PrefillSpec] = dataclasses.field(default_factory=list)
+    decode: list[str] = dataclasses.field(default_factory=list)
+
+    # Kubernetes service discovery
+    service_discovery: bool = False
+    selector: list[str] = dataclasses.field(default_factory=list)
+    service_discovery_namespace: Optional[str] = None
+    service_discovery_port: int = 80
+    prefill_selector: list[str] = dataclasses.field(default_factory=list)
+    decode_selector: list[str] = dataclasses.field(default_factory=list)
+    model_id_from: Optional[str] = None
+    bootstrap_port_annotation: str = "sglang.ai/bootstrap-port"
+    worker_ports_annotation: str = "smg.ai/worker-ports"
+
+    # health checks
+    health_check_interval_secs: float = 60.0
+    health_check_timeout_secs: float = 5.0
+    health_failure_threshold: int = 3
+    health_success_threshold: int = 2
+    health_check_endpoint: str = "/health"
+    disable_health_check: bool = False
+    remove_unhealthy_workers: bool = False
+
+    # circuit breaker
+    cb_failure_threshold: int = 10
+    cb_success_threshold: int = 3
+    cb_timeout_duration_secs: float = 60.0
+    disable_circuit_breaker: bool = False
+
+    # retries
+    retry_max_retries: int = 5
+    retry_initial_backoff_ms: float = 50.0
+    retry_max_backoff_ms: float = 30000.0
+    retry_backoff_multiplier: float = 1.5
+    retry_jitter_factor: float = 0.2
+    disable_retries: bool = False
+
+    # observability
+    prometheus_host: str = "0.0.0.0"
+    prometheus_port: int = 29000
+    log_level: str = "info"
+    log_json: bool = False
+    log_dir: Optional[str] = None
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 if self.disable_retries else max(1, self.retry_max_retries)
+
+    def policy_for(self, worker_type: str) -> str:
+        if worker_type == "prefill" and self.prefill_policy:
+            return self.prefill_policy
+        if worker_type == "decode" and self.decode_policy:
+            return self.decode_policy
+        return self.policy

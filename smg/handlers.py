@@ -1,0 +1,161 @@
+"""Routes the gateway answers itself (SPEC.md §2): health, readiness, the
+model list, the info routes forwarded to one worker, and the fan-out
+routes (/flush_cache, /get_loads)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+from typing import TYPE_CHECKING, Optional
+
+import orjson
+
+from smg import __version__
+from smg._fast.server import Response, error_response, json_response, text_response
+from smg._fast.upstream import fetch
+from smg._fast.worker import DECODE, PREFILL, READY, REGULAR, TYPE_NAMES, Worker
+
+if TYPE_CHECKING:
+    from smg.gateway import Gateway
+
+
+class GatewayRoutes:
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self._rr = itertools.count()
+
+    # --- probes ---
+
+    def health(self, req) -> Response:
+        return text_response("OK")
+
+    def readiness(self, req) -> Response:
+        gw = self.gw
+        if gw.core.shutting_down:
+            return json_response({"status": "not ready", "reason": "shutting down"}, 503)
+        if gw.cfg.pd_disaggregation:
+            prefill = gw.registry.ready(PREFILL)
+            decode = gw.registry.ready(DECODE)
+            total = len(gw.registry.of_type(PREFILL)) + len(gw.registry.of_type(DECODE))
+            if prefill and decode:
+                return json_response({"status": "ready", "healthy_workers": len(prefill) + len(decode),
+                                      "total_workers": total, "prefill_workers": len(prefill),
+                                      "decode_workers": len(decode)})
+            return json_response({"status": "not ready", "reason": "insufficient healthy workers",
+                                  "prefill_workers": len(prefill), "decode_workers": len(decode)}, 503)
+        healthy = gw.registry.ready(REGULAR)
+        total = len(gw.registry.of_type(REGULAR))
+        if healthy:
+            return json_response({"status": "ready", "healthy_workers": len(healthy), "total_workers": total})
+        return json_response({"status": "not ready", "reason": "insufficient healthy workers"}, 503)
+
+    # --- models ---
+
+    def models(self, req) -> Response:
+        seen: dict[str, None] = {}
+        types = (DECODE, PREFILL) if self.gw.cfg.pd_disaggregation else (REGULAR,)
+        for t in types:
+            for w in self.gw.registry.of_type(t):
+                if w.model_id != "unknown" or w.state == READY:
+                    seen.setdefault(w.model_id, None)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "self_hosted"} for m in seen]
+        return json_response({"object": "list", "data": data})
+
+    # --- forwarded to one worker ---
+
+    def _pick_ready(self) -> Optional[Worker]:
+        t = DECODE if self.gw.cfg.pd_disaggregation else REGULAR
+        ready = self.gw.registry.ready(t)
+        if not ready:
+            return None
+        return ready[next(self._rr) % len(ready)]
+
+    async def _forward_get(self, req, path: str) -> Response:
+        w = self._pick_ready()
+        if w is None:
+            return error_response(503, "no_available_workers", "No available workers")
+        headers = [("authorization", f"Bearer {w.api_key}")] if w.api_key else None
+        try:
+            res = await fetch(w.pool, "GET", path, headers=headers, timeout=self.gw.cfg.request_timeout_secs)
+        except asyncio.TimeoutError:
+            return error_response(504, "request_timeout", f"Worker {w.url} did not answer {path} in time")
+        except OSError as e:
+            return error_response(502, "worker_unreachable", f"Worker {w.url} failed on {path}: {e}")
+        return Response(res.status, res.body, res.content_type or b"application/json",
+                        w.url_header)
+
+    def server_info(self, req):
+        return self._forward_get(req, "/get_server_info")
+
+    def model_info(self, req):
+        return self._forward_get(req, "/get_model_info")
+
+    def health_generate(self, req):
+        return self._forward_get(req, "/health_generate")
+
+    # --- fan-out ---
+
+    async def _fan_out(self, method: str, path: str, workers: list[Worker], timeout: float):
+        async def one(w: Worker):
+            headers = [("authorization", f"Bearer {w.api_key}")] if w.api_key else None
+            try:
+                res = await fetch(w.pool, method, path, body=b"" if method == "POST" else None,
+                                  headers=headers, timeout=timeout)
+                return w, res, None
+            except (OSError, asyncio.TimeoutError) as e:
+                return w, None, str(e) or type(e).__name__
+
+        return await asyncio.gather(*(one(w) for w in workers))
+
+    async def flush_cache(self, req) -> Response:
+        workers = [w for w in self.gw.registry.all() if w.state == READY]
+        results = await self._fan_out("POST", "/flush_cache", workers, self.gw.cfg.request_timeout_secs)
+        failed = []
+        for w, res, err in results:
+            if err is not None:
+                failed.append({"worker_url": w.url, "error": err})
+            elif not 200 <= res.status < 300:
+                failed.append({"worker_url": w.url, "error": f"status {res.status}",
+                               "body": res.body.decode("utf-8", "replace")[:500]})
+        flushed = len(workers) - len(failed)
+        body = {
+            "status": "success" if not failed else "partial_success",
+            "message": (f"Successfully flushed cache on all {flushed} workers" if not failed
+                        else f"Flushed cache on {flushed} of {len(workers)} workers"),
+            "workers_flushed": flushed,
+            "total_http_workers": len(workers),
+            "total_workers": len(workers),
+            "failed_workers": failed,
+        }
+        return json_response(body, 200 if not failed else 206)
+
+    async def get_loads(self, req) -> Response:
+        workers = [w for w in self.gw.registry.all() if w.state == READY]
+        results = await self._fan_out("GET", "/v1/loads", workers, self.gw.cfg.health_check_timeout_secs)
+        loads = []
+        for w, res, err in results:
+            entries = []
+            if res is not None and 200 <= res.status < 300:
+                try:
+                    doc = orjson.loads(res.body)
+                except orjson.JSONDecodeError:
+                    doc = None
+                if isinstance(doc, dict) and isinstance(doc.get("loads"), list):
+                    entries = [e for e in doc["loads"] if isinstance(e, dict)]
+            for e in entries:
+                loads.append({"worker": w.url, "worker_type": TYPE_NAMES[w.worker_type], **e})
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        return json_response({"timestamp": now, "version": f"smg-{__version__}", "dp_rank_count": len(loads),
+                              "loads": loads})
+
+
+def decode_json_body(req) -> tuple[Optional[dict], Optional[Response]]:
+    """The request body as a JSON object, or an error response."""
+    try:
+        body = orjson.loads(req.body) if req.body else None
+    except orjson.JSONDecodeError as e:
+        return None, error_response(400, "json_parse_error", f"Failed to parse the request body as JSON: {e}")
+    if not isinstance(body, dict):
+        return None, error_response(400, "invalid_request", "The request body must be a JSON object")
+    return body, None

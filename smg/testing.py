@@ -1,0 +1,655 @@
+"""A fake SGLang-compatible worker, for tests, benchmarks and trying smg without a GPU.
+
+    python -m smg.testing --port 8001              # one worker
+    python -m smg.testing --port 8001 --count 4    # workers on 8001..8004
+
+It answers the worker API the gateway uses (`/health`, `/model_info`,
+`/get_model_info`, `/server_info`, `/get_server_info`, `/v1/models`,
+`/v1/loads`, `/flush_cache`, `/health_generate`) and the generation routes
+(`/generate`, `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+`/v1/rerank`, `/rerank`, `/v1/classify`), streaming SSE when asked to.
+Every response says which worker produced it (`meta_info.worker` or a
+top-level `worker`), and bootstrap fields of PD requests are echoed back.
+
+Behaviour can be changed while it runs, in-process through
+`FakeWorker.config` or over HTTP with `POST /_fake/config {"healthy": false}`;
+`GET /_fake/stats` reports what it has seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import httptools
+import orjson
+
+GENERATION_PATHS = frozenset(
+    [
+        "/generate",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/rerank",
+        "/v1/classify",
+    ]
+)
+
+
+@dataclasses.dataclass
+class FakeWorkerConfig:
+    """Knobs that tests flip at run time. Every field can be set over HTTP too."""
+
+    model_id: str = "fake-model"
+    # "regular", "prefill" or "decode": reported as server_info.disaggregation_mode
+    role: str = "regular"
+    healthy: bool = True
+    # seconds /health waits before answering (to test health-check timeouts)
+    health_delay: float = 0.0
+    # 404 here makes the gateway fall back to /get_model_info
+    model_info_status: int = 200
+    server_info_status: int = 200
+    # when non-zero, generation routes answer with this status ...
+    fail_status: int = 0
+    # ... for this many requests (-1: until fail_status is reset)
+    fail_count: int = -1
+    # "normal"; "reset" closes the connection on a generation request; "stall"
+    # never answers it; "garbage" answers bytes that are not HTTP
+    mode: str = "normal"
+    # seconds before the response (or, streaming, before the first event)
+    response_delay: float = 0.0
+    stream_chunks: int = 4
+    stream_interval: float = 0.0
+    # streaming: close the connection after sending this many events (-1: never)
+    drop_after_chunks: int = -1
+    # tokens per non-streamed completion
+    completion_tokens: int = 8
+    # the worker requires this bearer token on generation routes
+    api_key: str | None = None
+    dp_size: int = 1
+    tp_size: int = 1
+    version: str = "0.0.0-fake"
+    # "sglang" or "vllm" (vLLM answers /v1/models with owned_by "vllm")
+    engine: str = "sglang"
+
+
+@dataclasses.dataclass
+class FakeWorkerStats:
+    requests: dict[str, int] = dataclasses.field(default_factory=dict)
+    generation_requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    # generation requests whose client went away before the response ended
+    disconnects: int = 0
+    completed: int = 0
+    health_checks: int = 0
+    # bootstrap fields of PD requests, in arrival order
+    bootstrap: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    last_headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    last_body: bytes = b""
+    connections: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["last_body"] = self.last_body.decode("utf-8", "replace")
+        return d
+
+
+class _Request:
+    __slots__ = ("method", "path", "headers", "body")
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.path = ""
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    408: "Request Timeout",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def _head(status: int, content_type: str, length: int | None) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"content-type: {content_type}"]
+    if length is None:
+        lines.append("transfer-encoding: chunked")
+    else:
+        lines.append(f"content-length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class _WorkerProtocol(asyncio.Protocol):
+    """One client connection to the fake worker (usually the gateway's pool)."""
+
+    def __init__(self, worker: FakeWorker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.req = _Request()
+        self.header_name = ""
+        self.queue: list[_Request] = []
+        self.busy = False
+        self.closed = False
+        self.active_task: asyncio.Task | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.worker.stats.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._write(_head(400, "text/plain", 11) + b"bad request")
+            self.transport.close()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.active_task is not None:
+            self.active_task.cancel()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.req = _Request()
+
+    def on_headers_complete(self) -> None:
+        self.req.method = self.parser.get_method().decode()
+
+    def on_url(self, url: bytes) -> None:
+        self.req.path += url.decode()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.req.headers[name.decode().lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.req.body += body
+
+    def on_message_complete(self) -> None:
+        self.req.path = self.req.path.split("?", 1)[0]
+        self.queue.append(self.req)
+        if not self.busy:
+            self._next()
+
+    # request handling
+    def _next(self) -> None:
+        if self.closed or not self.queue:
+            self.busy = False
+            return
+        self.busy = True
+        req = self.queue.pop(0)
+        if self.worker.handle_fast(self, req):
+            self._next()
+            return
+        self.active_task = asyncio.get_running_loop().create_task(self._handle_slow(req))
+
+    async def _handle_slow(self, req: _Request) -> None:
+        try:
+            await self.worker.handle(self, req)
+        except asyncio.CancelledError:
+            pass
+        self.active_task = None
+        if not self.closed:
+            self._next()
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+
+class FakeWorker:
+    """An SGLang-like worker on (host, port). Use `start()` / `stop()` to run it
+    in a background thread, or `await serve()` inside a running loop."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, name: str | None = None, **config: Any):
+        self.host = host
+        self.port = port
+        self.config = FakeWorkerConfig(**config)
+        self.stats = FakeWorkerStats()
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+        self._rid = 0
+
+    @property
+    def name(self) -> str:
+        return self._name or f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    # lifecycle
+    async def serve(self) -> None:
+        """Serve until `stop()`; binds first so `port=0` gets a real port."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._server = await self._loop.create_server(lambda: _WorkerProtocol(self), sock=sock, backlog=4096)
+        await self._stopped.wait()
+        self._server.close()
+
+    def start(self) -> FakeWorker:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            import uvloop
+
+            async def main() -> None:
+                task = asyncio.ensure_future(self.serve())
+                while self._server is None and not task.done():
+                    await asyncio.sleep(0.001)
+                ready.set()
+                await task
+
+            try:
+                uvloop.run(main())
+            except BaseException as e:  # surfaced to the caller of start()
+                errors.append(e)
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name=f"fake-worker-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if errors:
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def set(self, **changes: Any) -> None:
+        """Change config fields (thread-safe enough: single attribute writes)."""
+        for key, value in changes.items():
+            if not hasattr(self.config, key):
+                raise AttributeError(f"unknown fake worker setting {key!r}")
+            setattr(self.config, key, value)
+
+    def reset_stats(self) -> None:
+        self.stats = FakeWorkerStats()
+
+    # handlers
+    def _count(self, path: str) -> None:
+        self.stats.requests[path] = self.stats.requests.get(path, 0) + 1
+
+    def _json(self, proto: _WorkerProtocol, status: int, obj: Any) -> None:
+        body = orjson.dumps(obj)
+        proto._write(_head(status, "application/json", len(body)) + body)
+
+    def handle_fast(self, proto: _WorkerProtocol, req: _Request) -> bool:
+        """Answer what needs no waiting at once; False hands it to `handle`."""
+        cfg = self.config
+        path = req.path
+        self._count(path)
+        if path in GENERATION_PATHS:
+            if cfg.mode != "normal" or cfg.response_delay > 0:
+                return False
+            return self._generate(proto, req, streaming_allowed=False)
+        if path == "/health":
+            self.stats.health_checks += 1
+            if cfg.health_delay > 0:
+                return False
+            if cfg.healthy:
+                proto._write(_head(200, "text/plain", 0))
+            else:
+                self._json(proto, 503, {"error": "unhealthy"})
+            return True
+        if path in ("/model_info", "/get_model_info"):
+            if path == "/model_info" and cfg.model_info_status != 200:
+                self._json(proto, cfg.model_info_status, {"error": "model_info unavailable"})
+                return True
+            self._json(
+                proto,
+                200,
+                {
+                    "model_path": cfg.model_id,
+                    "tokenizer_path": cfg.model_id,
+                    "is_generation": True,
+                    "has_image_understanding": False,
+                    "model_type": "fake",
+                    "architectures": ["FakeForCausalLM"],
+                    "served_model_name": cfg.model_id,
+                },
+            )
+            return True
+        if path in ("/server_info", "/get_server_info"):
+            if path == "/server_info" and cfg.server_info_status != 200:
+                self._json(proto, cfg.server_info_status, {"error": "server_info unavailable"})
+                return True
+            mode = "null" if cfg.role == "regular" else cfg.role
+            self._json(
+                proto,
+                200,
+                {
+                    "model_path": cfg.model_id,
+                    "served_model_name": cfg.model_id,
+                    "tp_size": cfg.tp_size,
+                    "dp_size": cfg.dp_size,
+                    "disaggregation_mode": mode,
+                    "max_running_requests": 256,
+                    "version": cfg.version,
+                    "worker": self.name,
+                },
+            )
+            return True
+        if path == "/v1/models":
+            owner = "vllm" if cfg.engine == "vllm" else "sglang"
+            self._json(
+                proto,
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": cfg.model_id, "object": "model", "created": 0, "owned_by": owner, "root": cfg.model_id}],
+                },
+            )
+            return True
+        if path == "/v1/loads":
+            self._json(
+                proto,
+                200,
+                {
+                    "timestamp": time.time(),
+                    "version": cfg.version,
+                    "dp_rank_count": cfg.dp_size,
+                    "loads": [
+                        {"dp_rank": r, "num_running_reqs": self.stats.in_flight, "num_waiting_reqs": 0, "worker": self.name}
+                        for r in range(cfg.dp_size)
+                    ],
+                },
+            )
+            return True
+        if path in ("/flush_cache", "/health_generate"):
+            proto._write(_head(200, "text/plain", 0))
+            return True
+        if path == "/_fake/stats":
+            self._json(proto, 200, self.stats.as_json())
+            return True
+        if path == "/_fake/reset_stats":
+            self.reset_stats()
+            self._json(proto, 200, {"ok": True})
+            return True
+        if path == "/_fake/config":
+            if req.method == "POST":
+                try:
+                    self.set(**orjson.loads(bytes(req.body)))
+                except (orjson.JSONDecodeError, TypeError, AttributeError) as e:
+                    self._json(proto, 400, {"error": str(e)})
+                    return True
+            self._json(proto, 200, dataclasses.asdict(cfg))
+            return True
+        self._json(proto, 404, {"error": f"no route {path}"})
+        return True
+
+    async def handle(self, proto: _WorkerProtocol, req: _Request) -> None:
+        cfg = self.config
+        if req.path == "/health":
+            await asyncio.sleep(cfg.health_delay)
+            if cfg.healthy:
+                proto._write(_head(200, "text/plain", 0))
+            else:
+                self._json(proto, 503, {"error": "unhealthy"})
+            return
+        if cfg.mode == "reset":
+            proto.transport.abort()  # type: ignore[union-attr]
+            return
+        if cfg.mode == "stall":
+            self.stats.in_flight += 1
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.stats.in_flight -= 1
+                self.stats.disconnects += 1
+        if cfg.mode == "garbage":
+            proto._write(b"\x00\x01garbage that is not HTTP\r\n\r\n")
+            proto.transport.close()  # type: ignore[union-attr]
+            return
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            if cfg.response_delay > 0:
+                await asyncio.sleep(cfg.response_delay)
+            await self._generate_stream(proto, req)
+        except asyncio.CancelledError:
+            self.stats.disconnects += 1
+            raise
+        finally:
+            self.stats.in_flight -= 1
+
+    def _parse_generation(self, proto: _WorkerProtocol, req: _Request) -> dict | None:
+        st = self.stats
+        st.generation_requests += 1
+        st.last_headers = req.headers
+        st.last_body = bytes(req.body)
+        cfg = self.config
+        if cfg.api_key is not None and req.headers.get("authorization") != f"Bearer {cfg.api_key}":
+            self._json(proto, 401, {"error": "bad worker api key"})
+            return None
+        if cfg.fail_status:
+            if cfg.fail_count != 0:
+                if cfg.fail_count > 0:
+                    cfg.fail_count -= 1
+                self._json(proto, cfg.fail_status, {"error": f"injected failure {cfg.fail_status}"})
+                return None
+        try:
+            body = orjson.loads(req.body) if req.body else {}
+        except orjson.JSONDecodeError:
+            self._json(proto, 400, {"error": "invalid json"})
+            return None
+        if not isinstance(body, dict):
+            self._json(proto, 400, {"error": "body must be an object"})
+            return None
+        if "bootstrap_room" in body or "bootstrap_host" in body:
+            st.bootstrap.append(
+                {k: body.get(k) for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room")}
+            )
+        return body
+
+    def _generate(self, proto: _WorkerProtocol, req: _Request, streaming_allowed: bool) -> bool:
+        """Non-streamed answer, written at once. Returns False if the request
+        streams (and so needs `handle`)."""
+        if not streaming_allowed:
+            try:
+                if req.body and b'"stream"' in req.body and orjson.loads(req.body).get("stream"):
+                    return False
+            except (orjson.JSONDecodeError, AttributeError):
+                pass
+        body = self._parse_generation(proto, req)
+        if body is None:
+            return True
+        self._rid += 1
+        self._json(proto, 200, self._complete_response(req.path, body))
+        self.stats.completed += 1
+        return True
+
+    def _meta(self, body: dict, tokens: int) -> dict:
+        meta: dict[str, Any] = {
+            "id": f"{self.name}-{self._rid}",
+            "finish_reason": {"type": "length", "length": tokens},
+            "prompt_tokens": 1,
+            "completion_tokens": tokens,
+            "cached_tokens": 0,
+            "worker": self.name,
+        }
+        for key in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
+            if key in body:
+                meta[key] = body[key]
+        if body.get("return_logprob"):
+            meta["input_token_logprobs"] = [[-0.5, 1, f"{self.config.role}-in"]]
+            meta["output_token_logprobs"] = [[-0.1, 2, f"{self.config.role}-out"]] * tokens
+        return meta
+
+    def _complete_response(self, path: str, body: dict) -> Any:
+        cfg = self.config
+        n = cfg.completion_tokens
+        text = " ".join(["tok"] * n)
+        if path == "/generate":
+            items = body.get("text")
+            if isinstance(items, list):
+                out = []
+                for i, _ in enumerate(items):
+                    item = {k: (v[i] if isinstance(v, list) else v) for k, v in body.items() if k.startswith("bootstrap_")}
+                    item["return_logprob"] = body.get("return_logprob")
+                    out.append({"text": text, "meta_info": self._meta(item, n)})
+                return out
+            return {"text": text, "meta_info": self._meta(body, n)}
+        if path == "/v1/chat/completions":
+            return {
+                "id": f"chatcmpl-{self._rid}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", cfg.model_id),
+                "worker": self.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+            }
+        if path == "/v1/completions":
+            return {
+                "id": f"cmpl-{self._rid}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": body.get("model", cfg.model_id),
+                "worker": self.name,
+                "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+            }
+        if path == "/v1/embeddings":
+            inputs = body.get("input")
+            inputs = inputs if isinstance(inputs, list) else [inputs]
+            return {
+                "object": "list",
+                "model": body.get("model", cfg.model_id),
+                "worker": self.name,
+                "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))],
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            }
+        if path in ("/v1/rerank", "/rerank"):
+            docs = body.get("documents") or []
+            return [{"index": i, "score": 1.0 / (i + 1), "document": d, "worker": self.name} for i, d in enumerate(docs)]
+        # /v1/classify
+        return {"id": f"classify-{self._rid}", "object": "list", "worker": self.name, "data": [{"index": 0, "label": "fake", "probs": [1.0]}]}
+
+    def _stream_event(self, path: str, body: dict, i: int, last: bool) -> bytes:
+        if path == "/generate":
+            obj: Any = {"text": "tok " * (i + 1), "meta_info": self._meta(body, i + 1)}
+            if not last:
+                obj["meta_info"]["finish_reason"] = None
+        elif path == "/v1/chat/completions":
+            obj = {
+                "id": f"chatcmpl-{self._rid}",
+                "object": "chat.completion.chunk",
+                "model": body.get("model", self.config.model_id),
+                "worker": self.name,
+                "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": "length" if last else None}],
+            }
+        else:
+            obj = {
+                "id": f"cmpl-{self._rid}",
+                "object": "text_completion",
+                "worker": self.name,
+                "choices": [{"index": 0, "text": "tok ", "finish_reason": "length" if last else None}],
+            }
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    async def _generate_stream(self, proto: _WorkerProtocol, req: _Request) -> None:
+        body = self._parse_generation(proto, req)
+        if body is None:
+            return
+        self._rid += 1
+        if not body.get("stream"):
+            self._json(proto, 200, self._complete_response(req.path, body))
+            self.stats.completed += 1
+            return
+        cfg = self.config
+        proto._write(_head(200, "text/event-stream", None))
+        n = max(cfg.stream_chunks, 1)
+        for i in range(n):
+            if i and cfg.stream_interval > 0:
+                await asyncio.sleep(cfg.stream_interval)
+            if proto.closed:
+                raise asyncio.CancelledError
+            if cfg.drop_after_chunks >= 0 and i >= cfg.drop_after_chunks:
+                proto.transport.close()  # type: ignore[union-attr]
+                return
+            proto._write(_chunk(self._stream_event(req.path, body, i, i == n - 1)))
+        proto._write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        self.stats.completed += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m smg.testing", description="Run fake SGLang-compatible workers.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--count", type=int, default=1, help="start this many workers on consecutive ports")
+    parser.add_argument("--model-id", default="fake-model")
+    parser.add_argument("--role", choices=["regular", "prefill", "decode"], default="regular")
+    parser.add_argument("--stream-chunks", type=int, default=4)
+    parser.add_argument("--stream-interval", type=float, default=0.0, help="seconds between streamed events")
+    parser.add_argument("--response-delay", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    import uvloop
+
+    workers = [
+        FakeWorker(
+            args.host,
+            args.port + i,
+            model_id=args.model_id,
+            role=args.role,
+            stream_chunks=args.stream_chunks,
+            stream_interval=args.stream_interval,
+            response_delay=args.response_delay,
+        )
+        for i in range(args.count)
+    ]
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        tasks = [asyncio.ensure_future(w.serve()) for w in workers]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: [w._stopped and w._stopped.set() for w in workers])
+        while any(w._server is None for w in workers) and not any(t.done() for t in tasks):
+            await asyncio.sleep(0.01)
+        for t in tasks:
+            if t.done():
+                t.result()
+        for w in workers:
+            print(f"fake worker {w.name} serving {w.config.model_id} at {w.url}", flush=True)
+        await asyncio.gather(*tasks)
+
+    uvloop.run(run())
+
+
+if __name__ == "__main__":
+    main()
