@@ -11,6 +11,7 @@ FAST_MODULES = [
     "upstream",
     "server",
     "routing_text",
+    "radix",
     "policies",
     "proxy",
     "selector",

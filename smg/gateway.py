@@ -84,6 +84,7 @@ class Gateway:
         self.discovery = None
         self._tick_handle: Optional[asyncio.TimerHandle] = None
         self._last_slow_tick = 0.0
+        self._last_eviction = monotonic()
         self._install_routes()
 
     # --- construction ---
@@ -182,6 +183,11 @@ class Gateway:
                 self._update_date()
                 for w in self.registry.all():
                     w.pool.sweep(now)
+            if now - self._last_eviction >= self.cfg.eviction_interval_secs:
+                self._last_eviction = now
+                evicted = self.router.evict_all()
+                if evicted:
+                    log.debug("cache-aware trees: evicted %d characters", evicted)
         except Exception:
             log.exception("housekeeping tick failed")
         if not self.stopping.is_set() or self.core.connections:

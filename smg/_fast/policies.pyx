@@ -7,11 +7,16 @@ worker (Worker.inflight), kept by the proxy for every policy."""
 
 import os
 
-from libc.stdint cimport uint64_t, uint32_t
+from libc.stdint cimport uint64_t, uint32_t, int32_t
 from libc.stdlib cimport malloc, free, realloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
+from libc.math cimport sqrt
+from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_GET_LENGTH
+from cpython.mem cimport PyMem_Free
+
 from smg._fast.worker cimport Worker, STATE_READY
+from smg._fast.radix cimport RadixTree, Node, ucs4
 
 
 # --- a small fast PRNG (xorshift64*), seeded per process -----------------
@@ -235,6 +240,147 @@ cdef class ConsistentHashPolicy(Policy):
         return None
 
 
+cdef class CacheAwarePolicy(Policy):
+    """Cache-aware routing (SPEC.md §5): send a prompt to the worker that
+    already holds its longest prefix, unless that worker is overloaded;
+    on a cache miss, to the least-loaded worker."""
+    cdef readonly RadixTree tree
+    cdef public double cache_threshold
+    cdef public double balance_abs_threshold
+    cdef public double balance_rel_threshold
+    cdef public long long max_tree_size
+    cdef dict slots          # worker id -> slot in the tree
+    cdef list by_slot        # slot -> Worker (None once removed)
+    cdef list free_slots
+    cdef public long long hits
+    cdef public long long misses
+    cdef public long long spills
+
+    def __init__(self, double cache_threshold=0.3, double balance_abs_threshold=64,
+                 double balance_rel_threshold=1.5, long long max_tree_size=67108864):
+        self.name = "cache_aware"
+        self.needs_text = True
+        self.tree = RadixTree()
+        self.cache_threshold = cache_threshold
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+        self.max_tree_size = max_tree_size
+        self.slots = {}
+        self.by_slot = []
+        self.free_slots = []
+        self.hits = 0
+        self.misses = 0
+        self.spills = 0
+
+    cdef int slot_for(self, Worker w) except -1:
+        slot = self.slots.get(w.id)
+        if slot is not None:
+            return <int>slot
+        if self.free_slots:
+            slot = self.free_slots.pop()
+            self.by_slot[slot] = w
+        else:
+            slot = len(self.by_slot)
+            self.by_slot.append(w)
+        self.slots[w.id] = slot
+        return <int>slot
+
+    cpdef worker_removed(self, Worker worker):
+        slot = self.slots.pop(worker.id, None)
+        if slot is None:
+            return
+        self.tree.remove_slot(<int>slot)
+        self.by_slot[slot] = None
+        self.free_slots.append(slot)
+
+    def slot_of(self, Worker worker):
+        return self.slots.get(worker.id)
+
+    def evict(self):
+        """Trim the tree to max_tree_size characters (least recently used first)."""
+        return self.tree.evict_to(self.max_tree_size)
+
+    cdef Worker owner_at(self, Node* node, double now):
+        """The routable owner of `node` with the most hits (then the newest)."""
+        cdef Worker best = None, w
+        cdef uint32_t best_hits = 0
+        cdef double best_last = 0.0
+        cdef int32_t k
+        for k in range(node.nowners):
+            w = <Worker>self.by_slot[node.owners[k].slot]
+            if w is None or not w.routable(now):
+                continue
+            if (best is None or node.owners[k].hits > best_hits
+                    or (node.owners[k].hits == best_hits and node.owners[k].last > best_last)):
+                best = w
+                best_hits = node.owners[k].hits
+                best_last = node.owners[k].last
+        return best
+
+    cdef bint overloaded(self, Worker w, list ready, double now):
+        """The spill gate: load above the mean by more than the margin and
+        by more than balance_rel_threshold times the mean."""
+        cdef Worker o
+        cdef long total = 0
+        cdef int count = 0
+        cdef double mean, margin
+        for o in ready:
+            if o.routable(now):
+                total += o.inflight
+                count += 1
+        if count <= 1:
+            return False
+        mean = <double>total / count
+        margin = 2.0 * sqrt(mean)
+        if margin < 4.0:
+            margin = 4.0
+        if margin > self.balance_abs_threshold:
+            margin = self.balance_abs_threshold
+        return w.inflight > mean + margin and w.inflight > self.balance_rel_threshold * mean
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0
+        cdef ucs4* buf
+        cdef Node* best
+        cdef Node* node
+        cdef Py_ssize_t matched, depth
+        cdef Worker w = None
+        if not ready:
+            return None
+        if n == 0:
+            return least_loaded(ready, now, None)
+        buf = PyUnicode_AsUCS4Copy(text)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            matched = self.tree.match(buf, n, &best, &depth)
+            node = best
+            if node != NULL and matched > self.cache_threshold * n:
+                w = self.owner_at(node, now)
+                # the deepest owners are unavailable: fall back up the path
+                while w is None and node.parent != NULL and node.parent.parent != NULL:
+                    depth -= node.length if depth >= node.length else depth
+                    node = node.parent
+                    if depth <= self.cache_threshold * n:
+                        break
+                    w = self.owner_at(node, now)
+            if w is not None:
+                if self.overloaded(w, ready, now):
+                    self.spills += 1
+                    w = None
+                else:
+                    self.hits += 1
+            else:
+                self.misses += 1
+            if w is None:
+                w = least_loaded(ready, now, None)
+            if w is not None:
+                self.tree.insert(buf, n, self.slot_for(w), now)
+        finally:
+            PyMem_Free(buf)
+        return w
+
+
 # --- groups and the router -------------------------------------------------
 
 cdef class WorkerGroup:
@@ -310,6 +456,15 @@ cdef class Router:
         cdef WorkerGroup g = self.groups.get((w.worker_type, w.model_id))
         if g is not None:
             g.refresh()
+
+    def evict_all(self):
+        """Run every cache-aware policy's tree eviction; returns characters evicted."""
+        cdef WorkerGroup g
+        evicted = 0
+        for g in list(self.groups.values()):
+            if isinstance(g.policy, CacheAwarePolicy):
+                evicted += g.policy.evict()
+        return evicted
 
     def models(self, int worker_type):
         """Model ids with at least one registered worker of this type."""

@@ -114,6 +114,7 @@ cdef class ClientConnection:
     cdef double head_started
     cdef public object peer
 
+    cdef int safe_dispatch(self, Request req) except -1
     cdef int dispatch(self, Request req) except -1
     cdef int write(self, bytes data) except -1
     cpdef respond(self, Request req, int status, bytes body, bytes content_type, bytes extra_headers=*, str error_code=*)

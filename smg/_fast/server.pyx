@@ -119,7 +119,7 @@ cdef bytes make_request_id(bytes prefix):
     cdef int i
     _id_counter += 1
     # an odd multiplier is a bijection on 64-bit integers: unique, not sequential-looking
-    c = _id_counter * 0x9E3779B97F4A7C15
+    c = _id_counter * <unsigned long long>11400714819323198485ULL
     for i in range(plen):
         p[i] = prefix[i]
     for i in range(12):
@@ -561,7 +561,7 @@ cdef class ClientConnection:
         self.parsing = None
         req.finish_body()
         if self.active is None and not self.pending:
-            self.dispatch(req)
+            self.safe_dispatch(req)
         else:
             self.pending.append(req)
             if len(self.pending) >= self.core.max_pipeline and not self.reading_paused:
@@ -569,6 +569,23 @@ cdef class ClientConnection:
                 self.transport.pause_reading()
 
     # --- serving ---
+
+    cdef int safe_dispatch(self, Request req) except -1:
+        """dispatch(), turning an unexpected error into a 500 (or, once the
+        response has begun, a closed connection) instead of a stuck client."""
+        try:
+            self.dispatch(req)
+        except Exception as e:
+            _log.error("%s %s failed: %r", req.method.decode("latin-1"), req.path, e, exc_info=True)
+            if self.active is req and self.exchange is None:
+                if req.request_id is None:
+                    req.request_id = b"req-error"
+                if req.route is None:
+                    req.route = self.core.not_found
+                self.respond_error(req, 500, "internal_error", "internal error")
+            else:
+                self.abort()
+        return 0
 
     cdef int dispatch(self, Request req) except -1:
         cdef Route route
@@ -697,7 +714,7 @@ cdef class ClientConnection:
         self.last_activity = monotonic()
         if self.pending:
             nxt = self.pending.popleft()
-            self.dispatch(nxt)
+            self.safe_dispatch(nxt)
         elif self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()

@@ -1,0 +1,477 @@
+# cython: language_level=3
+"""The cache-aware routing tree: a radix tree over prompt characters
+(Unicode code points, not bytes), built from C structures.
+
+Each node is an edge label plus the workers ("owners", by slot number) that
+were sent a prompt running through it, with a hit count and a last-access
+time per owner. Ownership is prefix-closed: inserting a prompt for a worker
+marks every node on its path. The tree's size is the number of characters
+in all its labels (shared by all workers), kept under a budget by evicting
+least-recently-used leaves."""
+
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memmove, memset
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
+
+from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_GET_LENGTH
+from cpython.mem cimport PyMem_Free
+
+from smg._fast.clock cimport monotonic
+
+
+# --- labels ---------------------------------------------------------------
+
+cdef inline ucs4 label_at(const Node* node, Py_ssize_t i) noexcept nogil:
+    if node.kind == 1:
+        return (<const uint8_t*>node.label)[i]
+    if node.kind == 2:
+        return (<const uint16_t*>node.label)[i]
+    return (<const ucs4*>node.label)[i]
+
+
+cdef inline Py_ssize_t common_prefix(const Node* node, const ucs4* t, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t m = node.length if node.length < n else n
+    cdef Py_ssize_t i = 0
+    cdef const uint8_t* l1
+    cdef const uint16_t* l2
+    cdef const ucs4* l4
+    if node.kind == 1:
+        l1 = <const uint8_t*>node.label
+        while i < m and l1[i] == t[i]:
+            i += 1
+    elif node.kind == 2:
+        l2 = <const uint16_t*>node.label
+        while i < m and l2[i] == t[i]:
+            i += 1
+    else:
+        l4 = <const ucs4*>node.label
+        while i < m and l4[i] == t[i]:
+            i += 1
+    return i
+
+
+cdef int set_label(Node* node, const ucs4* t, Py_ssize_t n) except -1:
+    """Label `node` with t[:n], in the narrowest width that holds it."""
+    cdef ucs4 top = 0
+    cdef Py_ssize_t i
+    cdef void* buf
+    for i in range(n):
+        if t[i] > top:
+            top = t[i]
+    if top < 256:
+        buf = malloc(n if n else 1)
+        if buf == NULL:
+            raise MemoryError()
+        for i in range(n):
+            (<uint8_t*>buf)[i] = <uint8_t>t[i]
+        node.kind = 1
+    elif top < 65536:
+        buf = malloc(2 * n)
+        if buf == NULL:
+            raise MemoryError()
+        for i in range(n):
+            (<uint16_t*>buf)[i] = <uint16_t>t[i]
+        node.kind = 2
+    else:
+        buf = malloc(4 * n)
+        if buf == NULL:
+            raise MemoryError()
+        memcpy(buf, t, 4 * n)
+        node.kind = 4
+    node.label = buf
+    node.length = <int32_t>n
+    return 0
+
+
+cdef Node* new_node(Node* parent) except NULL:
+    cdef Node* node = <Node*>malloc(sizeof(Node))
+    if node == NULL:
+        raise MemoryError()
+    memset(node, 0, sizeof(Node))
+    node.parent = parent
+    node.kind = 1
+    return node
+
+
+cdef void free_subtree(Node* node) noexcept:
+    cdef int32_t i
+    for i in range(node.nchildren):
+        free_subtree(node.children[i])
+    free(node.label)
+    free(node.child_keys)
+    free(node.children)
+    free(node.owners)
+    free(node)
+
+
+# --- children: sorted by first character ---------------------------------
+
+cdef inline int32_t child_index(const Node* node, ucs4 key) noexcept nogil:
+    """Index of the child whose label starts with `key`, or -(insertion point) - 1."""
+    cdef int32_t lo = 0, hi = node.nchildren, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if node.child_keys[mid] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < node.nchildren and node.child_keys[lo] == key:
+        return lo
+    return -lo - 1
+
+
+cdef int add_child(Node* node, Node* child, int32_t at) except -1:
+    cdef int32_t cap
+    if node.nchildren == node.child_cap:
+        cap = node.child_cap * 2 if node.child_cap else 2
+        node.child_keys = <ucs4*>realloc(node.child_keys, cap * sizeof(ucs4))
+        node.children = <Node**>realloc(node.children, cap * sizeof(Node*))
+        if node.child_keys == NULL or node.children == NULL:
+            raise MemoryError()
+        node.child_cap = cap
+    memmove(node.child_keys + at + 1, node.child_keys + at, (node.nchildren - at) * sizeof(ucs4))
+    memmove(node.children + at + 1, node.children + at, (node.nchildren - at) * sizeof(Node*))
+    node.child_keys[at] = label_at(child, 0)
+    node.children[at] = child
+    node.nchildren += 1
+    child.parent = node
+    return 0
+
+
+cdef void remove_child(Node* node, Node* child) noexcept:
+    cdef int32_t i = child_index(node, label_at(child, 0))
+    if i < 0 or node.children[i] != child:
+        return
+    memmove(node.child_keys + i, node.child_keys + i + 1, (node.nchildren - i - 1) * sizeof(ucs4))
+    memmove(node.children + i, node.children + i + 1, (node.nchildren - i - 1) * sizeof(Node*))
+    node.nchildren -= 1
+
+
+# --- owners -----------------------------------------------------------------
+
+cdef inline int32_t owner_index(const Node* node, int32_t slot) noexcept nogil:
+    cdef int32_t i
+    for i in range(node.nowners):
+        if node.owners[i].slot == slot:
+            return i
+    return -1
+
+
+cdef int add_owner(Node* node, int32_t slot, uint32_t hits, double last) except -1:
+    cdef int32_t cap
+    if node.nowners == node.owner_cap:
+        cap = node.owner_cap * 2 if node.owner_cap else 2
+        node.owners = <Owner*>realloc(node.owners, cap * sizeof(Owner))
+        if node.owners == NULL:
+            raise MemoryError()
+        node.owner_cap = cap
+    node.owners[node.nowners].slot = slot
+    node.owners[node.nowners].hits = hits
+    node.owners[node.nowners].last = last
+    node.nowners += 1
+    return 0
+
+
+# --- eviction heap (oldest leaf first) --------------------------------------
+
+cdef void heap_push(Node** heap, Py_ssize_t* size, Node* node) noexcept:
+    cdef Py_ssize_t i = size[0], parent
+    size[0] += 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        if heap[parent].last_access <= node.last_access:
+            break
+        heap[i] = heap[parent]
+        i = parent
+    heap[i] = node
+
+
+cdef Node* heap_pop(Node** heap, Py_ssize_t* size) noexcept:
+    cdef Node* top = heap[0]
+    cdef Node* last
+    cdef Py_ssize_t i = 0, child, n
+    size[0] -= 1
+    n = size[0]
+    if n == 0:
+        return top
+    last = heap[n]
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and heap[child + 1].last_access < heap[child].last_access:
+            child += 1
+        if heap[child].last_access >= last.last_access:
+            break
+        heap[i] = heap[child]
+        i = child
+    heap[i] = last
+    return top
+
+
+cdef class RadixTree:
+
+    def __cinit__(self):
+        self.root = new_node(NULL)
+        self.total_chars = 0
+        self.node_count = 0
+        self.slot_chars = NULL
+        self.slot_cap = 0
+
+    def __dealloc__(self):
+        if self.root != NULL:
+            free_subtree(self.root)
+        free(self.slot_chars)
+
+    cdef int _ensure_slot(self, int32_t slot) except -1:
+        cdef int32_t cap
+        if slot < self.slot_cap:
+            return 0
+        cap = max(slot + 1, self.slot_cap * 2, 16)
+        self.slot_chars = <int64_t*>realloc(self.slot_chars, cap * sizeof(int64_t))
+        if self.slot_chars == NULL:
+            raise MemoryError()
+        memset(self.slot_chars + self.slot_cap, 0, (cap - self.slot_cap) * sizeof(int64_t))
+        self.slot_cap = cap
+        return 0
+
+    cdef Py_ssize_t match(self, const ucs4* text, Py_ssize_t n, Node** best, Py_ssize_t* best_depth) noexcept:
+        """Characters of text[:n] found in the tree. `best` is the deepest node
+        matched in full (else the partly matched first node), `best_depth` the
+        characters matched up to the end of its match."""
+        cdef Node* node = self.root
+        cdef Node* child
+        cdef Node* last_full = NULL
+        cdef Py_ssize_t pos = 0, common, full_depth = 0
+        cdef int32_t i
+        best[0] = NULL
+        best_depth[0] = 0
+        while pos < n:
+            i = child_index(node, text[pos])
+            if i < 0:
+                break
+            child = node.children[i]
+            common = common_prefix(child, text + pos, n - pos)
+            pos += common
+            if common == child.length:
+                last_full = child
+                full_depth = pos
+                node = child
+                continue
+            if last_full == NULL:
+                best[0] = child
+                best_depth[0] = pos
+            break
+        if last_full != NULL:
+            best[0] = last_full
+            best_depth[0] = full_depth
+        return pos
+
+    cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now) except -1:
+        cdef Node* node = self.root
+        cdef Node* child
+        cdef Node* mid
+        cdef Py_ssize_t pos = 0, common
+        cdef int32_t i, j
+        self._ensure_slot(slot)
+        while pos < n:
+            i = child_index(node, text[pos])
+            if i < 0:
+                child = new_node(node)
+                set_label(child, text + pos, n - pos)
+                add_child(node, child, -i - 1)
+                add_owner(child, slot, 1, now)
+                child.last_access = now
+                self.total_chars += child.length
+                self.slot_chars[slot] += child.length
+                self.node_count += 1
+                return 0
+            child = node.children[i]
+            common = common_prefix(child, text + pos, n - pos)
+            if common < child.length:
+                self._split(node, i, common)
+                child = node.children[i]
+            # child's label is now a prefix of text[pos:]
+            j = owner_index(child, slot)
+            if j < 0:
+                add_owner(child, slot, 1, now)
+                self.slot_chars[slot] += child.length
+            else:
+                child.owners[j].hits += 1
+                child.owners[j].last = now
+            child.last_access = now
+            pos += child.length
+            node = child
+        return 0
+
+    cdef int _split(self, Node* parent, int32_t index, Py_ssize_t at) except -1:
+        """Split parent's child `index` after `at` characters: a new node with
+        the first `at` characters takes its place, with the same owners."""
+        cdef Node* child = parent.children[index]
+        cdef Node* mid = new_node(parent)
+        cdef size_t width = child.kind
+        cdef void* rest
+        cdef int32_t k
+        mid.label = malloc(at * width if at else 1)
+        if mid.label == NULL:
+            raise MemoryError()
+        memcpy(mid.label, child.label, at * width)
+        mid.kind = child.kind
+        mid.length = <int32_t>at
+        rest = malloc((child.length - at) * width)
+        if rest == NULL:
+            raise MemoryError()
+        memcpy(rest, (<char*>child.label) + at * width, (child.length - at) * width)
+        free(child.label)
+        child.label = rest
+        child.length -= <int32_t>at
+        mid.owners = <Owner*>malloc(child.nowners * sizeof(Owner)) if child.nowners else NULL
+        if child.nowners:
+            if mid.owners == NULL:
+                raise MemoryError()
+            memcpy(mid.owners, child.owners, child.nowners * sizeof(Owner))
+        mid.nowners = child.nowners
+        mid.owner_cap = child.nowners
+        mid.last_access = child.last_access
+        parent.children[index] = mid
+        add_child(mid, child, 0)
+        self.node_count += 1
+        return 0
+
+    cdef int _drop_node(self, Node* node) except -1:
+        """Remove a childless node from the tree and free it."""
+        cdef int32_t k
+        for k in range(node.nowners):
+            if node.owners[k].slot < self.slot_cap:
+                self.slot_chars[node.owners[k].slot] -= node.length
+        self.total_chars -= node.length
+        self.node_count -= 1
+        remove_child(node.parent, node)
+        free_subtree(node)
+        return 0
+
+    cdef int remove_slot(self, int32_t slot) except -1:
+        """Forget a worker: drop its ownership everywhere, and every node
+        that no worker owns any more."""
+        self._remove_slot_under(self.root, slot)
+        if slot < self.slot_cap:
+            self.slot_chars[slot] = 0
+        return 0
+
+    cdef int _remove_slot_under(self, Node* node, int32_t slot) except -1:
+        cdef int32_t i, j
+        cdef Node* child
+        i = node.nchildren - 1
+        while i >= 0:
+            child = node.children[i]
+            j = owner_index(child, slot)
+            if j >= 0:
+                child.owners[j] = child.owners[child.nowners - 1]
+                child.nowners -= 1
+                if child.nowners == 0:
+                    # ownership is prefix-closed: nobody owns anything below
+                    self._drop_subtree(child)
+                else:
+                    self._remove_slot_under(child, slot)
+            i -= 1
+        return 0
+
+    cdef int _drop_subtree(self, Node* node) except -1:
+        while node.nchildren:
+            self._drop_subtree(node.children[node.nchildren - 1])
+        self._drop_node(node)
+        return 0
+
+    cdef int64_t evict_to(self, int64_t max_chars) except -1:
+        """Drop least-recently-used leaves until the tree holds at most
+        max_chars characters; returns how many characters were evicted."""
+        cdef int64_t before = self.total_chars
+        cdef Node** heap
+        cdef Py_ssize_t size = 0
+        cdef Node* leaf
+        cdef Node* parent
+        if self.total_chars <= max_chars:
+            return 0
+        heap = <Node**>malloc((self.node_count + 1) * sizeof(Node*))
+        if heap == NULL:
+            raise MemoryError()
+        try:
+            self._collect_leaves(self.root, heap, &size)
+            while self.total_chars > max_chars and size > 0:
+                leaf = heap_pop(heap, &size)
+                parent = leaf.parent
+                self._drop_node(leaf)
+                if parent != self.root and parent.nchildren == 0:
+                    heap_push(heap, &size, parent)
+        finally:
+            free(heap)
+        return before - self.total_chars
+
+    cdef void _collect_leaves(self, Node* node, Node** heap, Py_ssize_t* size) noexcept:
+        cdef int32_t i
+        for i in range(node.nchildren):
+            if node.children[i].nchildren == 0:
+                heap_push(heap, size, node.children[i])
+            else:
+                self._collect_leaves(node.children[i], heap, size)
+
+    # --- Python-facing API (tests, benchmarks, the policy's slow paths) ---
+
+    def insert_text(self, str text, int slot, double now=-1.0):
+        cdef ucs4* buf
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        if n == 0:
+            return
+        if now < 0:
+            now = monotonic()
+        buf = PyUnicode_AsUCS4Copy(text)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            self.insert(buf, n, slot, now)
+        finally:
+            PyMem_Free(buf)
+
+    def match_text(self, str text):
+        """(matched characters, owner slots of the best node as {slot: (hits, last)})."""
+        cdef ucs4* buf
+        cdef Node* best
+        cdef Py_ssize_t depth, matched
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        cdef int32_t k
+        if n == 0:
+            return 0, {}
+        buf = PyUnicode_AsUCS4Copy(text)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            matched = self.match(buf, n, &best, &depth)
+        finally:
+            PyMem_Free(buf)
+        owners = {}
+        if best != NULL:
+            for k in range(best.nowners):
+                owners[best.owners[k].slot] = (best.owners[k].hits, best.owners[k].last)
+        return matched, owners
+
+    def remove_worker_slot(self, int slot):
+        self.remove_slot(slot)
+
+    def evict(self, long long max_chars):
+        return self.evict_to(max_chars)
+
+    def chars_of(self, int slot):
+        """Characters of the nodes this worker slot owns."""
+        if slot < self.slot_cap:
+            return self.slot_chars[slot]
+        return 0
+
+    def dump(self):
+        """The tree as nested tuples (label, {slot: hits}, [children]), for tests."""
+        return self._dump(self.root)
+
+    cdef object _dump(self, Node* node):
+        cdef int32_t i
+        label = "".join(chr(label_at(node, i)) for i in range(node.length))
+        owners = {node.owners[i].slot: node.owners[i].hits for i in range(node.nowners)}
+        return (label, owners, [self._dump(node.children[i]) for i in range(node.nchildren)])
