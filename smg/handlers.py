@@ -144,7 +144,7 @@ class GatewayRoutes:
                 if isinstance(doc, dict) and isinstance(doc.get("loads"), list):
                     entries = [e for e in doc["loads"] if isinstance(e, dict)]
             for e in entries:
-                loads.append({"worker": w.url, "worker_type": TYPE_NAMES[w.worker_type], **e})
+                loads.append({**e, "worker": w.url, "worker_type": TYPE_NAMES[w.worker_type]})
         now = datetime.datetime.now(datetime.timezone.utc).isoformat()
         return json_response({"timestamp": now, "version": f"smg-{__version__}", "dp_rank_count": len(loads),
                               "loads": loads})

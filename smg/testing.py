@@ -157,6 +157,7 @@ class _WorkerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         self.worker.stats.connections += 1
+        self.worker._conns.add(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -167,6 +168,7 @@ class _WorkerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.worker._conns.discard(self)
         if self.active_task is not None:
             self.active_task.cancel()
 
@@ -232,6 +234,7 @@ class FakeWorker:
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
+        self._conns: set[_WorkerProtocol] = set()
         self._rid = 0
 
     @property
@@ -255,6 +258,11 @@ class FakeWorker:
         self._server = await self._loop.create_server(lambda: _WorkerProtocol(self), sock=sock, backlog=4096)
         await self._stopped.wait()
         self._server.close()
+        # a stopped worker is gone: its open connections die with it
+        for proto in list(self._conns):
+            if proto.transport is not None:
+                proto.transport.abort()
+        await asyncio.sleep(0)
 
     def start(self) -> FakeWorker:
         ready = threading.Event()
@@ -284,7 +292,10 @@ class FakeWorker:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._stopped is not None:
+        """Stop serving and drop every open connection (idempotent)."""
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stopped is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stopped.set)
         if self._thread is not None:
             self._thread.join(10)

@@ -1,0 +1,223 @@
+"""Every route of SPEC.md §2, through the real gateway and fake workers."""
+
+import re
+
+import pytest
+from helpers import request, wait_for
+
+PROXIED = [
+    ("/generate", {"text": "hello world", "sampling_params": {"max_new_tokens": 4}}),
+    ("/v1/chat/completions", {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": "fake-model", "prompt": "once upon"}),
+    ("/v1/embeddings", {"model": "fake-model", "input": "embed me"}),
+    ("/v1/rerank", {"model": "fake-model", "query": "q", "documents": ["a", "b"]}),
+    ("/rerank", {"query": "q", "documents": ["a", "b"]}),
+    ("/v1/classify", {"model": "fake-model", "input": "classify me"}),
+]
+
+
+@pytest.fixture
+def two(fake_workers, gateway):
+    workers = fake_workers(2)
+    g = gateway(["--policy", "round_robin", "--worker-urls", *[w.url for w in workers]], wait_workers=2)
+    return g, workers
+
+
+@pytest.mark.parametrize("path, body", PROXIED)
+def test_proxied_routes_forward_body_bytes_unchanged(two, path, body):
+    g, workers = two
+    # deliberately odd formatting: the gateway must not re-serialize
+    raw = b'{ "zz": 1,\n  ' + __import__("json").dumps(body)[1:].encode()
+    r = g.post(path, raw, headers={"x-request-id": "rid-123"})
+    assert r.status == 200, r
+    assert r.headers["x-request-id"] == "rid-123"
+    served = [w for w in workers if w.stats.requests.get(path)]
+    assert len(served) == 1
+    assert served[0].stats.last_body == raw
+    assert served[0].stats.last_headers["x-request-id"] == "rid-123"
+    assert r.headers["x-smg-routed-worker-id"] == served[0].url
+
+
+def test_health_and_liveness(two):
+    g, _ = two
+    for path in ("/health", "/liveness"):
+        r = g.get(path)
+        assert (r.status, r.body) == (200, b"OK")
+
+
+def test_readiness_reports_workers(two):
+    g, _ = two
+    r = g.get("/readiness")
+    assert r.status == 200
+    assert r.json() == {"status": "ready", "healthy_workers": 2, "total_workers": 2}
+
+
+def test_readiness_without_workers_is_503(gateway):
+    g = gateway([])
+    r = g.get("/readiness")
+    assert r.status == 503
+    assert r.json() == {"status": "not ready", "reason": "insufficient healthy workers"}
+
+
+def test_models_are_deduplicated(two):
+    g, _ = two
+    r = g.get("/v1/models")
+    assert r.status == 200
+    assert r.json() == {"object": "list",
+                        "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "self_hosted"}]}
+
+
+@pytest.mark.parametrize("path", ["/get_server_info", "/get_model_info", "/health_generate"])
+def test_info_routes_forward_to_a_healthy_worker(two, path):
+    g, workers = two
+    before = sum(w.stats.requests.get(path, 0) for w in workers)
+    r = g.get(path)
+    assert r.status == 200
+    assert sum(w.stats.requests.get(path, 0) for w in workers) == before + 1
+    if path != "/health_generate":
+        assert r.json()["model_path"] == "fake-model"
+
+
+def test_info_route_without_workers_is_503(gateway):
+    g = gateway([])
+    r = g.get("/get_server_info")
+    assert r.status == 503
+    assert r.json()["error"]["code"] == "no_available_workers"
+    assert r.headers["x-smg-error-code"] == "no_available_workers"
+
+
+def test_flush_cache_reaches_every_worker(two):
+    g, workers = two
+    r = g.post("/flush_cache", None)
+    assert r.status == 200
+    body = r.json()
+    assert body["status"] == "success" and body["workers_flushed"] == 2
+    assert all(w.stats.requests.get("/flush_cache") == 1 for w in workers)
+
+
+def test_flush_cache_partial_failure_is_206(two):
+    g, workers = two
+    workers[1].stop()
+    r = g.post("/flush_cache", None)
+    assert r.status == 206
+    body = r.json()
+    assert body["workers_flushed"] == 1
+    assert [f["worker_url"] for f in body["failed_workers"]] == [workers[1].url]
+
+
+def test_get_loads_collects_worker_reports(two):
+    g, workers = two
+    r = g.get("/get_loads")
+    assert r.status == 200
+    body = r.json()
+    assert set(body) == {"timestamp", "version", "dp_rank_count", "loads"}
+    assert body["dp_rank_count"] == 2
+    assert sorted(l["worker"] for l in body["loads"]) == sorted(w.url for w in workers)
+
+
+def test_workers_listing_shape(two):
+    g, workers = two
+    body = g.get("/workers").json()
+    assert body["total"] == 2
+    assert body["stats"] == {"prefill_count": 0, "decode_count": 0, "regular_count": 2}
+    for info in body["workers"]:
+        for key in ("id", "url", "model_id", "worker_type", "bootstrap_port", "labels", "is_healthy", "status",
+                    "load"):
+            assert key in info, key
+        assert re.fullmatch(r"[0-9a-f-]{36}", info["id"])
+        assert info["worker_type"] == "regular"
+        assert info["status"] == "ready" and info["is_healthy"] is True
+        assert info["model_id"] == "fake-model"
+        assert info["bootstrap_port"] is None and info["load"] == 0
+    assert sorted(i["url"] for i in body["workers"]) == sorted(w.url for w in workers)
+
+
+def test_worker_by_id(two):
+    g, _ = two
+    info = g.get("/workers").json()["workers"][0]
+    r = g.get(f"/workers/{info['id']}")
+    assert r.status == 200 and r.json()["url"] == info["url"]
+    assert g.get("/workers/00000000-0000-0000-0000-000000000000").status == 404
+    assert g.get("/workers/not-a-uuid").status == 400
+
+
+def test_unknown_route_and_wrong_method(two):
+    g, _ = two
+    r = g.post("/nope", {})
+    assert r.status == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = g.get("/generate")
+    assert r.status == 405
+    assert r.headers["x-smg-error-code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"
+
+
+def test_error_shapes(two):
+    g, _ = two
+    r = g.post("/generate", b"{not json")
+    assert r.status == 400
+    assert r.headers["x-smg-error-code"] == "json_parse_error"
+    err = r.json()["error"]
+    assert set(err) == {"type", "code", "message", "param"} and err["param"] is None
+    r = g.post("/v1/chat/completions", {"model": "other-model", "messages": []})
+    assert r.status == 404 and r.json()["error"]["code"] == "model_not_found"
+    for bad in (b"[1, 2]", b'"text"', b"42", b"null"):
+        r = g.post("/generate", bad)
+        assert r.status == 400 and r.json()["error"]["code"] == "invalid_request", bad
+
+
+def test_no_workers_is_503(gateway):
+    g = gateway([])
+    r = g.post("/generate", {"text": "hi"})
+    assert r.status == 503
+    assert r.json()["error"]["code"] == "no_available_workers"
+
+
+def test_request_ids(two):
+    g, workers = two
+    r = g.post("/generate", {"text": "a"})
+    assert re.fullmatch(r"gnt-[0-9A-Za-z]{24}", r.headers["x-request-id"])
+    r = g.post("/v1/chat/completions", {"messages": []})
+    assert r.headers["x-request-id"].startswith("chatcmpl-")
+    r = g.post("/generate", {"text": "a"}, headers={"x-correlation-id": "corr-1"})
+    assert r.headers["x-request-id"] == "corr-1"
+    r = g.post("/generate", {"text": "a"}, headers={"request-id": "r-2", "x-trace-id": "t-1"})
+    assert r.headers["x-request-id"] == "t-1"
+    r = g.get("/health")
+    assert r.headers["x-request-id"].startswith("req-")
+
+
+def test_forwarded_headers(two):
+    g, workers = two
+    g.post("/generate", {"text": "a"}, headers={
+        "authorization": "Bearer client", "traceparent": "00-abc-def-01", "tracestate": "k=v",
+        "x-smg-routing-key": "rk", "x-custom": "dropped", "connection": "keep-alive"})
+    w = max(workers, key=lambda w: w.stats.generation_requests)
+    h = w.stats.last_headers
+    assert h["authorization"] == "Bearer client"
+    assert h["traceparent"] == "00-abc-def-01"
+    assert h["tracestate"] == "k=v"
+    assert h["x-smg-routing-key"] == "rk"
+    assert "x-custom" not in h
+
+
+def test_metrics_endpoint_has_reference_names(two):
+    g, _ = two
+    g.post("/generate", {"text": "a"})
+    g.get("/health")
+    text = g.metrics()
+    assert re.search(r'smg_http_requests_total\{method="POST",path="/generate"\} 1\.0', text)
+    assert re.search(r'smg_http_responses_total\{error_code="",path="/generate",status_code="200"\} 1\.0', text)
+    assert 'smg_http_request_duration_seconds_bucket{le="0.001",method="POST",path="/generate"}' in text
+    assert "smg_http_connections_active" in text
+    for name in ("smg_worker_requests_total", "smg_worker_requests_active", "smg_worker_health",
+                 "smg_worker_cb_state", "smg_worker_pool_size"):
+        assert name in text, name
+    assert re.search(r'smg_worker_pool_size\{connection_mode="http",model="fake-model",worker_type="regular"\} 2\.0',
+                     text)
+
+
+def test_request_ids_wait(two):
+    """The metrics count a request once its response went out."""
+    g, _ = two
+    g.post("/v1/completions", {"prompt": "x"})
+    wait_for(lambda: 'path="/v1/completions",status_code="200"' in g.metrics(), message="completion counted")
