@@ -95,6 +95,9 @@ class FakeWorkerStats:
     last_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     last_body: bytes = b""
     connections: int = 0
+    # requests per prompt tag: a /generate text starting "[tag] " counts under "tag"
+    # (the load benchmark measures prefix affinity with it)
+    tags: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -481,6 +484,12 @@ class FakeWorker:
         if not isinstance(body, dict):
             self._json(proto, 400, {"error": "body must be an object"})
             return None
+        text = body.get("text")
+        if type(text) is str and text.startswith("["):
+            end = text.find("] ", 1, 40)
+            if end > 0:
+                tag = text[1:end]
+                st.tags[tag] = st.tags.get(tag, 0) + 1
         if "bootstrap_room" in body or "bootstrap_host" in body:
             st.bootstrap.append(
                 {k: body.get(k) for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room")}

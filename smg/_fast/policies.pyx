@@ -11,12 +11,12 @@ from libc.stdint cimport uint64_t, uint32_t, int32_t
 from libc.stdlib cimport malloc, free, realloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-from libc.math cimport sqrt
+from libc.math cimport sqrt, exp
 from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_GET_LENGTH
 from cpython.mem cimport PyMem_Free
 
 from smg._fast.worker cimport Worker, STATE_READY
-from smg._fast.radix cimport RadixTree, Node, ucs4
+from smg._fast.radix cimport RadixTree, Node, ucs4, INSERT_HIT, INSERT_WEAK
 
 
 # --- a small fast PRNG (xorshift64*), seeded per process -----------------
@@ -240,6 +240,24 @@ cdef class ConsistentHashPolicy(Policy):
         return None
 
 
+cdef inline Py_ssize_t node_end(const Node* node) noexcept:
+    """Characters from the root to the end of node's label."""
+    cdef Py_ssize_t total = 0
+    while node != NULL:
+        total += node.length
+        node = node.parent
+    return total
+
+
+# Spill bookkeeping of cache_aware: a moving average over a worker's cache
+# hits (about 1/SPILL_AVERAGING of them) of how many spilled. A worker whose
+# hits spill more often than HANDOVER_SPILL_RATE is overloaded by the prefixes
+# it holds, not by a passing burst: the prefix of its next spill moves.
+DEF SPILL_AVERAGING = 0.0005
+DEF LOAD_SMOOTHING_SECS = 0.05
+DEF HANDOVER_SPILL_RATE = 0.05
+
+
 cdef class CacheAwarePolicy(Policy):
     """Cache-aware routing (SPEC.md §5): send a prompt to the worker that
     already holds its longest prefix, unless that worker is overloaded;
@@ -252,9 +270,13 @@ cdef class CacheAwarePolicy(Policy):
     cdef dict slots          # worker id -> slot in the tree
     cdef list by_slot        # slot -> Worker (None once removed)
     cdef list free_slots
+    cdef list spill_rate     # slot -> moving average of how often its cache hits spill
+    cdef list load_avg       # slot -> in-flight count smoothed over LOAD_SMOOTHING_SECS
+    cdef list load_time      # slot -> when load_avg was last updated
     cdef public long long hits
     cdef public long long misses
     cdef public long long spills
+    cdef public long long handovers
 
     def __init__(self, double cache_threshold=0.3, double balance_abs_threshold=64,
                  double balance_rel_threshold=1.5, long long max_tree_size=67108864):
@@ -268,9 +290,13 @@ cdef class CacheAwarePolicy(Policy):
         self.slots = {}
         self.by_slot = []
         self.free_slots = []
+        self.spill_rate = []
+        self.load_avg = []
+        self.load_time = []
         self.hits = 0
         self.misses = 0
         self.spills = 0
+        self.handovers = 0
 
     cdef int slot_for(self, Worker w) except -1:
         slot = self.slots.get(w.id)
@@ -279,9 +305,15 @@ cdef class CacheAwarePolicy(Policy):
         if self.free_slots:
             slot = self.free_slots.pop()
             self.by_slot[slot] = w
+            self.spill_rate[slot] = 0.0
+            self.load_avg[slot] = 0.0
+            self.load_time[slot] = 0.0
         else:
             slot = len(self.by_slot)
             self.by_slot.append(w)
+            self.spill_rate.append(0.0)
+            self.load_avg.append(0.0)
+            self.load_time.append(0.0)
         self.slots[w.id] = slot
         return <int>slot
 
@@ -301,29 +333,43 @@ cdef class CacheAwarePolicy(Policy):
         return self.tree.evict_to(self.max_tree_size)
 
     cdef Worker owner_at(self, Node* node, double now):
-        """The routable owner of `node` with the most hits (then the newest)."""
+        """The routable owner of `node` with the most hits; on a tie, the
+        incumbent (owners are kept in the order they arrived)."""
         cdef Worker best = None, w
         cdef uint32_t best_hits = 0
-        cdef double best_last = 0.0
         cdef int32_t k
         for k in range(node.nowners):
             w = <Worker>self.by_slot[node.owners[k].slot]
             if w is None or not w.routable(now):
                 continue
-            if (best is None or node.owners[k].hits > best_hits
-                    or (node.owners[k].hits == best_hits and node.owners[k].last > best_last)):
+            if best is None or node.owners[k].hits > best_hits:
                 best = w
                 best_hits = node.owners[k].hits
-                best_last = node.owners[k].last
         return best
 
-    cdef bint overloaded(self, Worker w, list ready, double now):
+    cdef double smoothed_load(self, int slot, Worker w, double now):
+        """w's in-flight count averaged over the last LOAD_SMOOTHING_SECS."""
+        cdef double dt = now - <double>self.load_time[slot]
+        cdef double keep = exp(-dt / LOAD_SMOOTHING_SECS) if dt > 0 else 1.0
+        cdef double avg = <double>self.load_avg[slot] * keep + w.inflight * (1.0 - keep)
+        if dt > 0:
+            self.load_avg[slot] = avg
+            self.load_time[slot] = now
+        return avg
+
+    cdef bint overloaded(self, Worker w, int slot, list ready, double now):
         """The spill gate: load above the mean by more than the margin and
-        by more than balance_rel_threshold times the mean."""
+        by more than balance_rel_threshold times the mean. The matched
+        worker's load is its in-flight count smoothed over ~50 ms: an
+        in-flight count jitters by about its square root from one request
+        to the next, and a spill on that noise alone gives up the cache hit
+        for nothing (at 4 workers x 8 in flight, 1.6% of all requests would
+        spill). Load that lasts -- a worker holding too much of the traffic,
+        or LLM requests that take seconds -- passes the filter unchanged."""
         cdef Worker o
         cdef long total = 0
         cdef int count = 0
-        cdef double mean, margin
+        cdef double mean, margin, load = self.smoothed_load(slot, w, now)
         for o in ready:
             if o.routable(now):
                 total += o.inflight
@@ -336,7 +382,7 @@ cdef class CacheAwarePolicy(Policy):
             margin = 4.0
         if margin > self.balance_abs_threshold:
             margin = self.balance_abs_threshold
-        return w.inflight > mean + margin and w.inflight > self.balance_rel_threshold * mean
+        return load > mean + margin and load > self.balance_rel_threshold * mean
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0
@@ -344,7 +390,9 @@ cdef class CacheAwarePolicy(Policy):
         cdef Node* best
         cdef Node* node
         cdef Py_ssize_t matched, depth
-        cdef Worker w = None
+        cdef Worker w = None, target
+        cdef int slot
+        cdef double rate
         if not ready:
             return None
         if n == 0:
@@ -359,26 +407,47 @@ cdef class CacheAwarePolicy(Policy):
                 w = self.owner_at(node, now)
                 # the deepest owners are unavailable: fall back up the path
                 while w is None and node.parent != NULL and node.parent.parent != NULL:
-                    depth -= node.length if depth >= node.length else depth
                     node = node.parent
+                    depth = node_end(node)
                     if depth <= self.cache_threshold * n:
                         break
                     w = self.owner_at(node, now)
-            if w is not None:
-                if self.overloaded(w, ready, now):
-                    self.spills += 1
-                    w = None
-                else:
-                    self.hits += 1
-            else:
-                self.misses += 1
             if w is None:
+                # a cache miss: the least-loaded worker starts holding this prefix
+                self.misses += 1
                 w = least_loaded(ready, now, None)
-            if w is not None:
-                self.tree.insert(buf, n, self.slot_for(w), now)
+                if w is not None:
+                    self.tree.insert(buf, n, self.slot_for(w), now, INSERT_HIT)
+                return w
+            slot = self.slot_for(w)
+            if not self.overloaded(w, slot, ready, now):
+                self.hits += 1
+                self.spill_rate[slot] = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING)
+                self.tree.insert(buf, n, slot, now, INSERT_HIT)
+                return w
+            # the spill gate: this request goes to the least-loaded worker
+            self.spills += 1
+            target = least_loaded(ready, now, w)
+            if target is None:
+                self.tree.insert(buf, n, slot, now, INSERT_HIT)
+                return w
+            rate = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING) + SPILL_AVERAGING
+            if rate > HANDOVER_SPILL_RATE:
+                # w spills persistently, not by chance: hand this prefix over,
+                # so the load evens out instead of spilling forever
+                self.handovers += 1
+                self.spill_rate[slot] = 0.0
+                self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
+            else:
+                # a one-off: the target now caches the matched nodes too, but
+                # claims none of their traffic (and its own tail is not
+                # recorded), so that the prefix, and repeats of this very
+                # prompt, stay with their owner
+                self.spill_rate[slot] = rate
+                self.tree.insert(buf, depth, self.slot_for(target), now, INSERT_WEAK)
+            return target
         finally:
             PyMem_Free(buf)
-        return w
 
 
 # --- groups and the router -------------------------------------------------

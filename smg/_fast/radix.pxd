@@ -1,5 +1,11 @@
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 
+cdef enum:
+    # RadixTree.insert modes
+    INSERT_HIT = 0      # the worker was sent this prompt: one more hit on each node
+    INSERT_LEAD = 1     # a prefix handed over: the worker leads every node on the path
+    INSERT_WEAK = 2     # the worker holds these nodes too, without a claim on their traffic
+
 ctypedef Py_UCS4 ucs4
 
 
@@ -34,8 +40,10 @@ cdef class RadixTree:
     cdef int32_t slot_cap
 
     cdef Py_ssize_t match(self, const ucs4* text, Py_ssize_t n, Node** best, Py_ssize_t* best_depth) noexcept
-    cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now) except -1
+    cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now, int mode=*) except -1
     cdef int remove_slot(self, int32_t slot) except -1
+    cdef int hand_over(self, const ucs4* text, Py_ssize_t n, int32_t from_slot, int32_t to_slot, double now) except -1
+    cdef int _move_owner(self, Node* node, int32_t from_slot, int32_t to_slot) except -1
     cdef int64_t evict_to(self, int64_t max_chars) except -1
     cdef int _ensure_slot(self, int32_t slot) except -1
     cdef int _split(self, Node* parent, int32_t index, Py_ssize_t at) except -1

@@ -11,7 +11,7 @@ least-recently-used leaves."""
 
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_GET_LENGTH
 from cpython.mem cimport PyMem_Free
@@ -172,6 +172,21 @@ cdef int add_owner(Node* node, int32_t slot, uint32_t hits, double last) except 
     return 0
 
 
+cdef inline uint32_t max_hits(const Node* node) noexcept nogil:
+    cdef uint32_t top = 0
+    cdef int32_t i
+    for i in range(node.nowners):
+        if node.owners[i].hits > top:
+            top = node.owners[i].hits
+    return top
+
+
+cdef inline void remove_owner_at(Node* node, int32_t j) noexcept nogil:
+    """Drop owner j, keeping the others in arrival order (ties go to the incumbent)."""
+    memmove(node.owners + j, node.owners + j + 1, (node.nowners - j - 1) * sizeof(Owner))
+    node.nowners -= 1
+
+
 # --- eviction heap (oldest leaf first) --------------------------------------
 
 cdef void heap_push(Node** heap, Py_ssize_t* size, Node* node) noexcept:
@@ -237,12 +252,12 @@ cdef class RadixTree:
 
     cdef Py_ssize_t match(self, const ucs4* text, Py_ssize_t n, Node** best, Py_ssize_t* best_depth) noexcept:
         """Characters of text[:n] found in the tree. `best` is the deepest node
-        matched in full (else the partly matched first node), `best_depth` the
-        characters matched up to the end of its match."""
+        the match reached (its owners hold the matched characters; it may be
+        matched only in part), `best_depth` the characters matched up to and
+        within it, which is the return value."""
         cdef Node* node = self.root
         cdef Node* child
-        cdef Node* last_full = NULL
-        cdef Py_ssize_t pos = 0, common, full_depth = 0
+        cdef Py_ssize_t pos = 0, common
         cdef int32_t i
         best[0] = NULL
         best_depth[0] = 0
@@ -253,21 +268,16 @@ cdef class RadixTree:
             child = node.children[i]
             common = common_prefix(child, text + pos, n - pos)
             pos += common
-            if common == child.length:
-                last_full = child
-                full_depth = pos
-                node = child
-                continue
-            if last_full == NULL:
-                best[0] = child
-                best_depth[0] = pos
-            break
-        if last_full != NULL:
-            best[0] = last_full
-            best_depth[0] = full_depth
+            best[0] = child
+            best_depth[0] = pos
+            if common < child.length:
+                break
+            node = child
         return pos
 
-    cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now) except -1:
+    cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now, int mode=INSERT_HIT) except -1:
+        """Record that text[:n] was sent to `slot` (see the INSERT_* modes).
+        Every node on the path is owned by the slot afterwards."""
         cdef Node* node = self.root
         cdef Node* child
         cdef Node* mid
@@ -280,7 +290,7 @@ cdef class RadixTree:
                 child = new_node(node)
                 set_label(child, text + pos, n - pos)
                 add_child(node, child, -i - 1)
-                add_owner(child, slot, 1, now)
+                add_owner(child, slot, 0 if mode == INSERT_WEAK else 1, now)
                 child.last_access = now
                 self.total_chars += child.length
                 self.slot_chars[slot] += child.length
@@ -294,11 +304,14 @@ cdef class RadixTree:
             # child's label is now a prefix of text[pos:]
             j = owner_index(child, slot)
             if j < 0:
-                add_owner(child, slot, 1, now)
+                add_owner(child, slot, 0 if mode == INSERT_WEAK else 1, now)
                 self.slot_chars[slot] += child.length
-            else:
+                j = child.nowners - 1
+            elif mode != INSERT_WEAK:
                 child.owners[j].hits += 1
                 child.owners[j].last = now
+            if mode == INSERT_LEAD:
+                child.owners[j].hits = max_hits(child) + 1
             child.last_access = now
             pos += child.length
             node = child
@@ -350,6 +363,66 @@ cdef class RadixTree:
         free_subtree(node)
         return 0
 
+    cdef int hand_over(self, const ucs4* text, Py_ssize_t n, int32_t from_slot, int32_t to_slot,
+                       double now) except -1:
+        """Move the prefix group of text[:n] from one worker slot to another.
+
+        The group is the subtree under the shallowest node of the prompt's
+        path that carries at most half of from_slot's traffic (its hits
+        there against its hits over the whole tree): a prefix the worker
+        shares with nothing else moves whole, a prefix common to all its
+        traffic (a global system prompt) stays, and a single hot prefix
+        splits below it."""
+        cdef Node* node = self.root
+        cdef Node* child
+        cdef Node* group = NULL
+        cdef Py_ssize_t pos = 0, common
+        cdef int32_t i, j
+        cdef uint64_t total = 0
+        for i in range(self.root.nchildren):
+            j = owner_index(self.root.children[i], from_slot)
+            if j >= 0:
+                total += self.root.children[i].owners[j].hits
+        while pos < n:
+            i = child_index(node, text[pos])
+            if i < 0:
+                break
+            child = node.children[i]
+            common = common_prefix(child, text + pos, n - pos)
+            if common < child.length:
+                break
+            j = owner_index(child, from_slot)
+            if j < 0:
+                break
+            if 2 * <uint64_t>child.owners[j].hits <= total:
+                group = child
+                break
+            pos += common
+            node = child
+        if group != NULL:
+            self._ensure_slot(to_slot)
+            self._move_owner(group, from_slot, to_slot)
+        self.insert(text, n, to_slot, now, INSERT_LEAD)
+        return 0
+
+    cdef int _move_owner(self, Node* node, int32_t from_slot, int32_t to_slot) except -1:
+        cdef int32_t i, j, k
+        j = owner_index(node, from_slot)
+        if j >= 0:
+            k = owner_index(node, to_slot)
+            if k >= 0:
+                node.owners[k].hits += node.owners[j].hits
+                if node.owners[j].last > node.owners[k].last:
+                    node.owners[k].last = node.owners[j].last
+                remove_owner_at(node, j)
+            else:
+                node.owners[j].slot = to_slot
+                self.slot_chars[to_slot] += node.length
+            self.slot_chars[from_slot] -= node.length
+        for i in range(node.nchildren):
+            self._move_owner(node.children[i], from_slot, to_slot)
+        return 0
+
     cdef int remove_slot(self, int32_t slot) except -1:
         """Forget a worker: drop its ownership everywhere, and every node
         that no worker owns any more."""
@@ -366,8 +439,7 @@ cdef class RadixTree:
             child = node.children[i]
             j = owner_index(child, slot)
             if j >= 0:
-                child.owners[j] = child.owners[child.nowners - 1]
-                child.nowners -= 1
+                remove_owner_at(child, j)
                 if child.nowners == 0:
                     # ownership is prefix-closed: nobody owns anything below
                     self._drop_subtree(child)
@@ -417,7 +489,7 @@ cdef class RadixTree:
 
     # --- Python-facing API (tests, benchmarks, the policy's slow paths) ---
 
-    def insert_text(self, str text, int slot, double now=-1.0):
+    def insert_text(self, str text, int slot, double now=-1.0, int mode=INSERT_HIT):
         cdef ucs4* buf
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
         if n == 0:
@@ -428,7 +500,7 @@ cdef class RadixTree:
         if buf == NULL:
             raise MemoryError()
         try:
-            self.insert(buf, n, slot, now)
+            self.insert(buf, n, slot, now, mode)
         finally:
             PyMem_Free(buf)
 
@@ -453,6 +525,19 @@ cdef class RadixTree:
             for k in range(best.nowners):
                 owners[best.owners[k].slot] = (best.owners[k].hits, best.owners[k].last)
         return matched, owners
+
+    def hand_over_text(self, str text, int from_slot, int to_slot, double now=-1.0):
+        cdef ucs4* buf
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        if now < 0:
+            now = monotonic()
+        buf = PyUnicode_AsUCS4Copy(text)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            self.hand_over(buf, n, from_slot, to_slot, now)
+        finally:
+            PyMem_Free(buf)
 
     def remove_worker_slot(self, int slot):
         self.remove_slot(slot)
