@@ -267,3 +267,30 @@ def test_malformed_http_is_400_and_closed(gateway, garbage):
     assert data.startswith(b"HTTP/1.1 400"), data
     assert b"connection: close" in data.lower()
     assert g.get("/health").status == 200  # the gateway is unharmed
+
+
+def test_header_read_timeout(gateway):
+    g = gateway(["--header-read-timeout-secs", "1"])
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    with s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\n")  # headers never finish
+        t0 = time.monotonic()
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - t0 < 5
+
+
+def test_idle_keepalive_connection_is_closed(gateway):
+    g = gateway(["--idle-connection-timeout-secs", "1"])
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    with s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        assert s.recv(4096) == b""  # the server closed the idle connection
+        assert 0.5 < time.monotonic() - t0 < 5

@@ -328,7 +328,7 @@ cdef class ResponseParser:
                 else:
                     digit = -1
                 if digit >= 0:
-                    if self.remaining > (0x7FFFFFFFFFFFFFF >> 4):
+                    if self.remaining > <long long>0x07FFFFFFFFFFFFFFLL:
                         raise UpstreamProtocolError("chunk size too large")
                     self.remaining = self.remaining * 16 + digit
                     self.line_len += 1

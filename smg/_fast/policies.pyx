@@ -16,7 +16,7 @@ from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_GET_LENGTH
 from cpython.mem cimport PyMem_Free
 
 from smg._fast.worker cimport Worker, STATE_READY
-from smg._fast.radix cimport RadixTree, Node, ucs4, INSERT_HIT, INSERT_WEAK
+from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, INSERT_HIT, INSERT_WEAK
 
 
 # --- a small fast PRNG (xorshift64*), seeded per process -----------------
@@ -31,7 +31,7 @@ cdef uint64_t rand64() noexcept:
     x ^= x << 25
     x ^= x >> 27
     _rng_state = x
-    return x * 0x2545F4914F6CDD1D
+    return x * <uint64_t>0x2545F4914F6CDD1DULL
 
 
 def reseed():
@@ -42,16 +42,16 @@ reseed()
 
 
 cdef inline uint64_t fnv1a(const unsigned char* data, Py_ssize_t n) noexcept:
-    cdef uint64_t h = 0xcbf29ce484222325
+    cdef uint64_t h = <uint64_t>0xcbf29ce484222325ULL
     cdef Py_ssize_t i
     for i in range(n):
         h ^= data[i]
-        h *= 0x100000001b3
+        h *= <uint64_t>0x100000001b3ULL
     # final avalanche (splitmix64) so nearby keys spread over the ring
     h ^= h >> 30
-    h *= 0xbf58476d1ce4e5b9
+    h *= <uint64_t>0xbf58476d1ce4e5b9ULL
     h ^= h >> 27
-    h *= 0x94d049bb133111eb
+    h *= <uint64_t>0x94d049bb133111ebULL
     h ^= h >> 31
     return h
 
@@ -238,15 +238,6 @@ cdef class ConsistentHashPolicy(Policy):
             if w.routable(now):
                 return w
         return None
-
-
-cdef inline Py_ssize_t node_end(const Node* node) noexcept:
-    """Characters from the root to the end of node's label."""
-    cdef Py_ssize_t total = 0
-    while node != NULL:
-        total += node.length
-        node = node.parent
-    return total
 
 
 # Spill bookkeeping of cache_aware: a moving average over a worker's cache

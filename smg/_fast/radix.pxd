@@ -52,3 +52,12 @@ cdef class RadixTree:
     cdef int _drop_subtree(self, Node* node) except -1
     cdef void _collect_leaves(self, Node* node, Node** heap, Py_ssize_t* size) noexcept
     cdef object _dump(self, Node* node)
+
+
+cdef inline Py_ssize_t node_end(const Node* node) noexcept:
+    """Characters from the root to the end of node's label."""
+    cdef Py_ssize_t total = 0
+    while node != NULL:
+        total += node.length
+        node = node.parent
+    return total

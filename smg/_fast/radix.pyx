@@ -505,14 +505,15 @@ cdef class RadixTree:
             PyMem_Free(buf)
 
     def match_text(self, str text):
-        """(matched characters, owner slots of the best node as {slot: (hits, last)})."""
+        """(matched characters, owners of the deepest node reached as
+        {slot: (hits, last)}, characters before that node)."""
         cdef ucs4* buf
         cdef Node* best
         cdef Py_ssize_t depth, matched
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
         cdef int32_t k
         if n == 0:
-            return 0, {}
+            return 0, {}, 0
         buf = PyUnicode_AsUCS4Copy(text)
         if buf == NULL:
             raise MemoryError()
@@ -521,10 +522,12 @@ cdef class RadixTree:
         finally:
             PyMem_Free(buf)
         owners = {}
+        start = 0
         if best != NULL:
             for k in range(best.nowners):
                 owners[best.owners[k].slot] = (best.owners[k].hits, best.owners[k].last)
-        return matched, owners
+            start = node_end(best) - best.length
+        return matched, owners, start
 
     def hand_over_text(self, str text, int from_slot, int to_slot, double now=-1.0):
         cdef ucs4* buf

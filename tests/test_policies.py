@@ -1,0 +1,228 @@
+"""Routing policies in-process: distribution, load awareness, cache affinity,
+the spill gate, worker removal, circuit breakers."""
+
+import collections
+import random
+
+import pytest
+
+from smg._fast.policies import (
+    CacheAwarePolicy,
+    ConsistentHashPolicy,
+    PowerOfTwoPolicy,
+    RandomPolicy,
+    RoundRobinPolicy,
+    WorkerGroup,
+)
+from smg._fast.routing_text import ENDPOINTS, routing_text
+from smg._fast.worker import READY, Worker
+
+EP_GENERATE = ENDPOINTS["/generate"]
+EP_CHAT = ENDPOINTS["/v1/chat/completions"]
+EP_COMPLETIONS = ENDPOINTS["/v1/completions"]
+EP_EMBEDDINGS = ENDPOINTS["/v1/embeddings"]
+EP_RERANK = ENDPOINTS["/v1/rerank"]
+
+
+def workers(n):
+    out = []
+    for i in range(n):
+        w = Worker(f"w{i}", f"http://127.0.0.1:{9000 + i}", "m")
+        w.state = READY
+        out.append(w)
+    return out
+
+
+def group(policy, ws):
+    g = WorkerGroup("m", 0, policy)
+    g.workers.extend(ws)
+    g.refresh()
+    return g
+
+
+def test_round_robin_cycles_and_skips_open_breakers():
+    ws = workers(3)
+    g = group(RoundRobinPolicy(), ws)
+    assert [g.select_py().id for _ in range(6)] == ["w0", "w1", "w2", "w0", "w1", "w2"]
+    ws[1].cb_failure_threshold = 1
+    ws[1].record_outcome(False, 0.0)  # opens its breaker
+    assert ws[1].cb_state_name == "open"
+    assert {g.select_py(now=1.0).id for _ in range(6)} == {"w0", "w2"}
+
+
+def test_random_is_roughly_uniform():
+    ws = workers(4)
+    g = group(RandomPolicy(), ws)
+    counts = collections.Counter(g.select_py().id for _ in range(8000))
+    assert set(counts) == {"w0", "w1", "w2", "w3"}
+    assert all(1600 < c < 2400 for c in counts.values()), counts
+
+
+def test_power_of_two_prefers_the_less_loaded():
+    ws = workers(4)
+    ws[0].inflight = 50
+    g = group(PowerOfTwoPolicy(), ws)
+    counts = collections.Counter(g.select_py().id for _ in range(3000))
+    # w0 only wins when paired with itself, which power-of-two never does
+    assert counts["w0"] == 0
+    assert all(counts[w] > 700 for w in ("w1", "w2", "w3"))
+
+
+def test_consistent_hashing_is_sticky_and_moves_few_keys():
+    ws = workers(5)
+    g = group(ConsistentHashPolicy(), ws)
+    keys = [f"user-{i}".encode() for i in range(2000)]
+    before = {k: g.select_py(key=k).id for k in keys}
+    assert all(g.select_py(key=k).id == before[k] for k in keys[:200])
+    spread = collections.Counter(before.values())
+    assert all(200 < c < 650 for c in spread.values()), spread
+    # removing one worker moves only its own keys
+    ws[2].state = 2  # not ready
+    g.refresh()
+    after = {k: g.select_py(key=k).id for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == "w2" for k in moved)
+    assert "w2" not in set(after.values())
+
+
+def test_consistent_hashing_without_key_is_least_loaded():
+    ws = workers(3)
+    ws[0].inflight = 5
+    ws[1].inflight = 1
+    ws[2].inflight = 3
+    g = group(ConsistentHashPolicy(), ws)
+    assert g.select_py(key=None).id == "w1"
+
+
+def route(policy, ws, text, now=0.0):
+    w = policy.pick_py(ws, text, None, now)
+    w.routed += 1
+    return w
+
+
+def test_cache_aware_same_prefix_sticks_and_prefixes_spread():
+    ws = workers(4)
+    p = CacheAwarePolicy()
+    prefixes = [f"system prompt number {i} " + "x" * 200 for i in range(8)]
+    owner = {}
+    for round_ in range(20):
+        for i, pre in enumerate(prefixes):
+            w = route(p, ws, pre + f"question {round_}", now=round_ * 0.001)
+            owner.setdefault(i, w.id)
+            assert w.id == owner[i], "a prefix moved"
+    # the first requests of new prefixes went to the least-loaded workers
+    assert sorted(collections.Counter(owner.values()).values()) == [2, 2, 2, 2]
+
+
+def test_cache_aware_miss_goes_to_least_loaded():
+    ws = workers(3)
+    ws[0].inflight = 4
+    ws[1].inflight = 1
+    ws[2].inflight = 2
+    p = CacheAwarePolicy()
+    assert p.pick_py(ws, "a brand new prompt", None, 0.0).id == "w1"
+    # below the threshold (0.3) a partial match does not count
+    assert p.pick_py(ws, "a brand NEW different prompt entirely", None, 0.0).id == "w1"
+
+
+def test_cache_aware_overloaded_worker_spills():
+    ws = workers(4)
+    p = CacheAwarePolicy(cache_threshold=0.3, balance_abs_threshold=64, balance_rel_threshold=1.5)
+    prompt = "shared prefix " * 20
+    owner = p.pick_py(ws, prompt + "0", None, 0.0)
+    # the owner is loaded far above the mean, and stays so
+    owner.inflight = 40
+    for w in ws:
+        if w is not owner:
+            w.inflight = 2
+    t = 0.0
+    picks = []
+    for i in range(50):
+        t += 0.01
+        picks.append(p.pick_py(ws, prompt + str(i), None, t))
+    assert picks[-1] is not owner
+    assert p.spills > 0
+    # back to normal load: the prefix returns to its owner
+    owner.inflight = 2
+    for i in range(50):
+        t += 0.01
+        last = p.pick_py(ws, prompt + "again" + str(i), None, t)
+    assert last is owner
+
+
+def test_cache_aware_brief_load_spike_does_not_spill():
+    ws = workers(4)
+    p = CacheAwarePolicy()
+    prompt = "a stable prefix " * 20
+    owner = p.pick_py(ws, prompt, None, 0.0)
+    for w in ws:
+        w.inflight = 8
+    for i in range(100):
+        p.pick_py(ws, prompt + str(i), None, 0.001 * i)
+    owner.inflight = 16  # one request's worth of jitter, a millisecond long
+    assert p.pick_py(ws, prompt + "spike", None, 0.1001) is owner
+
+
+def test_removing_a_worker_frees_its_tree_share():
+    ws = workers(3)
+    p = CacheAwarePolicy()
+    for i in range(30):
+        route(p, ws, f"prefix {i % 3} " + "y" * 100 + str(i))
+    slot = p.slot_of(ws[1])
+    assert p.tree.chars_of(slot) > 0
+    total = p.tree.total_chars
+
+    def only_its_own(node):
+        label, owners, children = node
+        own = len(label) if set(owners) == {slot} else 0
+        return own + sum(only_its_own(c) for c in children)
+
+    exclusive = only_its_own(p.tree.dump())
+    assert exclusive > 0
+    p.worker_removed(ws[1])
+    assert p.tree.chars_of(slot) == 0
+    assert p.tree.total_chars == total - exclusive  # the nodes only it owned are gone
+    assert p.slot_of(ws[1]) is None
+    rest = [ws[0], ws[2]]
+    assert all(p.pick_py(rest, f"prefix {i % 3} " + "y" * 100, None, 1.0) in rest for i in range(6))
+
+
+def test_eviction_keeps_the_budget():
+    ws = workers(2)
+    p = CacheAwarePolicy(max_tree_size=1000)
+    for i in range(100):
+        route(p, ws, f"{i:04d} " + "z" * 100)
+    assert p.tree.total_chars > 1000
+    p.evict()
+    assert p.tree.total_chars <= 1000
+
+
+@pytest.mark.parametrize("endpoint, body, expected", [
+    (EP_GENERATE, {"text": "hello"}, "hello"),
+    (EP_GENERATE, {"text": ["a", "b"]}, "a b"),
+    (EP_GENERATE, {"input_ids": [1, 22, 333]}, "1 22 333"),
+    (EP_GENERATE, {"input_ids": [[1, 2], [3]]}, "1 2 3"),
+    (EP_CHAT, {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}]}, "sys hi"),
+    (EP_CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                                         {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "look"),
+    (EP_CHAT, {"messages": [{"role": "assistant", "content": "ans", "reasoning_content": "think"}]}, "ans think"),
+    (EP_COMPLETIONS, {"prompt": "once"}, "once"),
+    (EP_COMPLETIONS, {"prompt": ["a", "b"]}, "a b"),
+    (EP_EMBEDDINGS, {"input": ["x", "y"]}, "x y"),
+    (EP_RERANK, {"query": "q", "documents": ["d"]}, "q"),
+    (EP_GENERATE, {"text": 42}, ""),
+    (EP_CHAT, {"messages": "not a list"}, ""),
+    (EP_CHAT, {"messages": [None, 3, {"content": None}]}, ""),
+])
+def test_routing_text(endpoint, body, expected):
+    assert routing_text(endpoint, body) == expected
+
+
+def test_routing_text_never_raises_on_random_shapes():
+    rng = random.Random(5)
+    values = [None, 1, 1.5, "s", [], {}, ["x", 1, None], [{"text": 1}], {"content": []}]
+    for _ in range(2000):
+        body = {k: rng.choice(values) for k in ("text", "input_ids", "messages", "prompt", "input", "query")}
+        for ep in (EP_GENERATE, EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_RERANK):
+            assert isinstance(routing_text(ep, body), str)
