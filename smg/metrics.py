@@ -119,6 +119,35 @@ class GatewayCollector:
         for (wtype, endpoint), n in gw.proxy_settings.retries_exhausted.items():
             exhausted.add_metric([wtype, endpoint], n)
         yield exhausted
+        yield from self._cache_aware(gw)
+
+    def _cache_aware(self, gw: Gateway) -> Iterator[Metric]:
+        from smg._fast.policies import CacheAwarePolicy
+
+        tree = GaugeMetricFamily("smg_cache_aware_tree_chars",
+                                 "Characters in a model's cache-aware routing tree", labels=["model", "worker_type"])
+        share = GaugeMetricFamily("smg_cache_aware_worker_tree_chars",
+                                  "Characters of the routing tree a worker holds", labels=["model", "worker"])
+        decisions = CounterMetricFamily("smg_cache_aware_decisions",
+                                        "cache_aware routing decisions: hit (prefix owner), miss (least loaded), "
+                                        "spill (owner overloaded), handover (prefix moved off an overloaded worker)",
+                                        labels=["model", "worker_type", "decision"])
+        for (wtype, model), group in list(gw.router.groups.items()):
+            policy = group.policy
+            if not isinstance(policy, CacheAwarePolicy):
+                continue
+            tname = TYPE_NAMES[wtype]
+            tree.add_metric([model, tname], policy.tree.total_chars)
+            for w in group.workers:
+                slot = policy.slot_of(w)
+                if slot is not None:
+                    share.add_metric([model, w.url], policy.tree.chars_of(slot))
+            for attr, decision in (("hits", "hit"), ("misses", "miss"), ("spills", "spill"),
+                                   ("handovers", "handover")):
+                decisions.add_metric([model, tname, decision], getattr(policy, attr))
+        yield tree
+        yield share
+        yield decisions
 
 
 class MetricsEndpoint:

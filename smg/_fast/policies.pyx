@@ -350,17 +350,19 @@ cdef class CacheAwarePolicy(Policy):
 
     cdef bint overloaded(self, Worker w, int slot, list ready, double now):
         """The spill gate: load above the mean by more than the margin and
-        by more than balance_rel_threshold times the mean. The matched
-        worker's load is its in-flight count smoothed over ~50 ms: an
-        in-flight count jitters by about its square root from one request
-        to the next, and a spill on that noise alone gives up the cache hit
-        for nothing (at 4 workers x 8 in flight, 1.6% of all requests would
-        spill). Load that lasts -- a worker holding too much of the traffic,
-        or LLM requests that take seconds -- passes the filter unchanged."""
+        by more than balance_rel_threshold times the mean.
+
+        An in-flight count jitters by about its square root from one request
+        to the next, and a spill on that noise gives up a cache hit for
+        nothing (at 4 workers x 8 in flight, 1.6% of all requests would
+        spill). So the gate looks at the load smoothed over ~50 ms -- load
+        that lasts (a worker holding too much of the traffic, LLM requests
+        that take seconds) passes unchanged -- and at the instant load only
+        when it jumps by twice the margin, which jitter does not (a burst)."""
         cdef Worker o
         cdef long total = 0
         cdef int count = 0
-        cdef double mean, margin, load = self.smoothed_load(slot, w, now)
+        cdef double mean, margin, smoothed = self.smoothed_load(slot, w, now)
         for o in ready:
             if o.routable(now):
                 total += o.inflight
@@ -373,7 +375,9 @@ cdef class CacheAwarePolicy(Policy):
             margin = 4.0
         if margin > self.balance_abs_threshold:
             margin = self.balance_abs_threshold
-        return load > mean + margin and load > self.balance_rel_threshold * mean
+        if smoothed > mean + margin and smoothed > self.balance_rel_threshold * mean:
+            return True
+        return w.inflight > mean + 2.0 * margin and w.inflight > self.balance_rel_threshold * mean
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0

@@ -1,0 +1,162 @@
+"""Routing through the real gateway with several fake workers."""
+
+import collections
+import concurrent.futures
+import re
+
+from helpers import request, wait_for
+
+
+def served_by(workers, before=None):
+    """Generation requests per worker URL since `before` (a previous result)."""
+    now = {w.url: w.stats.generation_requests for w in workers}
+    if before:
+        return {u: now[u] - before.get(u, 0) for u in now}
+    return now
+
+
+def who(resp) -> str:
+    return resp.headers["x-smg-routed-worker-id"]
+
+
+def test_cache_aware_prefix_affinity_and_spread(fake_workers, gateway):
+    workers = fake_workers(4)
+    g = gateway(["--worker-urls", *[w.url for w in workers]], wait_workers=4)  # cache_aware is the default
+    prefixes = [f"[{i}] " + f"system prompt {i} " * 30 for i in range(8)]
+    owners = collections.defaultdict(collections.Counter)
+    for round_ in range(6):
+        for i, pre in enumerate(prefixes):
+            r = g.post("/generate", {"text": pre + f"user question {round_}"})
+            assert r.status == 200
+            owners[i][who(r)] += 1
+    # every prefix stuck to one worker
+    assert all(len(c) == 1 for c in owners.values()), owners
+    # and the 8 prefixes spread over the 4 workers, two each
+    per_worker = collections.Counter(next(iter(c)) for c in owners.values())
+    assert sorted(per_worker.values()) == [2, 2, 2, 2]
+    text = g.metrics()
+    assert re.search(r'smg_cache_aware_decisions_total\{decision="miss",model="fake-model",worker_type="regular"\} 8\.0',
+                     text)
+
+
+def test_cache_aware_overloaded_worker_spills(fake_workers, gateway):
+    workers = fake_workers(4)
+    g = gateway(["--worker-urls", *[w.url for w in workers]], wait_workers=4)
+    prompt = "hot prefix " * 40
+    owner_url = who(g.post("/generate", {"text": prompt + "first"}))
+    owner = next(w for w in workers if w.url == owner_url)
+    owner.set(response_delay=2.0)  # its requests pile up in flight
+    before = served_by(workers)
+
+    def send(i):
+        return who(g.post("/generate", {"text": prompt + f"q{i}"}, timeout=30))
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        routed = list(pool.map(send, range(24)))
+    spilled = [u for u in routed if u != owner_url]
+    assert spilled, "no request left the overloaded worker"
+    assert routed.count(owner_url) >= 4, "the owner should keep serving until it is overloaded"
+    assert 'decision="spill"' in g.metrics()
+    assert sum(served_by(workers, before).values()) == 24
+
+
+def test_removed_worker_gets_no_traffic_and_frees_its_tree(fake_workers, gateway):
+    workers = fake_workers(3)
+    g = gateway(["--worker-urls", *[w.url for w in workers]], wait_workers=3)
+    for i in range(9):
+        g.post("/generate", {"text": f"[{i % 3}] " + "shared words " * 30 + str(i)})
+    victim = workers[0]
+    assert victim.stats.generation_requests > 0
+    share_re = re.compile(r'smg_cache_aware_worker_tree_chars\{model="fake-model",worker="%s"\} (\d+)' %
+                          re.escape(victim.url))
+    assert int(float(share_re.search(g.metrics()).group(1))) > 0
+    info = next(w for w in g.workers() if w["url"] == victim.url)
+    r = request(g.port, "DELETE", f"/workers/{info['id']}")
+    assert r.status == 202
+    wait_for(lambda: all(w["url"] != victim.url for w in g.workers()), message="worker removed")
+    assert share_re.search(g.metrics()) is None
+    before = victim.stats.generation_requests
+    for i in range(12):
+        assert g.post("/generate", {"text": f"[{i % 3}] " + "shared words " * 30 + "after"}).status == 200
+    assert victim.stats.generation_requests == before
+
+
+def test_round_robin_alternates(fake_workers, gateway):
+    workers = fake_workers(3)
+    g = gateway(["--policy", "round_robin", "--worker-urls", *[w.url for w in workers]], wait_workers=3)
+    seq = [who(g.post("/generate", {"text": "same"})) for _ in range(9)]
+    assert seq[:3] == seq[3:6] == seq[6:9]
+    assert len(set(seq[:3])) == 3
+
+
+def test_random_uses_every_worker(fake_workers, gateway):
+    workers = fake_workers(3)
+    g = gateway(["--policy", "random", "--worker-urls", *[w.url for w in workers]], wait_workers=3)
+    counts = collections.Counter(who(g.post("/generate", {"text": "x"})) for _ in range(150))
+    assert len(counts) == 3 and min(counts.values()) > 20, counts
+
+
+def test_power_of_two_avoids_the_loaded_worker(fake_workers, gateway):
+    workers = fake_workers(3)
+    g = gateway(["--policy", "power_of_two", "--worker-urls", *[w.url for w in workers]], wait_workers=3)
+    slow = workers[0]
+    slow.set(response_delay=3.0)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        # send requests until one is held in flight on the slow worker
+        held = []
+
+        def one_in_flight():
+            if slow.stats.in_flight >= 1:
+                return True
+            held.append(pool.submit(g.post, "/generate", {"text": "hold"}, None, 30))
+            return False
+
+        wait_for(one_in_flight, interval=0.05, message="a request in flight on the slow worker")
+        # any pair that includes the slow worker now goes to the other one
+        fast = [who(g.post("/generate", {"text": "quick"})) for _ in range(30)]
+        for f in held:
+            f.result()
+    assert slow.url not in fast, collections.Counter(fast)
+    assert len(set(fast)) == 2
+
+
+def test_consistent_hashing_by_routing_key(fake_workers, gateway):
+    workers = fake_workers(3)
+    g = gateway(["--policy", "consistent_hashing", "--worker-urls", *[w.url for w in workers]], wait_workers=3)
+    for key in ("user-a", "user-b", "user-c", "user-d"):
+        seen = {who(g.post("/generate", {"text": "x"}, headers={"x-smg-routing-key": key})) for _ in range(5)}
+        assert len(seen) == 1
+    spread = {who(g.post("/generate", {"text": "x"}, headers={"x-smg-routing-key": f"k{i}"})) for i in range(60)}
+    assert len(spread) == 3
+    # without X-SMG-Routing-Key the Authorization header is the key
+    seen = {who(g.post("/generate", {"text": "x"}, headers={"authorization": "Bearer tenant-1"})) for _ in range(5)}
+    assert len(seen) == 1
+
+
+def test_inflight_returns_to_zero_however_requests_end(fake_workers, gateway):
+    (w,) = fake_workers(1, stream_chunks=200, stream_interval=0.01)
+    g = gateway(["--worker-urls", w.url, "--request-timeout-secs", "1"], wait_workers=1)
+    import socket
+    import json as _json
+
+    # a client that leaves mid-stream
+    s = socket.create_connection(("127.0.0.1", g.port))
+    body = _json.dumps({"text": "x", "stream": True}).encode()
+    s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    s.recv(100)
+    s.close()
+    # a request that times out mid-stream (the gateway cuts it), one that
+    # succeeds, one that fails
+    import http.client
+
+    try:
+        g.post("/generate", {"text": "x", "stream": True}, timeout=10)
+        raise AssertionError("the stream should have been cut at the request timeout")
+    except http.client.IncompleteRead:
+        pass
+    w.set(stream_chunks=2, stream_interval=0.0)
+    assert g.post("/generate", {"text": "x"}).status == 200
+    w.set(fail_status=400)
+    assert g.post("/generate", {"text": "x"}).status == 400
+    wait_for(lambda: g.workers()[0]["load"] == 0, message="in-flight count back to zero")
+    assert re.search(r'smg_worker_requests_active\{worker="[^"]+"\} 0\.0', g.metrics())
