@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from smg._fast.server import BUCKETS, Response
-from smg._fast.worker import READY, TYPE_NAMES
+from smg._fast.worker import DRAINING, READY, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
     from smg.gateway import Gateway
@@ -57,7 +57,13 @@ class GatewayCollector:
                                 value=len(gw.core.connections))
 
     def _workers(self, gw: Gateway) -> Iterator[Metric]:
-        workers = gw.registry.all()
+        # series are labelled by URL: a draining worker and its successor at
+        # the same address (a re-created pod) must not both report
+        by_url: dict[str, Worker] = {}
+        for w in gw.registry.all():
+            if w.url not in by_url or by_url[w.url].state == DRAINING:
+                by_url[w.url] = w
+        workers = list(by_url.values())
         req_total = CounterMetricFamily("smg_worker_requests", "Requests dispatched to a worker by worker (URL) and model",
                                         labels=["worker", "model"])
         active = GaugeMetricFamily("smg_worker_requests_active", "Currently running requests per worker",

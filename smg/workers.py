@@ -131,6 +131,10 @@ class Registry:
         if w.state != DRAINING:
             w.state = DRAINING
             self.router.refresh_worker(w)
+            # the URL is free at once: a pod re-created at the same address
+            # registers while this one finishes its requests
+            if self.by_url.get(w.url) is w:
+                del self.by_url[w.url]
             self._notify("draining", w)
         task = self.loop.create_task(self._drain(w, reason))
         self._drains[w.id] = task
@@ -152,7 +156,8 @@ class Registry:
         too), connections, metrics."""
         if self.workers.pop(w.id, None) is None:
             return
-        self.by_url.pop(w.url, None)
+        if self.by_url.get(w.url) is w:
+            del self.by_url[w.url]
         self.sources.pop(w.id, None)
         self._drains.pop(w.id, None)
         if w.state != DRAINING:
