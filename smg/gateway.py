@@ -152,7 +152,7 @@ class Gateway:
         self._schedule_tick()
         self._add_static_workers()
         if cfg.service_discovery:
-            from smg.discovery.service import Discovery
+            from smg.discovery.reconcile import Discovery
 
             self.discovery = Discovery(self)
             self.discovery.start()
@@ -246,6 +246,18 @@ def _addr(sock: socket.socket) -> str:
 
 def run(cfg: Config) -> int:
     logs.setup(cfg.log_level, cfg.log_json, cfg.log_dir)
+    if cfg.service_discovery:
+        from kubernetes.config import ConfigException
+
+        from smg.discovery.kubernetes import load_credentials
+
+        try:
+            load_credentials()
+        except (ConfigException, OSError) as e:
+            logging.getLogger("smg.discovery").error(
+                "--service-discovery needs Kubernetes credentials: an in-cluster service account, "
+                "or a kubeconfig ($KUBECONFIG or ~/.kube/config): %s", e)
+            return 1
 
     async def main() -> int:
         gw = Gateway(cfg, asyncio.get_running_loop())

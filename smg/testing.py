@@ -95,6 +95,8 @@ class FakeWorkerStats:
     last_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     last_body: bytes = b""
     connections: int = 0
+    # time.monotonic() of the last generation request (benchmarks: when traffic stopped)
+    last_request_at: float = 0.0
     # requests per prompt tag: a /generate text starting "[tag] " counts under "tag"
     # (the load benchmark measures prefix affinity with it)
     tags: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -464,6 +466,7 @@ class FakeWorker:
     def _parse_generation(self, proto: _WorkerProtocol, req: _Request) -> dict | None:
         st = self.stats
         st.generation_requests += 1
+        st.last_request_at = time.monotonic()
         st.last_headers = req.headers
         st.last_body = bytes(req.body)
         cfg = self.config

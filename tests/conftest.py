@@ -46,3 +46,41 @@ def gateway():
     yield make
     for g in running:
         g.__exit__(None, None, None)
+
+
+@pytest.fixture
+def k8s():
+    """An emulated Kubernetes API server (kmock based), see tests/k8s_api.py."""
+    from k8s_api import ApiServer
+
+    api = ApiServer().start()
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def pod_workers():
+    """Factory: pod_workers(n) starts fake workers on 127.0.0.2, 127.0.0.3, ...
+    sharing one port, as pods of a StatefulSet would; returns (port, workers)."""
+    import socket
+
+    started: list[FakeWorker] = []
+    state = {"next": 2}
+
+    def make(n: int, port: int = 0, **config):
+        if port == 0:
+            with socket.socket() as s:
+                s.bind(("127.0.0.2", 0))
+                port = s.getsockname()[1]
+        out = []
+        for _ in range(n):
+            ip = f"127.0.0.{state['next']}"
+            state["next"] += 1
+            w = FakeWorker(ip, port, **config).start()
+            started.append(w)
+            out.append(w)
+        return port, out
+
+    yield make
+    for w in started:
+        w.stop()
