@@ -191,7 +191,10 @@ class GatewayProc:
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
         full = command + ["--host", "127.0.0.1", "--port", str(self.port), "--prometheus-port",
                           str(self.metrics_port), "--log-level", "warn", *args]
-        self.proc = subprocess.Popen(full, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # both packages are named smg: never let this checkout leak into the reference
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        self.proc = subprocess.Popen(full, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=ROOT if name == "smg" else "/")
 
     def wait_ready(self, timeout: float = 60) -> None:
         def ready():
