@@ -14,6 +14,7 @@ FAST_MODULES = [
     "radix",
     "policies",
     "proxy",
+    "pd",
     "selector",
 ]
 

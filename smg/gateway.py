@@ -24,6 +24,7 @@ from smg._fast.policies import (
     RoundRobinPolicy,
     Router,
 )
+from smg._fast.pd import PDHandler
 from smg._fast.proxy import ProxyHandler, ProxySettings
 from smg._fast.routing_text import ENDPOINTS
 from smg._fast.server import Route, ServerCore
@@ -109,8 +110,9 @@ class Gateway:
 
     def _install_routes(self) -> None:
         core = self.core
+        handler_class = PDHandler if self.cfg.pd_disaggregation else ProxyHandler
         for path, endpoint in ENDPOINTS.items():
-            handler = ProxyHandler(self.proxy_settings, endpoint)
+            handler = handler_class(self.proxy_settings, endpoint)
             core.add_route(Route(path, ["POST"], native=handler, auth="serving",
                                  id_prefix=_ID_PREFIXES.get(path, b"req-")))
         r = self.routes

@@ -28,6 +28,7 @@ from smg._fast.worker import TYPE_NAMES
 _log = logging.getLogger("smg.proxy")
 
 cdef dict _STATUS_LINES = {}
+_TYPE_NAMES = TYPE_NAMES
 
 
 cdef bytes upstream_status_line(ResponseParser p):
@@ -40,29 +41,55 @@ cdef bytes upstream_status_line(ResponseParser p):
     return <bytes>line
 
 
-cdef inline bint retryable_status(int status) noexcept:
+cdef bint retryable_status(int status) noexcept:
     return status == 408 or status == 429 or status == 500 or status == 502 or status == 503 or status == 504
 
 
-cdef inline bint failure_status(int status) noexcept:
+cdef bint failure_status(int status) noexcept:
     """Counts against the worker's circuit breaker."""
     return status == 408 or status == 429 or status >= 500
+
+
+cdef bytes relay_head(ResponseParser p, ClientConnection conn, Request req, Worker w, bint decoded,
+                      bint* wrap, long long content_length=-1):
+    """The head of the response relayed to the client. The upstream's framing
+    is kept when the body passes through unchanged (chunks included);
+    `decoded` bodies (payload only) and bodies that end with the connection
+    are re-chunked for HTTP/1.1 clients (*wrap set), and HTTP/1.0 clients
+    get the body unframed with the connection closed after it.
+    content_length >= 0 announces a body the caller rewrote, -2 a rewritten
+    body of unknown length (the upstream's Content-Length no longer holds)."""
+    cdef list parts = [upstream_status_line(p), p.forward_headers]
+    wrap[0] = False
+    if content_length == -1 and p.content_length >= 0 and not p.chunked:
+        content_length = p.content_length
+    if content_length >= 0:
+        parts.append(b"content-length: %d\r\n" % content_length)
+    elif req.http_minor == 0:
+        req.keep_alive = False
+    elif p.chunked and not decoded:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    else:
+        parts.append(b"transfer-encoding: chunked\r\n")
+        wrap[0] = True
+    parts.append(w.url_header)
+    parts.append(b"x-request-id: ")
+    parts.append(req.request_id)
+    parts.append(b"\r\n")
+    parts.append(conn.core.date_header)
+    if conn.client_closes(req):
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n):
+    return b"%x\r\n" % n + data[off:off + n] + b"\r\n"
 
 
 cdef class ProxySettings:
     """What all proxied routes share: the router, retry and timeout settings,
     and the proxy's counters (read by smg.metrics)."""
-    cdef public Router router
-    cdef public object loop
-    cdef public int max_attempts
-    cdef public double backoff_initial
-    cdef public double backoff_max
-    cdef public double backoff_multiplier
-    cdef public double backoff_jitter
-    cdef public double request_timeout
-    cdef public dict retries            # (worker_type name, endpoint name) -> count
-    cdef public dict retries_exhausted
-    cdef public object missing_model_hint
 
     def __init__(self, Router router, loop, int max_attempts=5, double backoff_initial=0.05,
                  double backoff_max=30.0, double backoff_multiplier=1.5, double backoff_jitter=0.2,
@@ -88,6 +115,87 @@ cdef class ProxySettings:
             d *= 1.0 + self.backoff_jitter * (2.0 * r - 1.0)
         return d if d > 0 else 0.0
 
+    cdef int count_retry(self, int worker_type, str endpoint) except -1:
+        key = (_TYPE_NAMES[worker_type], endpoint)
+        self.retries[key] = self.retries.get(key, 0) + 1
+        return 0
+
+    cdef int count_exhausted(self, int worker_type, str endpoint) except -1:
+        key = (_TYPE_NAMES[worker_type], endpoint)
+        self.retries_exhausted[key] = self.retries_exhausted.get(key, 0) + 1
+        return 0
+
+
+cdef WorkerGroup resolve_group(Router router, ClientConnection conn, Request req, str model, int worker_type):
+    """The candidates of `worker_type` for `model` (None: the only model
+    served), or None after answering the client with an error."""
+    cdef WorkerGroup g
+    cdef list groups
+    cdef str kind = "" if worker_type == TYPE_REGULAR else _TYPE_NAMES[worker_type] + " "
+    if model is not None:
+        g = router.group(worker_type, model)
+        if g is None:
+            if not router.groups_of(worker_type):
+                conn.respond_error(req, 503, "no_available_workers", f"No available {kind}workers")
+            else:
+                conn.respond_error(req, 404, "model_not_found", f"No {kind}worker available for model '{model}'")
+        return g
+    groups = router.groups_of(worker_type)
+    if len(groups) == 1:
+        return <WorkerGroup>groups[0]
+    if not groups:
+        conn.respond_error(req, 503, "no_available_workers", f"No available {kind}workers")
+        return None
+    # several models: only one may have ready workers
+    ready = [g for g in groups if (<WorkerGroup>g).ready]
+    if len(ready) == 1:
+        return <WorkerGroup>ready[0]
+    conn.respond_error(req, 400, "missing_model",
+                       "The workers serve several models ("
+                       + ", ".join(sorted((<WorkerGroup>g).model_id for g in groups))
+                       + "); name one in the request's 'model' field")
+    return None
+
+
+cdef object parse_body(ClientConnection conn, Request req):
+    """The request body as a dict, or None after answering with a 400."""
+    try:
+        obj = orjson.loads(req.body)
+    except orjson.JSONDecodeError as e:
+        conn.respond_error(req, 400, "json_parse_error", f"Failed to parse the request body as JSON: {e}")
+        return None
+    if type(obj) is not dict:
+        conn.respond_error(req, 400, "invalid_request", "The request body must be a JSON object")
+        return None
+    model = (<dict>obj).get("model")
+    if model is not None and type(model) is not str:
+        conn.respond_error(req, 400, "invalid_request", "'model' must be a string")
+        return None
+    return obj
+
+
+cdef bytes routing_key(Request req):
+    """consistent_hashing's key: X-SMG-Routing-Key, else Authorization, else X-Forwarded-For."""
+    if req.routing_key is not None:
+        return req.routing_key
+    if req.authorization is not None:
+        return req.authorization
+    return req.forwarded_for
+
+
+cdef bytes forwarded_head(Request req, Py_ssize_t body_len):
+    """The request head lines after host and authorization, for any worker."""
+    cdef list lines = [b"content-type: application/json\r\ncontent-length: ", str(body_len).encode(),
+                       b"\r\nx-request-id: ", req.request_id, b"\r\n"]
+    if req.traceparent is not None:
+        lines.append(b"traceparent: " + req.traceparent + b"\r\n")
+    if req.tracestate is not None:
+        lines.append(b"tracestate: " + req.tracestate + b"\r\n")
+    if req.routing_key is not None:
+        lines.append(b"x-smg-routing-key: " + req.routing_key + b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
 
 cdef class ProxyHandler(RequestHandler):
     cdef public ProxySettings settings
@@ -100,66 +208,21 @@ cdef class ProxyHandler(RequestHandler):
         self.endpoint_name = ENDPOINT_NAMES[endpoint]
 
     cdef int handle(self, ClientConnection conn, Request req) except -1:
-        cdef object obj
+        cdef object obj = parse_body(conn, req)
         cdef WorkerGroup group
         cdef str text = None
-        cdef bytes key
         cdef ProxyCall call
-        try:
-            obj = orjson.loads(req.body)
-        except orjson.JSONDecodeError as e:
-            conn.respond_error(req, 400, "json_parse_error", f"Failed to parse the request body as JSON: {e}")
-            return 0
-        if type(obj) is not dict:
-            conn.respond_error(req, 400, "invalid_request", "The request body must be a JSON object")
+        if obj is None:
             return 0
         model = (<dict>obj).get("model")
-        if model is not None and type(model) is not str:
-            conn.respond_error(req, 400, "invalid_request", "'model' must be a string")
-            return 0
-        group = self.resolve_group(conn, req, <str>model if model else None)
+        group = resolve_group(self.settings.router, conn, req, <str>model if model else None, TYPE_REGULAR)
         if group is None:
             return 0
         if group.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        key = req.routing_key
-        if key is None:
-            key = req.authorization
-            if key is None:
-                key = req.forwarded_for
-        call = ProxyCall(self, conn, req, group, text, key)
+        call = ProxyCall(self, conn, req, group, text, routing_key(req))
         call.start()
         return 0
-
-    cdef WorkerGroup resolve_group(self, ClientConnection conn, Request req, str model):
-        """The candidates for `model` (None: the only model served), or None
-        after answering the client with an error."""
-        cdef Router router = self.settings.router
-        cdef WorkerGroup g
-        cdef list groups
-        if model is not None:
-            g = router.group(TYPE_REGULAR, model)
-            if g is None:
-                if not router.groups:
-                    conn.respond_error(req, 503, "no_available_workers", "No available workers")
-                else:
-                    conn.respond_error(req, 404, "model_not_found", f"No worker available for model '{model}'")
-            return g
-        groups = router.groups_of(TYPE_REGULAR)
-        if len(groups) == 1:
-            return <WorkerGroup>groups[0]
-        if not groups:
-            conn.respond_error(req, 503, "no_available_workers", "No available workers")
-            return None
-        # several models: only one may have ready workers
-        ready = [g for g in groups if (<WorkerGroup>g).ready]
-        if len(ready) == 1:
-            return <WorkerGroup>ready[0]
-        conn.respond_error(req, 400, "missing_model",
-                           "The workers serve several models ("
-                           + ", ".join(sorted((<WorkerGroup>g).model_id for g in groups))
-                           + "); name one in the request's 'model' field")
-        return None
 
 
 cdef class ProxyCall(Exchange):
@@ -211,17 +274,7 @@ cdef class ProxyCall(Exchange):
 
     cdef int start(self) except -1:
         cdef Request req = self.req
-        cdef list lines = [b"content-type: application/json\r\ncontent-length: ",
-                           str(PyBytes_GET_SIZE(req.body)).encode(),
-                           b"\r\nx-request-id: ", req.request_id, b"\r\n"]
-        if req.traceparent is not None:
-            lines.append(b"traceparent: " + req.traceparent + b"\r\n")
-        if req.tracestate is not None:
-            lines.append(b"tracestate: " + req.tracestate + b"\r\n")
-        if req.routing_key is not None:
-            lines.append(b"x-smg-routing-key: " + req.routing_key + b"\r\n")
-        lines.append(b"\r\n")
-        self.head_common = b"".join(lines)
+        self.head_common = forwarded_head(req, PyBytes_GET_SIZE(req.body))
         self.head_start = b"POST " + req.url + b" HTTP/1.1\r\n"
         self.client_auth = b"authorization: " + req.authorization + b"\r\n" if req.authorization is not None else b""
         self.deadline = req.start + self.settings.request_timeout
@@ -278,9 +331,8 @@ cdef class ProxyCall(Exchange):
     cdef int upstream_response(self, object c, ResponseParser p, bytes data, Py_ssize_t off,
                                Py_ssize_t n) except -1:
         cdef int status = p.status
-        cdef list parts
         cdef Request req = self.req
-        cdef bint close_client = False
+        cdef bytes head
         if self.done:
             return 0
         if retryable_status(status) and self.can_retry():
@@ -295,40 +347,16 @@ cdef class ProxyCall(Exchange):
             return 0
         self.status = status
         self.release_worker_outcome_only(not failure_status(status))
-        parts = [upstream_status_line(p), p.forward_headers]
-        if req.http_minor == 0:
-            if p.content_length >= 0 and not p.chunked:
-                parts.append(b"content-length: %d\r\n" % p.content_length)
-            else:
-                close_client = True
-        elif p.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        elif p.content_length >= 0:
-            parts.append(b"content-length: %d\r\n" % p.content_length)
-        else:
-            parts.append(b"transfer-encoding: chunked\r\n")
-            self.chunk_wrap = True
-        if close_client:
-            req.keep_alive = False
-        parts.append(self.worker.url_header)
-        parts.append(b"x-request-id: ")
-        parts.append(req.request_id)
-        parts.append(b"\r\n")
-        parts.append(self.conn.core.date_header)
-        if self.conn.client_closes(req):
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        if n > 0:
-            if self.chunk_wrap:
-                parts.append(b"%x\r\n" % n)
-                parts.append(data[off:off + n])
-                parts.append(b"\r\n")
-            elif off == 0 and n == PyBytes_GET_SIZE(data):
-                parts.append(data)
-            else:
-                parts.append(data[off:off + n])
+        head = relay_head(p, self.conn, req, self.worker, req.http_minor == 0, &self.chunk_wrap)
         self.head_sent = True
-        self.conn.write(b"".join(parts))
+        if n == 0:
+            self.conn.write(head)
+        elif self.chunk_wrap:
+            self.conn.write(head + wrap_chunk(data, off, n))
+        elif off == 0 and n == PyBytes_GET_SIZE(data):
+            self.conn.write(head + data)
+        else:
+            self.conn.write(head + data[off:off + n])
         return 0
 
     cdef int release_worker_outcome_only(self, bint success) except -1:
@@ -341,7 +369,7 @@ cdef class ProxyCall(Exchange):
         if self.done:
             return 0
         if self.chunk_wrap:
-            self.conn.write(b"%x\r\n" % n + data[off:off + n] + b"\r\n")
+            self.conn.write(wrap_chunk(data, off, n))
         elif off == 0 and n == PyBytes_GET_SIZE(data):
             self.conn.write(data)
         else:
@@ -401,8 +429,7 @@ cdef class ProxyCall(Exchange):
 
     cdef int schedule_retry(self) except -1:
         cdef double delay = self.settings.backoff(self.attempts - 1)
-        key = (TYPE_NAMES[self.worker.worker_type], self.handler.endpoint_name)
-        self.settings.retries[key] = self.settings.retries.get(key, 0) + 1
+        self.settings.count_retry(self.worker.worker_type, self.handler.endpoint_name)
         self.retry_timer = self.settings.loop.call_later(delay, self.retry_now)
         return 0
 
@@ -414,8 +441,7 @@ cdef class ProxyCall(Exchange):
 
     cdef int fail_to_client(self, int status, str code, str message) except -1:
         if self.attempts > 1 or code == "upstream_error":
-            key = (TYPE_NAMES[self.group.worker_type], self.handler.endpoint_name)
-            self.settings.retries_exhausted[key] = self.settings.retries_exhausted.get(key, 0) + 1
+            self.settings.count_exhausted(self.group.worker_type, self.handler.endpoint_name)
         self.done = True
         self.release_worker(-1)
         self.conn.respond_error(self.req, status, code, message)

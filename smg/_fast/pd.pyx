@@ -1,0 +1,619 @@
+# cython: language_level=3
+"""Prefill/decode disaggregation, SGLang style (SPEC.md §6).
+
+A PDCall picks a prefill and a decode worker, adds the bootstrap fields
+(bootstrap_host, bootstrap_port, bootstrap_room; lists for batches) to the
+body, and sends it to both at once. The client gets the decode worker's
+response, relayed as it arrives. The prefill response is read and dropped
+-- unless the client asked /generate for logprobs, in which case prefill's
+meta_info.input_token_logprobs are put in front of decode's (this, and only
+this, waits for the prefill body). An error from either side, before
+anything reached the client, is retried on a fresh pair or answered with a
+clear error; both workers are released however the request ends."""
+
+import logging
+
+import orjson
+
+from cpython.bytes cimport PyBytes_GET_SIZE
+from smg._fast.clock cimport monotonic
+from smg._fast.http1 cimport ResponseParser
+from smg._fast.exchange cimport Exchange, FAIL_CONNECT, FAIL_BEFORE_HEAD, FAIL_BODY
+from smg._fast.upstream cimport UpstreamPool, UpstreamConnection, ConnectWaiter
+from smg._fast.server cimport ClientConnection, Request, RequestHandler
+from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
+from smg._fast.policies cimport WorkerGroup, rand64
+from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
+from smg._fast.proxy cimport (ProxySettings, relay_head, wrap_chunk, upstream_status_line, retryable_status,
+                              failure_status, resolve_group, parse_body, routing_key, forwarded_head)
+
+from smg._fast.routing_text import ENDPOINT_NAMES
+
+_log = logging.getLogger("smg.pd")
+
+BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
+
+
+cpdef Py_ssize_t batch_size(int endpoint, dict body):
+    """Items in a batch request, or -1 for a single request."""
+    if endpoint == EP_GENERATE:
+        text = body.get("text")
+        if type(text) is list:
+            return len(<list>text)
+        ids = body.get("input_ids")
+        if type(ids) is list and ids and type((<list>ids)[0]) is list:
+            return len(<list>ids)
+    elif endpoint == EP_COMPLETIONS:
+        prompt = body.get("prompt")
+        if type(prompt) is list and prompt and type((<list>prompt)[0]) is str:
+            return len(<list>prompt)
+    return -1
+
+
+cpdef bytes add_bootstrap(bytes body, dict obj, str host, object port, Py_ssize_t batch):
+    """The body with the bootstrap fields. Spliced in front of the closing
+    brace when the client sent none of them (the common case: no
+    re-serialization); otherwise the client's values are overwritten."""
+    cdef object hosts, ports, rooms
+    cdef Py_ssize_t end
+    cdef bytes fields
+    if batch < 0:
+        hosts, ports, rooms = host, port, <long long>(rand64() >> 1)
+    else:
+        hosts = [host] * batch
+        ports = [port] * batch
+        rooms = [<long long>(rand64() >> 1) for _ in range(batch)]
+    for key in BOOTSTRAP_KEYS:
+        if key in obj:
+            merged = dict(obj)
+            merged["bootstrap_host"] = hosts
+            merged["bootstrap_port"] = ports
+            merged["bootstrap_room"] = rooms
+            return orjson.dumps(merged)
+    fields = (b'"bootstrap_host":' + orjson.dumps(hosts) + b',"bootstrap_port":' + orjson.dumps(ports)
+              + b',"bootstrap_room":' + orjson.dumps(rooms))
+    end = len(body.rstrip())
+    if end == 0 or body[end - 1] != 125:  # "}"
+        merged = dict(obj)
+        merged.update(zip(BOOTSTRAP_KEYS, (hosts, ports, rooms)))
+        return orjson.dumps(merged)
+    if obj:
+        return body[:end - 1] + b"," + fields + b"}"
+    return body[:end - 1] + fields + b"}"
+
+
+cdef object merge_logprobs(object prefill, object decode):
+    """decode with prefill's meta_info.input_token_logprobs in front of its own
+    (item by item for batches)."""
+    cdef Py_ssize_t i
+    if type(prefill) is list and type(decode) is list:
+        return [merge_logprobs(p, d) for p, d in zip(prefill, decode)] + list(decode[len(prefill):])
+    if type(prefill) is list:
+        index = decode.get("index", 0) if type(decode) is dict else 0
+        prefill = prefill[index] if type(index) is int and 0 <= index < len(prefill) else None
+    if type(prefill) is not dict or type(decode) is not dict:
+        return decode
+    pm = prefill.get("meta_info")
+    dm = decode.get("meta_info")
+    if type(pm) is not dict or type(dm) is not dict:
+        return decode
+    plp = pm.get("input_token_logprobs")
+    if type(plp) is not list:
+        return decode
+    dlp = dm.get("input_token_logprobs")
+    dm["input_token_logprobs"] = plp + (dlp if type(dlp) is list else [])
+    return decode
+
+
+cdef object prefill_document(bytes body):
+    """Prefill's answer as JSON: the body itself, or for a streamed answer the
+    first SSE event that carries input_token_logprobs (else the last event)."""
+    cdef object last = None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    for event in body.split(b"\n\n"):
+        if not event.startswith(b"data: {"):
+            continue
+        try:
+            doc = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            continue
+        last = doc
+        meta = doc.get("meta_info") if type(doc) is dict else None
+        if type(meta) is dict and "input_token_logprobs" in meta:
+            return doc
+    return last
+
+
+cdef enum:
+    LEG_PREFILL = 0
+    LEG_DECODE = 1
+
+
+cdef class Leg(Exchange):
+    """One side of a PD request: a worker, its connection, its response."""
+    cdef PDCall call
+    cdef int role
+    cdef Worker worker
+    cdef UpstreamConnection up
+    cdef ConnectWaiter waiter
+    cdef bytes request
+    cdef bint decoded
+    cdef bint counted
+    cdef bint finished
+    cdef bint stale_retry_done
+    cdef bint collecting
+    cdef int status
+    cdef list parts
+
+    def __init__(self, PDCall call, int role, Worker worker, bytes request, bint decoded):
+        self.call = call
+        self.role = role
+        self.worker = worker
+        self.request = request
+        self.decoded = decoded
+        self.counted = True
+        self.finished = False
+        self.stale_retry_done = False
+        self.collecting = False
+        self.status = 0
+        self.parts = []
+        worker.inflight += 1
+        worker.routed += 1
+        worker.requests_total += 1
+
+    cdef int begin(self) except -1:
+        self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
+        return 0
+
+    cdef int release(self, int outcome) except -1:
+        """outcome: 1 success, 0 failure, -1 none."""
+        if self.counted:
+            self.counted = False
+            self.worker.inflight -= 1
+            if outcome >= 0:
+                self.worker.record_outcome(outcome == 1, monotonic())
+        return 0
+
+    cdef int stop(self) except -1:
+        """Abandon this side (the other failed, the client left, a retry)."""
+        self.finished = True
+        if self.up is not None:
+            self.up.abort()
+            self.up = None
+        if self.waiter is not None:
+            self.waiter.cancelled = True
+            self.waiter = None
+        self.release(-1)
+        return 0
+
+    cdef bint wants_decoded(self):
+        return self.decoded
+
+    cdef int upstream_ready(self, object c) except -1:
+        cdef UpstreamConnection conn = <UpstreamConnection>c
+        self.waiter = None
+        if self.finished:
+            (<UpstreamPool>conn.pool).release(conn)
+            return 0
+        self.up = conn
+        conn.attach(self, False)
+        conn.send(self.request)
+        return 0
+
+    cdef int upstream_response(self, object conn, ResponseParser p, bytes data, Py_ssize_t off,
+                               Py_ssize_t n) except -1:
+        self.status = p.status
+        if not self.finished:
+            self.call.leg_head(self, p, data, off, n)
+        return 0
+
+    cdef int upstream_body(self, object conn, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        if self.collecting:
+            self.parts.append(data[off:off + n])
+        elif not self.finished:
+            self.call.leg_body(self, data, off, n)
+        return 0
+
+    cdef int upstream_done(self, object conn) except -1:
+        self.up = None
+        if self.finished:
+            return 0
+        self.finished = True
+        self.release(-1)
+        self.call.leg_done(self)
+        return 0
+
+    cdef int upstream_failed(self, object c, object exc, int stage) except -1:
+        cdef UpstreamConnection conn = <UpstreamConnection>c if c is not None else None
+        self.up = None
+        self.waiter = None
+        if self.finished:
+            return 0
+        if (stage == FAIL_BEFORE_HEAD and conn is not None and conn.reused and not conn.got_bytes
+                and not self.stale_retry_done):
+            self.stale_retry_done = True
+            self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
+            return 0
+        self.finished = True
+        self.release(0)
+        self.call.leg_failed(self, exc, stage)
+        return 0
+
+
+cdef class PDHandler(RequestHandler):
+    cdef public ProxySettings settings
+    cdef public int endpoint
+    cdef public str endpoint_name
+
+    def __init__(self, ProxySettings settings, int endpoint):
+        self.settings = settings
+        self.endpoint = endpoint
+        self.endpoint_name = ENDPOINT_NAMES[endpoint]
+
+    cdef int handle(self, ClientConnection conn, Request req) except -1:
+        cdef object obj = parse_body(conn, req)
+        cdef WorkerGroup prefill, decode
+        cdef str text = None
+        if obj is None:
+            return 0
+        model = (<dict>obj).get("model") or None
+        prefill = resolve_group(self.settings.router, conn, req, model, TYPE_PREFILL)
+        if prefill is None:
+            return 0
+        decode = resolve_group(self.settings.router, conn, req, model, TYPE_DECODE)
+        if decode is None:
+            return 0
+        if prefill.policy.needs_text or decode.policy.needs_text:
+            text = routing_text(self.endpoint, <dict>obj)
+        PDCall(self, conn, req, <dict>obj, prefill, decode, text, routing_key(req)).start()
+        return 0
+
+
+cdef class PDCall(Exchange):
+    cdef PDHandler handler
+    cdef ProxySettings settings
+    cdef ClientConnection conn
+    cdef Request req
+    cdef dict obj
+    cdef WorkerGroup pgroup
+    cdef WorkerGroup dgroup
+    cdef str text
+    cdef bytes key
+    cdef Py_ssize_t batch
+    cdef bint logprobs
+    cdef bint stream
+    cdef Leg prefill
+    cdef Leg decode
+    cdef Worker failed_prefill
+    cdef Worker failed_decode
+    cdef object retry_timer
+    cdef int attempts
+    cdef bint done
+    cdef bint head_sent
+    cdef bint wrap
+    cdef int status
+    cdef bint prefill_finished
+    cdef object prefill_doc         # prefill's parsed body (logprobs mode)
+    cdef list held                  # decode payload waiting for prefill (logprobs mode)
+    cdef bytes sse_rest             # an incomplete SSE event (logprobs streaming)
+    cdef ResponseParser decode_head # kept until the head can be written (logprobs mode)
+    cdef bint decode_finished
+
+    def __init__(self, PDHandler handler, ClientConnection conn, Request req, dict obj, WorkerGroup pgroup,
+                 WorkerGroup dgroup, str text, bytes key):
+        self.handler = handler
+        self.settings = handler.settings
+        self.conn = conn
+        self.req = req
+        self.obj = obj
+        self.pgroup = pgroup
+        self.dgroup = dgroup
+        self.text = text
+        self.key = key
+        self.batch = batch_size(handler.endpoint, obj)
+        self.logprobs = handler.endpoint == EP_GENERATE and obj.get("return_logprob") is True
+        self.stream = obj.get("stream") is True
+        self.attempts = 0
+        self.done = False
+        self.head_sent = False
+        self.wrap = False
+        self.status = 0
+
+    cdef int start(self) except -1:
+        self.deadline = self.req.start + self.settings.request_timeout
+        self.conn.exchange = self
+        self.attempt()
+        return 0
+
+    cdef int attempt(self) except -1:
+        cdef double now = monotonic()
+        cdef Worker pw, dw
+        cdef bytes body, head
+        cdef Request req = self.req
+        self.retry_timer = None
+        pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill)
+        dw = self.dgroup.select(self.text, self.key, now, self.failed_decode)
+        if pw is None or dw is None:
+            self.fail_to_client(503, "no_available_workers",
+                                "No available prefill worker" if pw is None else "No available decode worker")
+            return 0
+        self.attempts += 1
+        self.prefill_finished = False
+        self.decode_finished = False
+        self.prefill_doc = None
+        self.held = []
+        self.sse_rest = b""
+        self.decode_head = None
+        body = add_bootstrap(req.body, self.obj, pw.host, pw.bootstrap_port, self.batch)
+        head = forwarded_head(req, PyBytes_GET_SIZE(body))
+        start = b"POST " + req.url + b" HTTP/1.1\r\n"
+        client_auth = b"authorization: " + req.authorization + b"\r\n" if req.authorization is not None else b""
+        self.prefill = Leg(self, LEG_PREFILL, pw,
+                           start + pw.host_header + (pw.auth_header or client_auth) + head + body, True)
+        self.decode = Leg(self, LEG_DECODE, dw,
+                          start + dw.host_header + (dw.auth_header or client_auth) + head + body,
+                          self.logprobs or req.http_minor == 0)
+        self.prefill.begin()
+        if not self.done:
+            self.decode.begin()
+        return 0
+
+    # --- the legs report here ---
+
+    cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        cdef int status = p.status
+        leg.worker.record_outcome(not failure_status(status), monotonic())
+        if status < 200 or status >= 300:
+            if retryable_status(status) and self.can_retry():
+                self.retry_pair(leg, f"worker answered {status}")
+                return 0
+            # collect the error to report it when it is complete
+            leg.collecting = True
+            if n:
+                leg.parts.append(data[off:off + n])
+            other = self.decode if leg is self.prefill else self.prefill
+            if leg is self.prefill and self.head_sent:
+                self.abort_client("prefill failed after decode began streaming")
+            else:
+                (<Leg>other).stop()
+            return 0
+        if leg is self.prefill:
+            if self.logprobs:
+                leg.collecting = True
+                if n:
+                    leg.parts.append(data[off:off + n])
+            return 0
+        # decode
+        self.status = status
+        if self.logprobs:
+            self.decode_head = p
+            if n:
+                self.leg_body(leg, data, off, n)
+            return 0
+        head = relay_head(p, self.conn, self.req, leg.worker, leg.decoded, &self.wrap)
+        self.head_sent = True
+        if n == 0:
+            self.conn.write(head)
+        elif self.wrap:
+            self.conn.write(head + wrap_chunk(data, off, n))
+        else:
+            self.conn.write(head + data[off:off + n])
+        return 0
+
+    cdef int leg_body(self, Leg leg, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        if leg is self.prefill or self.done:
+            return 0  # prefill's body is not for the client
+        if not self.logprobs:
+            if self.wrap:
+                self.conn.write(wrap_chunk(data, off, n))
+            elif off == 0 and n == PyBytes_GET_SIZE(data):
+                self.conn.write(data)
+            else:
+                self.conn.write(data[off:off + n])
+            return 0
+        self.held.append(data[off:off + n])
+        if self.stream and self.prefill_finished:
+            self.flush_stream()
+        return 0
+
+    cdef int leg_done(self, Leg leg) except -1:
+        if self.done:
+            return 0
+        if leg.collecting and (leg.status < 200 or leg.status >= 300):
+            self.report_error(leg)
+            return 0
+        if leg is self.prefill:
+            self.prefill_finished = True
+            if self.logprobs:
+                self.prefill_doc = prefill_document(b"".join(leg.parts))
+                if self.stream:
+                    if self.decode_head is not None:
+                        self.flush_stream()
+                    if self.decode_finished:
+                        self.finish_stream()
+                elif self.decode_finished:
+                    self.send_merged()
+            return 0
+        self.decode_finished = True
+        if not self.logprobs:
+            if self.wrap:
+                self.conn.write(b"0\r\n\r\n")
+            self.complete(None)
+        elif self.prefill_finished:
+            if self.stream:
+                self.flush_stream()
+                self.finish_stream()
+            else:
+                self.send_merged()
+        return 0
+
+    cdef int leg_failed(self, Leg leg, object exc, int stage) except -1:
+        other = self.decode if leg is self.prefill else self.prefill
+        side = "prefill" if leg is self.prefill else "decode"
+        if self.head_sent or self.done:
+            if leg is self.decode or not self.decode_finished:
+                self.abort_client(f"{side} worker {leg.worker.url} failed mid-response: {exc}")
+            return 0
+        if self.can_retry():
+            self.retry_pair(leg, f"{side} worker {leg.worker.url}: {exc}")
+            return 0
+        (<Leg>other).stop()
+        code = "worker_unreachable" if stage == FAIL_CONNECT else "upstream_error"
+        self.fail_to_client(502, code, f"The {side} worker {leg.worker.url} failed: {exc}")
+        return 0
+
+    # --- logprob merging ---
+
+    cdef int send_merged(self) except -1:
+        cdef bint wrap
+        try:
+            decoded = orjson.loads(b"".join(self.held))
+            body = orjson.dumps(merge_logprobs(self.prefill_doc, decoded))
+        except orjson.JSONDecodeError:
+            body = b"".join(self.held)
+        head = relay_head(self.decode_head, self.conn, self.req, self.decode.worker, True, &wrap, len(body))
+        self.head_sent = True
+        self.conn.write(head + body)
+        self.complete(None)
+        return 0
+
+    cdef int flush_stream(self) except -1:
+        """Write the held decode events with prefill's logprobs merged in."""
+        cdef bytes data = self.sse_rest + b"".join(self.held)
+        cdef list out = []
+        cdef Py_ssize_t end
+        self.held = []
+        if not self.head_sent:
+            self.conn.write(relay_head(self.decode_head, self.conn, self.req, self.decode.worker, True, &self.wrap,
+                                       -2))
+            self.head_sent = True
+        while True:
+            end = data.find(b"\n\n")
+            if end < 0:
+                break
+            event = data[:end + 2]
+            data = data[end + 2:]
+            if event.startswith(b"data: {"):
+                try:
+                    doc = orjson.loads(event[6:end])
+                    event = b"data: " + orjson.dumps(merge_logprobs(self.prefill_doc, doc)) + b"\n\n"
+                except orjson.JSONDecodeError:
+                    pass
+            out.append(event)
+        self.sse_rest = data
+        if out:
+            payload = b"".join(out)
+            self.conn.write(wrap_chunk(payload, 0, len(payload)) if self.wrap else payload)
+        return 0
+
+    cdef int finish_stream(self) except -1:
+        if self.sse_rest:
+            self.conn.write(wrap_chunk(self.sse_rest, 0, len(self.sse_rest)) if self.wrap else self.sse_rest)
+            self.sse_rest = b""
+        if self.wrap:
+            self.conn.write(b"0\r\n\r\n")
+        self.complete(None)
+        return 0
+
+    # --- retries and endings ---
+
+    cdef bint can_retry(self):
+        return (not self.head_sent and not self.done and self.attempts < self.settings.max_attempts
+                and not self.conn.closed and monotonic() < self.deadline)
+
+    cdef int retry_pair(self, Leg failed, str why) except -1:
+        if failed is self.prefill:
+            self.failed_prefill = failed.worker
+        else:
+            self.failed_decode = failed.worker
+        failed.release(-1)  # its failure is on record already
+        self.prefill.stop()
+        self.decode.stop()
+        _log.debug("PD request %s: %s; retrying with a new pair", self.req.request_id, why)
+        self.settings.count_retry(failed.worker.worker_type, self.handler.endpoint_name)
+        self.retry_timer = self.settings.loop.call_later(self.settings.backoff(self.attempts - 1), self.retry_now)
+        return 0
+
+    def retry_now(self):
+        if not self.done:
+            self.attempt()
+
+    cdef int report_error(self, Leg leg) except -1:
+        side = "prefill" if leg is self.prefill else "decode"
+        detail = b"".join(leg.parts)[:1000].decode("utf-8", "replace")
+        self.prefill.stop()
+        self.decode.stop()
+        if self.head_sent:
+            self.abort_client(f"{side} failed with {leg.status}")
+            return 0
+        status = leg.status if 400 <= leg.status < 600 else 502
+        self.fail_to_client(status, f"{side}_failed",
+                            f"The {side} worker {leg.worker.url} answered {leg.status}: {detail}")
+        return 0
+
+    cdef int fail_to_client(self, int status, str code, str message) except -1:
+        if self.attempts > 1:
+            self.settings.count_exhausted(TYPE_DECODE, self.handler.endpoint_name)
+        self.done = True
+        self.conn.respond_error(self.req, status, code, message)
+        return 0
+
+    cdef int abort_client(self, str why) except -1:
+        _log.warning("PD request %s: %s", self.req.request_id, why)
+        self.prefill.stop()
+        self.decode.stop()
+        self.req.keep_alive = False
+        self.complete("stream_error")
+        return 0
+
+    cdef int complete(self, str error_code) except -1:
+        if self.done:
+            return 0
+        self.done = True
+        self.conn.finish(self.req, self.status, error_code)
+        return 0
+
+    cdef int stop_all(self) except -1:
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        if self.prefill is not None:
+            self.prefill.stop()
+        if self.decode is not None:
+            self.decode.stop()
+        return 0
+
+    # --- client side ---
+
+    cdef int client_lost(self) except -1:
+        if self.done:
+            return 0
+        self.done = True
+        self.stop_all()
+        return 0
+
+    cdef int client_pause(self) except -1:
+        if self.decode is not None and self.decode.up is not None:
+            self.decode.up.pause_reading()
+        return 0
+
+    cdef int client_resume(self) except -1:
+        if self.decode is not None and self.decode.up is not None:
+            self.decode.up.resume_reading()
+        return 0
+
+    cdef int expired(self, double now) except -1:
+        if self.done:
+            return 0
+        self.stop_all()
+        if self.head_sent:
+            self.req.keep_alive = False
+            self.complete("stream_error")
+        else:
+            self.done = True
+            self.conn.respond_error(self.req, 504, "request_timeout",
+                                    f"No response within {self.settings.request_timeout:g} s")
+        return 0

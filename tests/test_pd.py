@@ -1,0 +1,210 @@
+"""Prefill/decode disaggregation with fake prefill and decode workers (which
+echo the bootstrap fields they received)."""
+
+import json
+import socket
+import time
+
+import pytest
+from helpers import wait_for
+from k8s_api import make_pod
+
+
+def pd_gateway(gateway, prefills, decodes, *extra, bootstrap_ports=None):
+    args = ["--pd-disaggregation", "--policy", "round_robin"]
+    for i, p in enumerate(prefills):
+        port = (bootstrap_ports or {}).get(i)
+        args += ["--prefill", p.url] + ([str(port)] if port else [])
+    for d in decodes:
+        args += ["--decode", d.url]
+    return gateway(args + list(extra), wait_workers=len(prefills) + len(decodes))
+
+
+def test_both_sides_get_the_same_room_and_the_prefill_address(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill")
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d], bootstrap_ports={0: 9100})
+    rooms = set()
+    for i in range(5):
+        r = g.post("/generate", {"text": f"hello {i}"})
+        assert r.status == 200
+        meta = r.json()["meta_info"]
+        assert meta["worker"] == d.name  # the client gets decode's answer
+        rooms.add(meta["bootstrap_room"])
+    assert len(rooms) == 5
+    assert p.stats.bootstrap == d.stats.bootstrap
+    for b in p.stats.bootstrap:
+        assert b["bootstrap_host"] == "127.0.0.1" and b["bootstrap_port"] == 9100
+        assert isinstance(b["bootstrap_room"], int) and 0 <= b["bootstrap_room"] < 2 ** 63
+    # the body reached both unchanged apart from the added fields
+    sent = json.loads(p.stats.last_body)
+    assert sent["text"] == "hello 4" and set(sent) == {"text", "bootstrap_host", "bootstrap_port", "bootstrap_room"}
+
+
+def test_no_bootstrap_port_is_null_and_client_values_are_overwritten(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill")
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d])
+    r = g.post("/generate", {"text": "x", "bootstrap_host": "evil", "bootstrap_port": 1, "bootstrap_room": 7})
+    assert r.status == 200
+    b = d.stats.bootstrap[-1]
+    assert b["bootstrap_host"] == "127.0.0.1" and b["bootstrap_port"] is None and b["bootstrap_room"] != 7
+
+
+def test_batch_requests_get_one_room_per_item(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill")
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d], bootstrap_ports={0: 9200})
+    r = g.post("/generate", {"text": ["a", "b", "c"]})
+    assert r.status == 200
+    b = d.stats.bootstrap[-1]
+    assert b["bootstrap_host"] == ["127.0.0.1"] * 3 and b["bootstrap_port"] == [9200] * 3
+    assert len(set(b["bootstrap_room"])) == 3
+    assert p.stats.bootstrap[-1] == b
+    assert [item["meta_info"]["bootstrap_room"] for item in r.json()] == b["bootstrap_room"]
+
+
+def test_decode_streams_while_prefill_is_still_answering(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill", response_delay=3.0)
+    (d,) = fake_workers(1, role="decode", stream_chunks=5, stream_interval=0.1)
+    g = pd_gateway(gateway, [p], [d])
+    body = json.dumps({"text": "x", "stream": True}).encode()
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    with s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while b"data: " not in data:
+            chunk = s.recv(65536)
+            assert chunk
+            data += chunk
+        # decode output is here, and prefill has not answered yet
+        assert p.stats.in_flight == 1 and p.stats.completed == 0
+        while not data.endswith(b"0\r\n\r\n"):
+            data += s.recv(65536)
+    assert data.count(b"data: ") == 6
+    wait_for(lambda: all(w["load"] == 0 for w in g.workers()), message="both workers released")
+
+
+# A real decode worker answers only after prefill's KV cache reached it; the
+# fake decode workers model that with a short delay where the order matters.
+KV_TRANSFER = 0.3
+
+
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_a_failing_side_is_a_clear_error_and_releases_both(fake_workers, gateway, side):
+    (p,) = fake_workers(1, role="prefill")
+    (d,) = fake_workers(1, role="decode", response_delay=KV_TRANSFER)
+    g = pd_gateway(gateway, [p], [d], "--disable-retries")
+    (p if side == "prefill" else d).set(fail_status=400)
+    r = g.post("/generate", {"text": "x"})
+    assert r.status == 400
+    err = r.json()["error"]
+    assert err["code"] == f"{side}_failed" and "injected failure 400" in err["message"]
+    assert r.headers["x-smg-error-code"] == f"{side}_failed"
+    wait_for(lambda: all(w["load"] == 0 for w in g.workers()), message="both workers released")
+
+
+def test_prefill_failing_mid_stream_cuts_the_client(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill", response_delay=0.5, fail_status=500)
+    (d,) = fake_workers(1, role="decode", stream_chunks=20, stream_interval=0.1)
+    g = pd_gateway(gateway, [p], [d], "--disable-retries")
+    body = json.dumps({"text": "x", "stream": True}).encode()
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    with s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")  # cut, not completed
+    wait_for(lambda: d.stats.disconnects == 1, message="decode request cancelled")
+    wait_for(lambda: all(w["load"] == 0 for w in g.workers()), message="both workers released")
+
+
+def test_unreachable_side_is_502(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill")
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d], "--disable-retries", "--disable-health-check")
+    d.stop()
+    r = g.post("/generate", {"text": "x"})
+    assert r.status == 502 and r.json()["error"]["code"] == "worker_unreachable"
+    wait_for(lambda: all(w["load"] == 0 for w in g.workers()), message="prefill released")
+
+
+def test_retry_picks_a_new_pair(fake_workers, gateway):
+    p_bad, p_good = fake_workers(2, role="prefill")
+    (d,) = fake_workers(1, role="decode", response_delay=KV_TRANSFER)
+    g = pd_gateway(gateway, [p_bad, p_good], [d], "--retry-initial-backoff-ms", "1", "--disable-circuit-breaker")
+    p_bad.set(fail_status=503)
+    for i in range(4):
+        r = g.post("/generate", {"text": f"x{i}"})
+        assert r.status == 200
+    # every success went through the good prefill, with a fresh room each time
+    good_rooms = [b["bootstrap_room"] for b in p_good.stats.bootstrap]
+    assert len(good_rooms) == 4
+    assert [b["bootstrap_room"] for b in d.stats.bootstrap if b["bootstrap_room"] in good_rooms]
+    assert p_bad.stats.generation_requests >= 1
+    assert 'smg_worker_retries_total{endpoint="generate",worker_type="prefill"}' in g.metrics()
+
+
+def test_logprobs_are_merged(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill")
+    (d,) = fake_workers(1, role="decode", stream_chunks=3)
+    g = pd_gateway(gateway, [p], [d])
+    r = g.post("/generate", {"text": "x", "return_logprob": True})
+    assert r.status == 200
+    lp = r.json()["meta_info"]["input_token_logprobs"]
+    assert [t[2] for t in lp] == ["prefill-in", "decode-in"]
+    r = g.post("/generate", {"text": "x", "return_logprob": True, "stream": True})
+    events = [json.loads(l[6:]) for l in r.body.decode().split("\n\n") if l.startswith("data: {")]
+    assert len(events) == 3
+    assert all([t[2] for t in e["meta_info"]["input_token_logprobs"]] == ["prefill-in", "decode-in"] for e in events)
+    r = g.post("/generate", {"text": ["a", "b"], "return_logprob": True})
+    assert all([t[2] for t in item["meta_info"]["input_token_logprobs"]] == ["prefill-in", "decode-in"]
+               for item in r.json())
+
+
+def test_chat_and_completions_in_pd_mode(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill")
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d])
+    r = g.post("/v1/chat/completions", {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status == 200 and r.json()["worker"] == d.name
+    r = g.post("/v1/completions", {"model": "fake-model", "prompt": ["a", "b"]})
+    assert r.status == 200
+    assert len(d.stats.bootstrap[-1]["bootstrap_room"]) == 2
+
+
+def test_readiness_and_models_in_pd_mode(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill")
+    g = gateway(["--pd-disaggregation", "--prefill", p.url], wait_workers=1)
+    r = g.get("/readiness")
+    assert r.status == 503 and r.json()["reason"] == "insufficient healthy workers"
+    assert g.post("/generate", {"text": "x"}).status == 503
+    (d,) = fake_workers(1, role="decode")
+    assert g.post("/workers", {"url": d.url, "worker_type": "decode"}).status == 202
+    wait_for(lambda: g.get("/readiness").status == 200, message="ready with both sides")
+    assert g.get("/v1/models").json()["data"][0]["id"] == "fake-model"
+    assert g.get("/get_server_info").json()["worker"] == d.name
+    assert g.post("/generate", {"text": "x"}).status == 200
+
+
+def test_discovered_pd_pods_serve_traffic(k8s, pod_workers, gateway):
+    port, (pf, dc) = pod_workers(2)
+    pf.set(role="prefill")
+    dc.set(role="decode")
+    k8s.add(make_pod("prefill-0", pf.host, {"app": "sglang", "role": "prefill"},
+                     annotations={"sglang.ai/bootstrap-port": "8998"}))
+    k8s.add(make_pod("decode-0", dc.host, {"app": "sglang", "role": "decode"}))
+    g = gateway(["--service-discovery", "--pd-disaggregation", "--prefill-selector", "app=sglang", "role=prefill",
+                 "--decode-selector", "app=sglang", "role=decode", "--service-discovery-namespace", "inference",
+                 "--service-discovery-port", str(port)], env=k8s.env)
+    wait_for(lambda: g.get("/readiness").status == 200, message="PD ready")
+    for i in range(3):
+        r = g.post("/generate", {"text": f"x{i}", "stream": i == 2})
+        assert r.status == 200
+    assert [b["bootstrap_port"] for b in dc.stats.bootstrap] == [8998] * 3
+    assert all(b["bootstrap_host"] == pf.host for b in dc.stats.bootstrap)
+    assert pf.stats.bootstrap == dc.stats.bootstrap
