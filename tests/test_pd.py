@@ -77,8 +77,10 @@ def test_decode_streams_while_prefill_is_still_answering(fake_workers, gateway):
             chunk = s.recv(65536)
             assert chunk
             data += chunk
-        # decode output is here, and prefill has not answered yet
-        assert p.stats.in_flight == 1 and p.stats.completed == 0
+        # decode output is here, and prefill has not answered yet (it takes 3 s)
+        assert p.stats.completed == 0
+        wait_for(lambda: p.stats.in_flight == 1, timeout=2, message="prefill working on the request")
+        assert p.stats.completed == 0
         while not data.endswith(b"0\r\n\r\n"):
             data += s.recv(65536)
     assert data.count(b"data: ") == 6
