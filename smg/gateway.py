@@ -27,7 +27,7 @@ from smg._fast.policies import (
 from smg._fast.pd import PDHandler
 from smg._fast.proxy import ProxyHandler, ProxySettings
 from smg._fast.routing_text import ENDPOINTS
-from smg._fast.server import Route, ServerCore
+from smg._fast.server import Admission, Route, ServerCore
 from smg._fast.worker import DECODE, PREFILL, REGULAR
 from smg.admin import AdminRoutes
 from smg.config import Config
@@ -75,6 +75,7 @@ class Gateway:
             api_key=cfg.api_key,
             admin_api_key=cfg.admin_api_key,
         )
+        self.core.admission = Admission(cfg.max_concurrent_requests, cfg.queue_size, cfg.queue_timeout_secs)
         self.metrics_core = ServerCore(loop, max_payload=1 << 20, header_timeout=30.0, idle_timeout=90.0)
         self.metric_sources: list[Callable[[], Iterator]] = []
         self.metrics = MetricsEndpoint(self)

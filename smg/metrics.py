@@ -55,6 +55,16 @@ class GatewayCollector:
         yield durations
         yield GaugeMetricFamily("smg_http_connections_active", "Currently active HTTP connections",
                                 value=len(gw.core.connections))
+        adm = gw.core.admission
+        yield GaugeMetricFamily("smg_admission_inflight", "Proxied requests holding an admission slot",
+                                value=adm.active)
+        yield GaugeMetricFamily("smg_admission_queue_depth", "Requests waiting for an admission slot",
+                                value=adm.queue_depth)
+        rejected = CounterMetricFamily("smg_admission_rejected", "Requests refused with 429 by admission control",
+                                       labels=["reason"])
+        rejected.add_metric(["queue_full"], adm.rejected_full)
+        rejected.add_metric(["queue_timeout"], adm.rejected_timeout)
+        yield rejected
 
     def _workers(self, gw: Gateway) -> Iterator[Metric]:
         # series are labelled by URL: a draining worker and its successor at

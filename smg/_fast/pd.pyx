@@ -28,6 +28,7 @@ from smg._fast.proxy cimport (ProxySettings, relay_head, wrap_chunk, upstream_st
                               failure_status, resolve_group, parse_body, routing_key, forwarded_head)
 
 from smg._fast.routing_text import ENDPOINT_NAMES
+from smg._fast.server import queue_or_reject
 
 _log = logging.getLogger("smg.pd")
 
@@ -254,7 +255,7 @@ cdef class PDHandler(RequestHandler):
         self.endpoint_name = ENDPOINT_NAMES[endpoint]
 
     cdef int handle(self, ClientConnection conn, Request req) except -1:
-        cdef object obj = parse_body(conn, req)
+        cdef object obj = parse_body(conn, req, self.endpoint)
         cdef WorkerGroup prefill, decode
         cdef str text = None
         if obj is None:
@@ -268,7 +269,11 @@ cdef class PDHandler(RequestHandler):
             return 0
         if prefill.policy.needs_text or decode.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        PDCall(self, conn, req, <dict>obj, prefill, decode, text, routing_key(req)).start()
+        call = PDCall(self, conn, req, <dict>obj, prefill, decode, text, routing_key(req))
+        if conn.core.admission.try_enter(req):
+            call.start()
+        else:
+            queue_or_reject(conn, req, call.start_py)
         return 0
 
 
@@ -321,6 +326,9 @@ cdef class PDCall(Exchange):
         self.head_sent = False
         self.wrap = False
         self.status = 0
+
+    def start_py(self):
+        self.start()
 
     cdef int start(self) except -1:
         self.deadline = self.req.start + self.settings.request_timeout

@@ -11,7 +11,7 @@ cdef bytes relay_head(ResponseParser p, ClientConnection conn, Request req, Work
                       bint* wrap, long long content_length=*)
 cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n)
 cdef WorkerGroup resolve_group(Router router, ClientConnection conn, Request req, str model, int worker_type)
-cdef object parse_body(ClientConnection conn, Request req)
+cdef object parse_body(ClientConnection conn, Request req, int endpoint)
 cdef bytes routing_key(Request req)
 cdef bytes forwarded_head(Request req, Py_ssize_t body_len)
 

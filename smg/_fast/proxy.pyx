@@ -20,9 +20,10 @@ from smg._fast.upstream cimport UpstreamPool, UpstreamConnection, ConnectWaiter
 from smg._fast.server cimport ClientConnection, Request, RequestHandler, ServerCore
 from smg._fast.worker cimport Worker, TYPE_REGULAR
 from smg._fast.policies cimport Router, WorkerGroup, rand64
-from smg._fast.routing_text cimport routing_text
+from smg._fast.routing_text cimport routing_text, invalid_field
 
 from smg._fast.routing_text import ENDPOINT_NAMES
+from smg._fast.server import queue_or_reject
 from smg._fast.worker import TYPE_NAMES
 
 _log = logging.getLogger("smg.proxy")
@@ -157,7 +158,7 @@ cdef WorkerGroup resolve_group(Router router, ClientConnection conn, Request req
     return None
 
 
-cdef object parse_body(ClientConnection conn, Request req):
+cdef object parse_body(ClientConnection conn, Request req, int endpoint):
     """The request body as a dict, or None after answering with a 400."""
     try:
         obj = orjson.loads(req.body)
@@ -170,6 +171,10 @@ cdef object parse_body(ClientConnection conn, Request req):
     model = (<dict>obj).get("model")
     if model is not None and type(model) is not str:
         conn.respond_error(req, 400, "invalid_request", "'model' must be a string")
+        return None
+    why = invalid_field(endpoint, <dict>obj)
+    if why is not None:
+        conn.respond_error(req, 400, "invalid_request", why)
         return None
     return obj
 
@@ -208,7 +213,7 @@ cdef class ProxyHandler(RequestHandler):
         self.endpoint_name = ENDPOINT_NAMES[endpoint]
 
     cdef int handle(self, ClientConnection conn, Request req) except -1:
-        cdef object obj = parse_body(conn, req)
+        cdef object obj = parse_body(conn, req, self.endpoint)
         cdef WorkerGroup group
         cdef str text = None
         cdef ProxyCall call
@@ -221,7 +226,10 @@ cdef class ProxyHandler(RequestHandler):
         if group.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
         call = ProxyCall(self, conn, req, group, text, routing_key(req))
-        call.start()
+        if conn.core.admission.try_enter(req):
+            call.start()
+        else:
+            queue_or_reject(conn, req, call.start_py)
         return 0
 
 
@@ -271,6 +279,9 @@ cdef class ProxyCall(Exchange):
         self.last_error_status = 503
         self.last_error_code = "no_available_workers"
         self.last_error_message = "No available workers"
+
+    def start_py(self):
+        self.start()
 
     cdef int start(self) except -1:
         cdef Request req = self.req

@@ -109,3 +109,76 @@ cpdef str routing_text(int endpoint, dict body):
     if endpoint == EP_RERANK:
         return _join_texts(body.get("query"))
     return ""
+
+
+cdef inline bint _is_str_list(object v):
+    if type(v) is not list:
+        return False
+    for item in <list>v:
+        if type(item) is not str:
+            return False
+    return True
+
+
+cdef inline bint _is_int_list(object v):
+    if type(v) is not list:
+        return False
+    for item in <list>v:
+        if type(item) is not int:
+            return False
+    return True
+
+
+cpdef str invalid_field(int endpoint, dict body):
+    """Why the body's fields the gateway relies on have the wrong type, or
+    None. Only shapes are checked; the worker validates the rest."""
+    v = body.get("stream")
+    if v is not None and type(v) is not bool:
+        return "'stream' must be a boolean"
+    if endpoint == EP_GENERATE:
+        text = body.get("text")
+        if text is not None and type(text) is not str and not _is_str_list(text):
+            return "'text' must be a string or a list of strings"
+        ids = body.get("input_ids")
+        if ids is not None and not _is_int_list(ids):
+            if type(ids) is not list:
+                return "'input_ids' must be a list of integers or a list of such lists"
+            for x in <list>ids:
+                if not _is_int_list(x):
+                    return "'input_ids' must be a list of integers or a list of such lists"
+        return None
+    if endpoint == EP_CHAT:
+        msgs = body.get("messages")
+        if type(msgs) is not list:
+            return "'messages' must be a list of message objects"
+        for m in <list>msgs:
+            if type(m) is not dict:
+                return "every item of 'messages' must be an object"
+            content = (<dict>m).get("content")
+            if content is not None and type(content) is not str and type(content) is not list:
+                return "a message's 'content' must be a string or a list of content parts"
+        return None
+    if endpoint == EP_COMPLETIONS:
+        prompt = body.get("prompt")
+        if prompt is None:
+            return "'prompt' is required"
+        if type(prompt) is not str and type(prompt) is not list:
+            return "'prompt' must be a string, a list of strings or a list of token ids"
+        return None
+    if endpoint == EP_EMBEDDINGS or endpoint == EP_CLASSIFY:
+        v = body.get("input")
+        if v is None:
+            v = body.get("text")
+        if v is None:
+            return "'input' is required"
+        if type(v) is not str and type(v) is not list:
+            return "'input' must be a string or a list"
+        return None
+    if endpoint == EP_RERANK:
+        q = body.get("query")
+        if type(q) is not str:
+            return "'query' must be a string"
+        docs = body.get("documents")
+        if docs is not None and type(docs) is not list:
+            return "'documents' must be a list"
+    return None

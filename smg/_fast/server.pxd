@@ -48,8 +48,34 @@ cdef class Request:
     cdef long long header_bytes
     cdef int header_count
     cdef public object extra              # per-route scratch (e.g. parsed JSON)
+    cdef public Admission admission      # holds a slot of it until the response ends
 
     cdef bytes finish_body(self)
+
+
+cdef class Admission:
+    """--max-concurrent-requests with a FIFO queue (--queue-size,
+    --queue-timeout-secs) in front of the proxied routes."""
+    cdef public long limit               # <= 0: unlimited
+    cdef public long active
+    cdef public long queue_size
+    cdef public double queue_timeout
+    cdef object waiting                  # deque of Waiter
+    cdef public long long queued_total
+    cdef public long long rejected_full
+    cdef public long long rejected_timeout
+
+    cdef bint try_enter(self, Request req)
+    cdef bint enqueue(self, Waiter waiter)
+    cdef int leave(self) except -1
+
+
+cdef class Waiter(Exchange):
+    """A request waiting for an admission slot."""
+    cdef ClientConnection conn
+    cdef Request req
+    cdef object start                    # callable: starts the request once admitted
+    cdef bint cancelled
 
 
 cdef class RequestHandler:
@@ -74,6 +100,7 @@ cdef class Route:
 
 
 cdef class ServerCore:
+    cdef public Admission admission
     cdef public dict routes              # exact path -> Route
     cdef public list prefix_routes       # [(prefix, Route)]
     cdef public Route not_found
