@@ -247,8 +247,24 @@ def _addr(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _raise_fd_limit() -> None:
+    """A gateway holds a socket per client and per upstream connection: use
+    every file descriptor the hard limit allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def run(cfg: Config) -> int:
     logs.setup(cfg.log_level, cfg.log_json, cfg.log_dir)
+    _raise_fd_limit()
     if cfg.service_discovery:
         from kubernetes.config import ConfigException
 

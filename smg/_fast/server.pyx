@@ -513,11 +513,11 @@ cdef class ClientConnection:
                 self._refuse(400, "bad_request", f"malformed HTTP request: {e}")
 
     def eof_received(self):
-        # the client half-closed: answer what was asked, then close
-        self.close_after = True
-        if self.active is None and not self.pending:
-            return False
-        return True
+        # The client closed its side. A half-close that still waits for its
+        # answers is rare in HTTP; a client that went away is common, and
+        # its requests should stop costing the workers. As nginx does for
+        # proxied requests, treat EOF as the client leaving.
+        return False
 
     def connection_lost(self, exc):
         cdef Request req = self.active
@@ -761,8 +761,9 @@ cdef class ClientConnection:
         return 0
 
     cdef bint client_closes(self, Request req):
-        """After this response the connection closes."""
-        return self.close_after or not req.keep_alive or self.core.shutting_down
+        """After this response the connection closes (when shutting down: once
+        the requests already received on it are answered)."""
+        return self.close_after or not req.keep_alive or (self.core.shutting_down and not self.pending)
 
     cdef int write(self, bytes data) except -1:
         if not self.closed:
