@@ -67,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("server")
     s.add_argument("--host", default=d.host)
     s.add_argument("--port", type=_port, default=d.port)
-    s.add_argument("--workers", type=_positive_int, default=d.workers,
-                   help="serving processes sharing the port (SO_REUSEPORT)")
     s.add_argument("--max-payload-size", type=_positive_int, default=d.max_payload_size,
                    help="largest request body in bytes; larger ones get 413")
     s.add_argument("--request-timeout-secs", type=_positive_float, default=d.request_timeout_secs)

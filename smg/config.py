@@ -20,7 +20,6 @@ class Config:
     # server
     host: str = "0.0.0.0"
     port: int = 30000
-    workers: int = 1
     max_payload_size: int = 536870912
     request_timeout_secs: float = 1800.0
     header_read_timeout_secs: float = 30.0

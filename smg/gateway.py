@@ -139,14 +139,13 @@ class Gateway:
         cfg = self.cfg
         self._update_date()
         self.servers.append(await self.loop.create_server(
-            self.core.protocol_factory, cfg.host, cfg.port, backlog=4096, reuse_port=cfg.workers > 1))
+            self.core.protocol_factory, cfg.host, cfg.port, backlog=4096))
         for sock in self.servers[0].sockets:
             log.info("smg listening on %s", _addr(sock))
         if cfg.prometheus_port:
             try:
                 metrics_server = await self.loop.create_server(
-                    self.metrics_core.protocol_factory, cfg.prometheus_host, cfg.prometheus_port, backlog=128,
-                    reuse_port=cfg.workers > 1)
+                    self.metrics_core.protocol_factory, cfg.prometheus_host, cfg.prometheus_port, backlog=128)
             except OSError as e:
                 raise SystemExit(f"smg: error: cannot listen for metrics on {cfg.prometheus_host}:{cfg.prometheus_port}: {e}")
             self.servers.append(metrics_server)

@@ -48,6 +48,9 @@ class FakeWorkerConfig:
     """Knobs that tests flip at run time. Every field can be set over HTTP too."""
 
     model_id: str = "fake-model"
+    # close a kept-alive connection instead of answering its next request, as a
+    # server does when its keep-alive timeout races a request
+    close_reused: bool = False
     # "regular", "prefill" or "decode": reported as server_info.disaggregation_mode
     role: str = "regular"
     healthy: bool = True
@@ -156,6 +159,7 @@ class _WorkerProtocol(asyncio.Protocol):
         self.queue: list[_Request] = []
         self.busy = False
         self.closed = False
+        self.served = 0
         self.active_task: asyncio.Task | None = None
 
     # asyncio callbacks
@@ -206,6 +210,10 @@ class _WorkerProtocol(asyncio.Protocol):
             return
         self.busy = True
         req = self.queue.pop(0)
+        self.served += 1
+        if self.served > 1 and self.worker.config.close_reused and req.path in GENERATION_PATHS:
+            self.transport.close()  # type: ignore[union-attr]
+            return
         if self.worker.handle_fast(self, req):
             self._next()
             return

@@ -294,3 +294,17 @@ def test_idle_keepalive_connection_is_closed(gateway):
         t0 = time.monotonic()
         assert s.recv(4096) == b""  # the server closed the idle connection
         assert 0.5 < time.monotonic() - t0 < 5
+
+
+def test_request_on_a_connection_the_worker_just_closed_is_sent_again(fake_workers, gateway):
+    """A worker may close a kept-alive connection just as it is reused (its
+    keep-alive timeout): the request never reached it, so the gateway sends
+    it again on a fresh connection -- not a retry, which is disabled here."""
+    (w,) = fake_workers(1)
+    g = gateway(["--worker-urls", w.url, "--disable-retries", "--disable-health-check"], wait_workers=1)
+    w.set(close_reused=True)
+    for i in range(5):
+        r = g.post("/generate", {"text": f"x{i}"})
+        assert r.status == 200, r
+    assert w.stats.generation_requests == 5
+    assert w.stats.connections >= 5  # each reused connection was closed on it

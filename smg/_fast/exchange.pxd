@@ -13,6 +13,7 @@ cdef class Exchange:
     client) and the control-plane fetch (collect the response)."""
 
     cdef public double deadline      # monotonic seconds; 0 = none
+    cdef public bint resent          # already sent again after a stale keep-alive connection
 
     # upstream side
     cdef int upstream_ready(self, object conn) except -1

@@ -144,7 +144,6 @@ cdef class Leg(Exchange):
     cdef bint decoded
     cdef bint counted
     cdef bint finished
-    cdef bint stale_retry_done
     cdef bint collecting
     cdef int status
     cdef list parts
@@ -157,7 +156,6 @@ cdef class Leg(Exchange):
         self.decoded = decoded
         self.counted = True
         self.finished = False
-        self.stale_retry_done = False
         self.collecting = False
         self.status = 0
         self.parts = []
@@ -228,15 +226,9 @@ cdef class Leg(Exchange):
         return 0
 
     cdef int upstream_failed(self, object c, object exc, int stage) except -1:
-        cdef UpstreamConnection conn = <UpstreamConnection>c if c is not None else None
         self.up = None
         self.waiter = None
         if self.finished:
-            return 0
-        if (stage == FAIL_BEFORE_HEAD and conn is not None and conn.reused and not conn.got_bytes
-                and not self.stale_retry_done):
-            self.stale_retry_done = True
-            self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
             return 0
         self.finished = True
         self.release(0)

@@ -12,11 +12,11 @@ from libc.stdlib cimport malloc, free, realloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from libc.math cimport sqrt, exp
-from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_GET_LENGTH
+from cpython.unicode cimport PyUnicode_GET_LENGTH
 from cpython.mem cimport PyMem_Free
 
 from smg._fast.worker cimport Worker, STATE_READY
-from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, INSERT_HIT, INSERT_WEAK
+from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4, INSERT_HIT, INSERT_WEAK
 
 
 # --- a small fast PRNG (xorshift64*), seeded per process -----------------
@@ -392,9 +392,7 @@ cdef class CacheAwarePolicy(Policy):
             return None
         if n == 0:
             return least_loaded(ready, now, None)
-        buf = PyUnicode_AsUCS4Copy(text)
-        if buf == NULL:
-            raise MemoryError()
+        buf = to_ucs4(text)
         try:
             matched = self.tree.match(buf, n, &best, &depth)
             node = best

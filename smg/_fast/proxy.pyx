@@ -255,7 +255,6 @@ cdef class ProxyCall(Exchange):
     cdef bint head_sent
     cdef bint done
     cdef bint chunk_wrap
-    cdef bint stale_retry_done
     cdef str last_error_code
     cdef str last_error_message
     cdef int last_error_status
@@ -275,7 +274,6 @@ cdef class ProxyCall(Exchange):
         self.head_sent = False
         self.done = False
         self.chunk_wrap = False
-        self.stale_retry_done = False
         self.last_error_status = 503
         self.last_error_code = "no_available_workers"
         self.last_error_message = "No available workers"
@@ -397,17 +395,9 @@ cdef class ProxyCall(Exchange):
         return 0
 
     cdef int upstream_failed(self, object c, object exc, int stage) except -1:
-        cdef UpstreamConnection conn = <UpstreamConnection>c if c is not None else None
         self.up = None
         self.waiter = None
         if self.done:
-            return 0
-        if (stage == FAIL_BEFORE_HEAD and conn is not None and conn.reused and not conn.got_bytes
-                and not self.stale_retry_done):
-            # the worker closed an idle keep-alive connection as we reused it:
-            # the request never reached it; try once more on a fresh connection
-            self.stale_retry_done = True
-            self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
             return 0
         if self.head_sent:
             # mid-stream: the client cannot be told; end its connection so it

@@ -9,6 +9,9 @@ cdef enum:
 ctypedef Py_UCS4 ucs4
 
 
+cdef ucs4* to_ucs4(str text) except NULL
+
+
 cdef struct Owner:
     int32_t slot        # worker slot (CacheAwarePolicy maps slots to workers)
     uint32_t hits       # requests this worker was given along this node

@@ -19,6 +19,14 @@ from cpython.mem cimport PyMem_Free
 from smg._fast.clock cimport monotonic
 
 
+cdef ucs4* to_ucs4(str text) except NULL:
+    """text's code points in a new buffer; free it with PyMem_Free."""
+    cdef ucs4* buf = PyUnicode_AsUCS4Copy(text)
+    if buf == NULL:
+        raise MemoryError()
+    return buf
+
+
 # --- labels ---------------------------------------------------------------
 
 cdef inline ucs4 label_at(const Node* node, Py_ssize_t i) noexcept nogil:
@@ -490,17 +498,13 @@ cdef class RadixTree:
     # --- Python-facing API (tests, benchmarks, the policy's slow paths) ---
 
     def insert_text(self, str text, int slot, double now=-1.0, int mode=INSERT_HIT):
-        cdef ucs4* buf
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        cdef ucs4* buf
         if n == 0:
             return
-        if now < 0:
-            now = monotonic()
-        buf = PyUnicode_AsUCS4Copy(text)
-        if buf == NULL:
-            raise MemoryError()
+        buf = to_ucs4(text)
         try:
-            self.insert(buf, n, slot, now, mode)
+            self.insert(buf, n, slot, now if now >= 0 else monotonic(), mode)
         finally:
             PyMem_Free(buf)
 
@@ -514,9 +518,7 @@ cdef class RadixTree:
         cdef int32_t k
         if n == 0:
             return 0, {}, 0
-        buf = PyUnicode_AsUCS4Copy(text)
-        if buf == NULL:
-            raise MemoryError()
+        buf = to_ucs4(text)
         try:
             matched = self.match(buf, n, &best, &depth)
         finally:
@@ -530,15 +532,9 @@ cdef class RadixTree:
         return matched, owners, start
 
     def hand_over_text(self, str text, int from_slot, int to_slot, double now=-1.0):
-        cdef ucs4* buf
-        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
-        if now < 0:
-            now = monotonic()
-        buf = PyUnicode_AsUCS4Copy(text)
-        if buf == NULL:
-            raise MemoryError()
+        cdef ucs4* buf = to_ucs4(text)
         try:
-            self.hand_over(buf, n, from_slot, to_slot, now)
+            self.hand_over(buf, PyUnicode_GET_LENGTH(text), from_slot, to_slot, now if now >= 0 else monotonic())
         finally:
             PyMem_Free(buf)
 

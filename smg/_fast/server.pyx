@@ -104,11 +104,6 @@ cdef _seed_ids():
 _seed_ids()
 
 
-def reseed_request_ids():
-    """Call in a forked child so processes do not share id sequences."""
-    _seed_ids()
-
-
 cdef bytes make_request_id(bytes prefix):
     """prefix + 24 characters: 12 random per process, 12 from a counter."""
     global _id_counter

@@ -224,6 +224,13 @@ cdef class UpstreamConnection:
             return
         self.ex = None
         if self.parser.in_head():
+            if self.reused and not self.got_bytes and not ex.resent:
+                # the worker had closed this idle keep-alive connection as we
+                # reused it: the request never reached it, so send it again on
+                # a fresh connection, once, without the exchange noticing
+                ex.resent = True
+                self.pool.acquire(ex)
+                return
             ex.upstream_failed(self, exc or UpstreamClosed("worker closed the connection before responding"),
                                FAIL_BEFORE_HEAD)
         else:
@@ -337,8 +344,6 @@ cdef class FetchExchange(Exchange):
     cdef bytes content_type
     cdef object timer
     cdef UpstreamConnection conn
-    cdef ConnectWaiter waiter
-    cdef bint stale_retry_done
     cdef UpstreamPool pool
 
     def __init__(self, UpstreamPool pool, bytes request, bint head_only, future):
@@ -351,7 +356,6 @@ cdef class FetchExchange(Exchange):
         self.headers = b""
         self.timer = None
         self.conn = None
-        self.stale_retry_done = False
 
     cdef int upstream_ready(self, object c) except -1:
         cdef UpstreamConnection conn = <UpstreamConnection>c
@@ -387,14 +391,7 @@ cdef class FetchExchange(Exchange):
         return 0
 
     cdef int upstream_failed(self, object c, object exc, int stage) except -1:
-        cdef UpstreamConnection conn = <UpstreamConnection>c if c is not None else None
         self.conn = None
-        if (stage == FAIL_BEFORE_HEAD and conn is not None and conn.reused and not conn.got_bytes
-                and not self.stale_retry_done and not self.future.done()):
-            # an idle keep-alive connection the worker had already closed
-            self.stale_retry_done = True
-            self.pool.acquire(self)
-            return 0
         if self.timer is not None:
             self.timer.cancel()
         if not self.future.done():
