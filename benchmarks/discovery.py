@@ -98,10 +98,10 @@ def ready_to_routable(gw: Gateway, api: ApiServer, workers: list[FakeWorker], ro
         pod = make_pod(f"bench-{gw.name}-{i}", w.host, LABELS)
         t0 = time.monotonic()
         api.add(pod)
-        t1 = wait(lambda: w.url in gw.ready(), 30)
+        t1 = wait(lambda w=w: w.url in gw.ready(), 30)
         out.append((t1 - t0) * 1000)
         api.delete(pod)
-        wait(lambda: w.url not in {x["url"] for x in gw.workers()}, 30)
+        wait(lambda w=w: w.url not in {x["url"] for x in gw.workers()}, 30)
     return out
 
 
@@ -116,7 +116,7 @@ def delete_to_no_traffic(gw: Gateway, api: ApiServer, workers: list[FakeWorker],
         wait(lambda: go.url in gw.ready(), 30)
         stop = threading.Event()
 
-        def traffic():
+        def traffic(stop=stop):
             while not stop.is_set():
                 try:
                     request(gw.port, "POST", "/generate", {"text": "x", "model": "fake-model"}, timeout=10)

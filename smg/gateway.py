@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import os
 import signal
 import socket
 from typing import Callable, Iterator, Optional
@@ -147,7 +146,9 @@ class Gateway:
                 metrics_server = await self.loop.create_server(
                     self.metrics_core.protocol_factory, cfg.prometheus_host, cfg.prometheus_port, backlog=128)
             except OSError as e:
-                raise SystemExit(f"smg: error: cannot listen for metrics on {cfg.prometheus_host}:{cfg.prometheus_port}: {e}")
+                raise SystemExit(
+                    f"smg: error: cannot listen for metrics on {cfg.prometheus_host}:{cfg.prometheus_port}: {e}"
+                ) from None
             self.servers.append(metrics_server)
             for sock in metrics_server.sockets:
                 log.info("metrics on http://%s/metrics", _addr(sock))

@@ -134,7 +134,7 @@ class GatewayRoutes:
         workers = [w for w in self.gw.registry.all() if w.state == READY]
         results = await self._fan_out("GET", "/v1/loads", workers, self.gw.cfg.health_check_timeout_secs)
         loads = []
-        for w, res, err in results:
+        for w, res, _ in results:
             entries = []
             if res is not None and 200 <= res.status < 300:
                 try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 from smg._fast.policies import Router
 from smg._fast.upstream import UpstreamPool
@@ -228,13 +228,6 @@ def _done_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task:
         return None
 
     return loop.create_task(nothing())
-
-
-def states_summary(workers: Iterable[Worker]) -> dict[str, int]:
-    out = {name: 0 for name in STATE_NAMES}
-    for w in workers:
-        out[STATE_NAMES[w.state]] += 1
-    return out
 
 
 __all__ = ["Registry", "DuplicateWorker", "WORKER_TYPES", "PENDING", "READY", "NOT_READY", "FAILED", "DRAINING"]

@@ -6,8 +6,7 @@ import re
 import threading
 import time
 
-import pytest
-from helpers import request, wait_for
+from helpers import wait_for
 from k8s_api import make_pod
 
 LABELS = {"app": "sglang-worker"}

@@ -2,15 +2,13 @@
 
 import concurrent.futures
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
-from helpers import GatewayProcess, raw_exchange, request, wait_for
+from helpers import GatewayProcess, raw_exchange, wait_for
 from k8s_api import make_pod
 
 

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 
 import pytest
 from helpers import wait_for

@@ -3,7 +3,6 @@ echo the bootstrap fields they received)."""
 
 import json
 import socket
-import time
 
 import pytest
 from helpers import wait_for

@@ -5,7 +5,7 @@ import socket
 import time
 
 import pytest
-from helpers import raw_exchange, request, wait_for
+from helpers import raw_exchange, wait_for
 
 
 def _post_raw(path: str, body: bytes, extra: str = "", version: str = "1.1") -> bytes:

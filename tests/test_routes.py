@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from helpers import request, wait_for
+from helpers import wait_for
 
 PROXIED = [
     ("/generate", {"text": "hello world", "sampling_params": {"max_new_tokens": 4}}),

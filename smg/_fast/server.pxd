@@ -47,7 +47,6 @@ cdef class Request:
     cdef bytes id_request_id
     cdef long long header_bytes
     cdef int header_count
-    cdef public object extra              # per-route scratch (e.g. parsed JSON)
     cdef public Admission admission      # holds a slot of it until the response ends
 
     cdef bytes finish_body(self)
@@ -117,7 +116,6 @@ cdef class ServerCore:
     cdef public bytes date_header
     cdef public bint shutting_down
     cdef public long long connections_total
-    cdef public object on_error          # callable(message, exc) for unexpected errors
 
     cpdef Route resolve(self, str path)
 

@@ -43,10 +43,6 @@ cdef inline bytes status_line(int status):
     return <bytes>line
 
 
-def status_line_for(int status):
-    return status_line(status)
-
-
 # header slots: lowercase name -> slot; common spellings pre-seeded so most
 # headers need one dict lookup and no lower()
 DEF H_IGNORE = 0
@@ -125,10 +121,6 @@ cdef bytes make_request_id(bytes prefix):
     return out
 
 
-def new_request_id(bytes prefix=b"req-"):
-    return make_request_id(prefix)
-
-
 # --- errors ----------------------------------------------------------------
 
 cpdef bytes error_body(int status, str code, str message, str error_type=None):
@@ -165,8 +157,6 @@ cdef class Histogram:
             out.append(acc)
         return out, self.total, self.count
 
-    def observe_py(self, double value):
-        self.observe(value)
 
 
 cdef class Request:
@@ -189,9 +179,6 @@ cdef class Request:
             self.body = b"".join(self.body_parts)
             self.body_parts = None
         return self.body
-
-    def header_id(self):
-        return self.request_id.decode("latin-1")
 
     def __repr__(self):
         return f"<Request {self.method.decode()} {self.path}>"
@@ -379,7 +366,6 @@ cdef class ServerCore:
         self.date_header = b""
         self.shutting_down = False
         self.connections_total = 0
-        self.on_error = None
         self.admission = Admission()
 
     def add_route(self, Route route, bint prefix=False):
@@ -764,9 +750,6 @@ cdef class ClientConnection:
         if not self.closed:
             self.transport.write(data)
         return 0
-
-    def write_bytes(self, bytes data):
-        self.write(data)
 
     cpdef respond(self, Request req, int status, bytes body, bytes content_type, bytes extra_headers=b"",
                   str error_code=None):

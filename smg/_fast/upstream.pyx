@@ -35,10 +35,6 @@ cdef class UpstreamPool:
     def __repr__(self):
         return f"<UpstreamPool {self.host}:{self.port} open={self.open_count} idle={len(self.idle)}>"
 
-    @property
-    def idle_count(self):
-        return len(self.idle)
-
     cdef UpstreamConnection take_idle(self):
         cdef UpstreamConnection conn
         while self.idle:
@@ -68,9 +64,6 @@ cdef class UpstreamPool:
             self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port))
         task.add_done_callback(waiter)
         return waiter
-
-    def acquire_for(self, Exchange ex):
-        self.acquire(ex)
 
     cdef int release(self, UpstreamConnection conn) except -1:
         if conn.closed:

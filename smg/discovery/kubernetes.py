@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import threading
-import time
 from typing import Any, Callable, Optional
 
 import orjson
