@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from helpers import GatewayProcess, raw_exchange, wait_for
+from helpers import GatewayProcess, raw_exchange, request, wait_for
 from k8s_api import make_pod
 
 
@@ -293,3 +293,14 @@ def test_sigterm_grace_period_bounds_the_wait(fake_workers):
         assert g.proc.wait(10) == 0
         assert time.monotonic() - t0 < 4
         s.close()
+
+
+def test_metrics_listener_binds_where_it_is_told(gateway):
+    g = gateway([])  # --prometheus-host 127.0.0.1
+    assert g.get("/health").status == 200
+    assert request(g.metrics_port, "GET", "/metrics", host="127.0.0.1").status == 200
+    # another local address of the machine: nothing listens there
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", g.metrics_port), timeout=2).close()
+    # and the gateway port does not serve metrics
+    assert g.get("/metrics").status == 404
