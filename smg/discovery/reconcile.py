@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from smg._fast.selector import parse_selector_items
+from smg._fast.server import BUCKETS
 from smg._fast.worker import DECODE, DRAINING, PREFILL, REGULAR, Worker
 from smg.discovery.kubernetes import PodInfo, PodWatcher, Roles
 
@@ -32,7 +33,7 @@ LABEL_POD_NAME = "smg.ai/pod-name"
 LABEL_POD_UID = "smg.ai/pod-uid"
 LABEL_POD_NAMESPACE = "smg.ai/pod-namespace"
 RESYNC_SECS = 30.0
-SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SYNC_BUCKETS = BUCKETS  # the reference's buckets, as for smg_http_request_duration_seconds
 ROLE_TYPES = {"regular": REGULAR, "prefill": PREFILL, "decode": DECODE}
 
 
