@@ -141,17 +141,16 @@ class Gateway:
             self.core.protocol_factory, cfg.host, cfg.port, backlog=4096))
         for sock in self.servers[0].sockets:
             log.info("smg listening on %s", _addr(sock))
-        if cfg.prometheus_port:
-            try:
-                metrics_server = await self.loop.create_server(
-                    self.metrics_core.protocol_factory, cfg.prometheus_host, cfg.prometheus_port, backlog=128)
-            except OSError as e:
-                raise SystemExit(
-                    f"smg: error: cannot listen for metrics on {cfg.prometheus_host}:{cfg.prometheus_port}: {e}"
-                ) from None
-            self.servers.append(metrics_server)
-            for sock in metrics_server.sockets:
-                log.info("metrics on http://%s/metrics", _addr(sock))
+        try:
+            metrics_server = await self.loop.create_server(
+                self.metrics_core.protocol_factory, cfg.prometheus_host, cfg.prometheus_port, backlog=128)
+        except OSError as e:
+            raise SystemExit(
+                f"smg: error: cannot listen for metrics on {cfg.prometheus_host}:{cfg.prometheus_port}: {e}"
+            ) from None
+        self.servers.append(metrics_server)
+        for sock in metrics_server.sockets:
+            log.info("metrics on http://%s/metrics", _addr(sock))
         self._schedule_tick()
         self._add_static_workers()
         if cfg.service_discovery:

@@ -70,6 +70,22 @@ def request(port: int, method: str, path: str, body: Any = None, headers: Option
         conn.close()
 
 
+def post_raw(path: str, body: bytes, extra: bytes = b"", version: str = "1.1") -> bytes:
+    """The bytes of a POST request with a Content-Length body."""
+    return (b"POST %s HTTP/%s\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+            % (path.encode(), version.encode(), len(body), extra)) + body
+
+
+def read_until_close(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes the connection."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
     """Send raw bytes; return everything received until the server closes
     the connection (or `timeout`)."""
@@ -98,19 +114,37 @@ class GatewayProcess:
 
     def __init__(self, args: list[str], env: Optional[dict] = None, port: Optional[int] = None,
                  subcommand: Optional[str] = None):
-        self.port = port or free_port()
-        self.metrics_port = free_port()
-        self.args = ([subcommand] if subcommand else []) + ["--host", "127.0.0.1", "--port", str(self.port), "--prometheus-host", "127.0.0.1",
-                     "--prometheus-port", str(self.metrics_port), *args]
+        self.base_args = list(args)
+        self.subcommand = subcommand
+        self.fixed_port = port
+        self.env = dict(os.environ)
+        self.env.update(env or {})
         self.log_file = tempfile.NamedTemporaryFile(prefix="smg-test-", suffix=".log", delete=False)
-        full_env = dict(os.environ)
-        full_env.update(env or {})
+        self._spawn()
+
+    def _spawn(self) -> None:
+        # a port found free may be taken before smg binds it (an ephemeral port
+        # of some connection): wait_live() then starts over on other ports
+        self.port = self.fixed_port or free_port()
+        self.metrics_port = free_port()
+        self.args = ([self.subcommand] if self.subcommand else []) + [
+            "--host", "127.0.0.1", "--port", str(self.port), "--prometheus-host", "127.0.0.1",
+            "--prometheus-port", str(self.metrics_port), *self.base_args]
+        self.log_file.seek(0)
+        self.log_file.truncate()
         self.proc = subprocess.Popen([sys.executable, "-m", "smg", *self.args], stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, env=full_env)
+                                     stderr=subprocess.STDOUT, env=self.env)
 
     def wait_live(self, timeout: float = DEFAULT_TIMEOUT) -> "GatewayProcess":
+        attempts = 3
+
         def live():
+            nonlocal attempts
             if self.proc.poll() is not None:
+                if "address already in use" in self.logs().lower() and attempts > 1:
+                    attempts -= 1
+                    self._spawn()
+                    return False
                 raise AssertionError(f"smg exited with {self.proc.returncode}:\n{self.logs()}")
             return request(self.port, "GET", "/liveness", timeout=1).status == 200
 

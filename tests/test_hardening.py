@@ -8,12 +8,8 @@ import socket
 import time
 
 import pytest
-from helpers import GatewayProcess, raw_exchange, request, wait_for
+from helpers import GatewayProcess, post_raw, raw_exchange, read_until_close, request, wait_for
 from k8s_api import make_pod
-
-
-def post_raw(path: str, body: bytes, extra: bytes = b"") -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n%s\r\n%s" % (path.encode(), len(body), extra, body)
 
 
 # --- hostile HTTP -----------------------------------------------------------
@@ -73,12 +69,7 @@ def test_slow_body_is_timed_out(gateway):
     with s:
         s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: 100\r\n\r\n{\"te")
         t0 = time.monotonic()
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = read_until_close(s)
         assert data.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5
 
 
@@ -268,11 +259,7 @@ def test_sigterm_finishes_streams_then_exits_0(fake_workers):
 
         wait_for(refused, timeout=5, message="no new connections")
         assert idle.recv(4096) == b""  # idle keep-alive connections are closed at once
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data += read_until_close(s)
         assert data.count(b"data: ") == 11  # the stream finished
         tail = data[data.index(b"0\r\n\r\n") + 5:]
         assert tail.startswith(b"HTTP/1.1 503") and b"connection: close" in tail.lower()

@@ -7,7 +7,7 @@ import re
 import socket
 
 import pytest
-from helpers import request, wait_for
+from helpers import post_raw, raw_exchange, request, wait_for
 
 FAST_HEALTH = ["--health-check-interval-secs", "0.2", "--health-check-timeout-secs", "1",
                "--health-failure-threshold", "2", "--health-success-threshold", "2"]
@@ -170,16 +170,7 @@ def test_no_retry_once_streaming_began(fake_workers, gateway):
     g = gateway(["--policy", "round_robin", "--worker-urls", a.url, b.url], wait_workers=2)
     for w in (a, b):
         w.set(stream_chunks=5, drop_after_chunks=2)
-    body = json.dumps({"text": "x", "stream": True}).encode()
-    s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
-    with s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    data = raw_exchange(g.port, post_raw("/generate", json.dumps({"text": "x", "stream": True}).encode()))
     assert data.startswith(b"HTTP/1.1 200")
     assert not data.endswith(b"0\r\n\r\n")  # truncated, not completed elsewhere
     assert a.stats.generation_requests + b.stats.generation_requests == 1
@@ -193,7 +184,7 @@ def test_drained_worker_finishes_its_stream_before_removal(fake_workers, gateway
     wid = worker_info(g, a.url)["id"]
     for _ in range(2):  # round robin: one of two consecutive streams comes from worker a
         s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(post_raw("/generate", body))
         head = s.recv(4096)
         if a.url.encode() in head:
             break
@@ -222,7 +213,7 @@ def test_drain_timeout_bounds_the_wait(fake_workers, gateway):
     body = json.dumps({"text": "x", "stream": True}).encode()
     s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
     with s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(post_raw("/generate", body))
         s.recv(4096)
         wid = worker_info(g, w.url)["id"]
         assert request(g.port, "DELETE", f"/workers/{wid}").status == 202

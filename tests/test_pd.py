@@ -5,7 +5,7 @@ import json
 import socket
 
 import pytest
-from helpers import wait_for
+from helpers import post_raw, raw_exchange, wait_for
 from k8s_api import make_pod
 
 
@@ -70,7 +70,7 @@ def test_decode_streams_while_prefill_is_still_answering(fake_workers, gateway):
     body = json.dumps({"text": "x", "stream": True}).encode()
     s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
     with s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(post_raw("/generate", body))
         data = b""
         while b"data: " not in data:
             chunk = s.recv(65536)
@@ -109,16 +109,7 @@ def test_prefill_failing_mid_stream_cuts_the_client(fake_workers, gateway):
     (p,) = fake_workers(1, role="prefill", response_delay=0.5, fail_status=500)
     (d,) = fake_workers(1, role="decode", stream_chunks=20, stream_interval=0.1)
     g = pd_gateway(gateway, [p], [d], "--disable-retries")
-    body = json.dumps({"text": "x", "stream": True}).encode()
-    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
-    with s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    data = raw_exchange(g.port, post_raw("/generate", json.dumps({"text": "x", "stream": True}).encode()), timeout=10)
     assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")  # cut, not completed
     wait_for(lambda: d.stats.disconnects == 1, message="decode request cancelled")
     wait_for(lambda: all(w["load"] == 0 for w in g.workers()), message="both workers released")

@@ -5,12 +5,7 @@ import socket
 import time
 
 import pytest
-from helpers import raw_exchange, wait_for
-
-
-def _post_raw(path: str, body: bytes, extra: str = "", version: str = "1.1") -> bytes:
-    return (f"POST {path} HTTP/{version}\r\nHost: gw\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+from helpers import post_raw, raw_exchange, read_until_close, wait_for
 
 
 class StreamReader:
@@ -56,7 +51,7 @@ class StreamReader:
 
 def _open_stream(port: int, path: str, body: dict, timeout: float = 10.0) -> tuple[socket.socket, StreamReader]:
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    s.sendall(_post_raw(path, json.dumps(body).encode()))
+    s.sendall(post_raw(path, json.dumps(body).encode()))
     return s, StreamReader(s)
 
 
@@ -181,7 +176,7 @@ def test_api_key(fake_workers, gateway):
 def test_pipelined_requests_answered_in_order(fake_workers, gateway):
     (w,) = fake_workers(1)
     g = gateway(["--worker-urls", w.url], wait_workers=1)
-    reqs = b"".join(_post_raw("/generate", json.dumps({"text": f"p{i}"}).encode(), f"x-request-id: id-{i}\r\n")
+    reqs = b"".join(post_raw("/generate", json.dumps({"text": f"p{i}"}).encode(), b"x-request-id: id-%d\r\n" % i)
                     for i in range(5))
     reqs += b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
     data = raw_exchange(g.port, reqs)
@@ -221,7 +216,7 @@ def test_expect_100_continue(fake_workers, gateway):
 def test_http10_client_gets_unchunked_stream(fake_workers, gateway):
     (w,) = fake_workers(1, stream_chunks=3)
     g = gateway(["--worker-urls", w.url], wait_workers=1)
-    data = raw_exchange(g.port, _post_raw("/generate", b'{"text":"x","stream":true}', version="1.0"))
+    data = raw_exchange(g.port, post_raw("/generate", b'{"text":"x","stream":true}', version="1.0"))
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"transfer-encoding" not in head.lower()
     assert b"connection: close" in head.lower()
@@ -275,12 +270,7 @@ def test_header_read_timeout(gateway):
     with s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\n")  # headers never finish
         t0 = time.monotonic()
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = read_until_close(s)
         assert data.startswith(b"HTTP/1.1 408")
         assert time.monotonic() - t0 < 5
 

@@ -15,6 +15,9 @@ cdef class Exchange:
     cdef public double deadline      # monotonic seconds; 0 = none
     cdef public bint resent          # already sent again after a stale keep-alive connection
 
+    # begin the exchange (once admitted)
+    cdef int start(self) except -1
+
     # upstream side
     cdef int upstream_ready(self, object conn) except -1
     cdef int upstream_response(self, object conn, ResponseParser parser, bytes data,

@@ -4,6 +4,12 @@ from smg._fast.http1 cimport ResponseParser
 
 cdef class Exchange:
 
+    cdef int start(self) except -1:
+        return 0
+
+    def start_py(self):
+        self.start()
+
     cdef int upstream_ready(self, object conn) except -1:
         return 0
 

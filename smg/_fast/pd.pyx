@@ -20,15 +20,13 @@ from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.exchange cimport Exchange, FAIL_CONNECT, FAIL_BEFORE_HEAD, FAIL_BODY
 from smg._fast.upstream cimport UpstreamPool, UpstreamConnection, ConnectWaiter
-from smg._fast.server cimport ClientConnection, Request, RequestHandler
+from smg._fast.server cimport ClientConnection, Request
 from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
-from smg._fast.proxy cimport (ProxySettings, relay_head, wrap_chunk, upstream_status_line, retryable_status,
+from smg._fast.proxy cimport (ProxiedRoute, ProxySettings, relay_head, wrap_chunk, upstream_status_line, retryable_status,
                               failure_status, resolve_group, parse_body, routing_key, forwarded_head)
 
-from smg._fast.routing_text import ENDPOINT_NAMES
-from smg._fast.server import queue_or_reject
 
 _log = logging.getLogger("smg.pd")
 
@@ -236,15 +234,7 @@ cdef class Leg(Exchange):
         return 0
 
 
-cdef class PDHandler(RequestHandler):
-    cdef public ProxySettings settings
-    cdef public int endpoint
-    cdef public str endpoint_name
-
-    def __init__(self, ProxySettings settings, int endpoint):
-        self.settings = settings
-        self.endpoint = endpoint
-        self.endpoint_name = ENDPOINT_NAMES[endpoint]
+cdef class PDHandler(ProxiedRoute):
 
     cdef int handle(self, ClientConnection conn, Request req) except -1:
         cdef object obj = parse_body(conn, req, self.endpoint)
@@ -261,11 +251,7 @@ cdef class PDHandler(RequestHandler):
             return 0
         if prefill.policy.needs_text or decode.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        call = PDCall(self, conn, req, <dict>obj, prefill, decode, text, routing_key(req))
-        if conn.core.admission.try_enter(req):
-            call.start()
-        else:
-            queue_or_reject(conn, req, call.start_py)
+        self.launch(conn, req, PDCall(self, conn, req, <dict>obj, prefill, decode, text, routing_key(req)))
         return 0
 
 
@@ -318,9 +304,6 @@ cdef class PDCall(Exchange):
         self.head_sent = False
         self.wrap = False
         self.status = 0
-
-    def start_py(self):
-        self.start()
 
     cdef int start(self) except -1:
         self.deadline = self.req.start + self.settings.request_timeout

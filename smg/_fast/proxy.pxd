@@ -1,3 +1,4 @@
+from smg._fast.exchange cimport Exchange
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.server cimport ClientConnection, Request, RequestHandler
 from smg._fast.worker cimport Worker
@@ -14,6 +15,15 @@ cdef WorkerGroup resolve_group(Router router, ClientConnection conn, Request req
 cdef object parse_body(ClientConnection conn, Request req, int endpoint)
 cdef bytes routing_key(Request req)
 cdef bytes forwarded_head(Request req, Py_ssize_t body_len)
+
+
+cdef class ProxiedRoute(RequestHandler):
+    """What the regular and the PD handler of a proxied route share."""
+    cdef public ProxySettings settings
+    cdef public int endpoint
+    cdef public str endpoint_name
+
+    cdef int launch(self, ClientConnection conn, Request req, Exchange call) except -1
 
 
 cdef class ProxySettings:

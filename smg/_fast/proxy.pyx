@@ -202,21 +202,29 @@ cdef bytes forwarded_head(Request req, Py_ssize_t body_len):
     return b"".join(lines)
 
 
-cdef class ProxyHandler(RequestHandler):
-    cdef public ProxySettings settings
-    cdef public int endpoint
-    cdef public str endpoint_name
+cdef class ProxiedRoute(RequestHandler):
 
     def __init__(self, ProxySettings settings, int endpoint):
         self.settings = settings
         self.endpoint = endpoint
         self.endpoint_name = ENDPOINT_NAMES[endpoint]
 
+    cdef int launch(self, ClientConnection conn, Request req, Exchange call) except -1:
+        """Start the call now if admission control has a slot, else queue it
+        (or answer 429)."""
+        if conn.core.admission.try_enter(req):
+            call.start()
+        else:
+            queue_or_reject(conn, req, call.start_py)
+        return 0
+
+
+cdef class ProxyHandler(ProxiedRoute):
+
     cdef int handle(self, ClientConnection conn, Request req) except -1:
         cdef object obj = parse_body(conn, req, self.endpoint)
         cdef WorkerGroup group
         cdef str text = None
-        cdef ProxyCall call
         if obj is None:
             return 0
         model = (<dict>obj).get("model")
@@ -225,11 +233,7 @@ cdef class ProxyHandler(RequestHandler):
             return 0
         if group.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        call = ProxyCall(self, conn, req, group, text, routing_key(req))
-        if conn.core.admission.try_enter(req):
-            call.start()
-        else:
-            queue_or_reject(conn, req, call.start_py)
+        self.launch(conn, req, ProxyCall(self, conn, req, group, text, routing_key(req)))
         return 0
 
 
@@ -277,9 +281,6 @@ cdef class ProxyCall(Exchange):
         self.last_error_status = 503
         self.last_error_code = "no_available_workers"
         self.last_error_message = "No available workers"
-
-    def start_py(self):
-        self.start()
 
     cdef int start(self) except -1:
         cdef Request req = self.req
