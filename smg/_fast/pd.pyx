@@ -157,9 +157,7 @@ cdef class Leg(Exchange):
         self.collecting = False
         self.status = 0
         self.parts = []
-        worker.inflight += 1
-        worker.routed += 1
-        worker.requests_total += 1
+        worker.take_request()
 
     cdef int begin(self) except -1:
         self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
@@ -169,9 +167,7 @@ cdef class Leg(Exchange):
         """outcome: 1 success, 0 failure, -1 none."""
         if self.counted:
             self.counted = False
-            self.worker.inflight -= 1
-            if outcome >= 0:
-                self.worker.record_outcome(outcome == 1, monotonic())
+            self.worker.end_request(outcome)
         return 0
 
     cdef int stop(self) except -1:

@@ -300,9 +300,7 @@ cdef class ProxyCall(Exchange):
             self.fail_to_client(self.last_error_status, self.last_error_code, self.last_error_message)
             return 0
         self.worker = w
-        w.inflight += 1
-        w.routed += 1
-        w.requests_total += 1
+        w.take_request()
         self.counted = True
         self.attempts += 1
         self.waiter = (<UpstreamPool>w.pool).acquire(self)
@@ -310,12 +308,9 @@ cdef class ProxyCall(Exchange):
 
     cdef int release_worker(self, int outcome) except -1:
         """outcome: 1 success, 0 failure, -1 none (the client left)."""
-        cdef Worker w = self.worker
         if self.counted:
             self.counted = False
-            w.inflight -= 1
-            if outcome >= 0:
-                w.record_outcome(outcome == 1, monotonic())
+            self.worker.end_request(outcome)
         return 0
 
     # --- upstream side ---

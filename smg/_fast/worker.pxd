@@ -58,6 +58,8 @@ cdef class Worker:
     cdef public long long cb_outcome_success
     cdef public long long cb_outcome_failure
 
+    cdef void take_request(self) noexcept
+    cdef int end_request(self, int outcome) except -1
     cdef bint routable(self, double now) noexcept
     cpdef bint available(self, double now)
     cpdef record_outcome(self, bint success, double now)

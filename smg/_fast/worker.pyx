@@ -4,6 +4,8 @@ control plane (registry, health checks)."""
 
 import logging
 
+from smg._fast.clock cimport monotonic
+
 _log = logging.getLogger("smg.workers")
 
 STATE_NAMES = ("pending", "ready", "not_ready", "failed", "draining")
@@ -113,6 +115,20 @@ cdef class Worker:
     @property
     def cb_state_name(self):
         return CB_NAMES[self.cb_state]
+
+    cdef void take_request(self) noexcept:
+        """A request (or one attempt of it) was sent here."""
+        self.inflight += 1
+        self.routed += 1
+        self.requests_total += 1
+
+    cdef int end_request(self, int outcome) except -1:
+        """That request ended: outcome 1 success, 0 failure (both told to the
+        circuit breaker), -1 neither (the client left, or already recorded)."""
+        self.inflight -= 1
+        if outcome >= 0:
+            self.record_outcome(outcome == 1, monotonic())
+        return 0
 
     cdef bint routable(self, double now) noexcept:
         if self.state != STATE_READY:
