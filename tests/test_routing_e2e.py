@@ -31,12 +31,40 @@ def test_cache_aware_prefix_affinity_and_spread(fake_workers, gateway):
             owners[i][who(r)] += 1
     # every prefix stuck to one worker
     assert all(len(c) == 1 for c in owners.values()), owners
-    # and the 8 prefixes spread over the 4 workers, two each
-    per_worker = collections.Counter(next(iter(c)) for c in owners.values())
-    assert sorted(per_worker.values()) == [2, 2, 2, 2]
     text = g.metrics()
     assert re.search(r'smg_cache_aware_decisions_total\{decision="miss",model="fake-model",worker_type="regular"\} 8\.0',
                      text)
+
+
+def test_independent_gateways_agree_on_every_prefix(fake_workers, gateway):
+    """Two replicas that never talk, each taking half of the traffic in its
+    own order, send each prefix to the same worker: the one rendezvous
+    placement names for it."""
+    from smg._fast.policies import CacheAwarePolicy
+    from smg._fast.worker import READY, Worker
+
+    workers = fake_workers(4)
+    urls = [w.url for w in workers]
+    a = gateway(["--worker-urls", *urls], wait_workers=4)
+    b = gateway(["--worker-urls", *reversed(urls)], wait_workers=4)
+    prefixes = [f"[{i}] tenant {i} system prompt " + f"rule {i}; " * 40 for i in range(16)]
+    owners = collections.defaultdict(collections.Counter)
+    for round_ in range(4):
+        for i, pre in enumerate(prefixes):
+            first, second = (a, b) if (i + round_) % 2 else (b, a)
+            for g, tail in ((first, f"question {round_}"), (second, f"other question {round_}")):
+                r = g.post("/generate", {"text": pre + tail})
+                assert r.status == 200
+                owners[i][who(r)] += 1
+    assert all(len(c) == 1 for c in owners.values()), owners
+    model = []
+    for u in urls:
+        w = Worker(u, u, "fake-model")
+        w.state = READY
+        model.append(w)
+    expected = {i: CacheAwarePolicy().place_py(model, pre + "question 0").url for i, pre in enumerate(prefixes)}
+    assert {i: next(iter(c)) for i, c in owners.items()} == expected
+    assert len(set(expected.values())) >= 3  # 16 prefixes do spread
 
 
 def test_cache_aware_overloaded_worker_spills(fake_workers, gateway):

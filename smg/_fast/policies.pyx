@@ -16,6 +16,7 @@ from cpython.unicode cimport PyUnicode_GET_LENGTH
 from cpython.mem cimport PyMem_Free
 
 from smg._fast.worker cimport Worker, STATE_READY
+from smg._fast.hashing cimport fnv1a, hash_code_points, mix64
 from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4, INSERT_HIT, INSERT_WEAK
 
 
@@ -39,21 +40,6 @@ def reseed():
     _rng_state = int.from_bytes(os.urandom(8), "little") | 1
 
 reseed()
-
-
-cdef inline uint64_t fnv1a(const unsigned char* data, Py_ssize_t n) noexcept:
-    cdef uint64_t h = <uint64_t>0xcbf29ce484222325ULL
-    cdef Py_ssize_t i
-    for i in range(n):
-        h ^= data[i]
-        h *= <uint64_t>0x100000001b3ULL
-    # final avalanche (splitmix64) so nearby keys spread over the ring
-    h ^= h >> 30
-    h *= <uint64_t>0xbf58476d1ce4e5b9ULL
-    h ^= h >> 27
-    h *= <uint64_t>0x94d049bb133111ebULL
-    h ^= h >> 31
-    return h
 
 
 def hash_key(bytes key):
@@ -248,11 +234,29 @@ DEF SPILL_AVERAGING = 0.0005
 DEF LOAD_SMOOTHING_SECS = 0.05
 DEF HANDOVER_SPILL_RATE = 0.05
 
+# A new prefix is placed by the first PLACEMENT_KEY_CHARS characters of its
+# routing text: long enough to tell system prompts, documents and
+# conversations apart, short enough to lie inside the part that the
+# requests sharing them have in common.
+DEF PLACEMENT_KEY_CHARS = 256
+
+
+cdef struct Gate:
+    double mean     # the routable workers' mean in-flight count
+    double margin   # how far above it a worker may go
+    int count       # routable workers
+
 
 cdef class CacheAwarePolicy(Policy):
-    """Cache-aware routing (SPEC.md §5): send a prompt to the worker that
-    already holds its longest prefix, unless that worker is overloaded;
-    on a cache miss, to the least-loaded worker."""
+    """Cache-aware routing: send a prompt to the worker that already holds
+    its longest prefix, unless that worker is overloaded.
+
+    A prompt whose prefix no worker holds yet is *placed*: by rendezvous
+    (highest random weight) hashing of its leading characters over the
+    routable workers that the load gate lets through. Placement depends only
+    on the prompt and the worker set, so independent gateways (replicas,
+    --workers processes) send a new prefix to the same worker without
+    talking to each other, and their trees converge."""
     cdef readonly RadixTree tree
     cdef public double cache_threshold
     cdef public double balance_abs_threshold
@@ -348,36 +352,75 @@ cdef class CacheAwarePolicy(Policy):
             self.load_time[slot] = now
         return avg
 
-    cdef bint overloaded(self, Worker w, int slot, list ready, double now):
-        """The spill gate: load above the mean by more than the margin and
-        by more than balance_rel_threshold times the mean.
+    cdef Gate gate(self, list ready, double now):
+        """The spill gate's bar for this moment: the mean load and the margin.
 
         An in-flight count jitters by about its square root from one request
         to the next, and a spill on that noise gives up a cache hit for
         nothing (at 4 workers x 8 in flight, 1.6% of all requests would
-        spill). So the gate looks at the load smoothed over ~50 ms -- load
-        that lasts (a worker holding too much of the traffic, LLM requests
-        that take seconds) passes unchanged -- and at the instant load only
-        when it jumps by twice the margin, which jitter does not (a burst)."""
+        spill). So the margin is the natural swing of a count at that mean
+        (2 sqrt(mean), at least 4), capped by balance_abs_threshold."""
+        cdef Gate g
         cdef Worker o
         cdef long total = 0
-        cdef int count = 0
-        cdef double mean, margin, smoothed = self.smoothed_load(slot, w, now)
+        g.count = 0
         for o in ready:
             if o.routable(now):
                 total += o.inflight
-                count += 1
-        if count <= 1:
+                g.count += 1
+        g.mean = <double>total / g.count if g.count else 0.0
+        g.margin = 2.0 * sqrt(g.mean)
+        if g.margin < 4.0:
+            g.margin = 4.0
+        if g.margin > self.balance_abs_threshold:
+            g.margin = self.balance_abs_threshold
+        return g
+
+    cdef bint overloaded(self, Worker w, Gate* g, double now) except -1:
+        """Load above the mean by more than the margin and by more than
+        balance_rel_threshold times the mean. The gate looks at the load
+        smoothed over ~50 ms -- load that lasts (a worker holding too much of
+        the traffic, LLM requests that take seconds) passes unchanged -- and
+        at the instant load only when it jumps by twice the margin, which
+        jitter does not (a burst)."""
+        cdef double smoothed
+        if g.count <= 1:
             return False
-        mean = <double>total / count
-        margin = 2.0 * sqrt(mean)
-        if margin < 4.0:
-            margin = 4.0
-        if margin > self.balance_abs_threshold:
-            margin = self.balance_abs_threshold
-        if smoothed > mean + margin and smoothed > self.balance_rel_threshold * mean:
+        smoothed = self.smoothed_load(self.slot_for(w), w, now)
+        if smoothed > g.mean + g.margin and smoothed > self.balance_rel_threshold * g.mean:
             return True
-        return w.inflight > mean + 2.0 * margin and w.inflight > self.balance_rel_threshold * mean
+        return w.inflight > g.mean + 2.0 * g.margin and w.inflight > self.balance_rel_threshold * g.mean
+
+    cdef Worker place(self, const ucs4* buf, Py_ssize_t n, list ready, Gate* g, double now, Worker avoid):
+        """Where a prefix that no worker holds goes: the routable worker with
+        the highest rendezvous weight for the prompt's leading characters,
+        among those the load gate lets through (and not `avoid`); when the
+        gate stops every one, the least-loaded worker."""
+        cdef uint64_t key = hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
+        cdef uint64_t weight, best_weight = 0
+        cdef Worker best = None, w
+        for w in ready:
+            if w is avoid or not w.routable(now):
+                continue
+            weight = mix64(key ^ w.url_hash)
+            if best is not None and weight <= best_weight:
+                continue
+            if self.overloaded(w, g, now):
+                continue
+            best = w
+            best_weight = weight
+        if best is None:
+            best = least_loaded(ready, now, avoid)
+        return best
+
+    def place_py(self, list ready, str text, double now=0.0, Worker avoid=None):
+        """Python entry point to place(), for tests."""
+        cdef ucs4* buf = to_ucs4(text)
+        cdef Gate g = self.gate(ready, now)
+        try:
+            return self.place(buf, PyUnicode_GET_LENGTH(text), ready, &g, now, avoid)
+        finally:
+            PyMem_Free(buf)
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0
@@ -388,12 +431,14 @@ cdef class CacheAwarePolicy(Policy):
         cdef Worker w = None, target
         cdef int slot
         cdef double rate
+        cdef Gate g
         if not ready:
             return None
         if n == 0:
             return least_loaded(ready, now, None)
         buf = to_ucs4(text)
         try:
+            g = self.gate(ready, now)
             matched = self.tree.match(buf, n, &best, &depth)
             node = best
             if node != NULL and matched > self.cache_threshold * n:
@@ -406,38 +451,43 @@ cdef class CacheAwarePolicy(Policy):
                         break
                     w = self.owner_at(node, now)
             if w is None:
-                # a cache miss: the least-loaded worker starts holding this prefix
+                # a cache miss: place the prefix; that worker starts holding it
                 self.misses += 1
-                w = least_loaded(ready, now, None)
+                w = self.place(buf, n, ready, &g, now, None)
                 if w is not None:
                     self.tree.insert(buf, n, self.slot_for(w), now, INSERT_HIT)
                 return w
             slot = self.slot_for(w)
-            if not self.overloaded(w, slot, ready, now):
+            if not self.overloaded(w, &g, now):
                 self.hits += 1
                 self.spill_rate[slot] = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING)
                 self.tree.insert(buf, n, slot, now, INSERT_HIT)
                 return w
-            # the spill gate: this request goes to the least-loaded worker
             self.spills += 1
+            rate = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING) + SPILL_AVERAGING
+            if rate > HANDOVER_SPILL_RATE:
+                # w spills persistently, not by chance: hand this prefix over,
+                # so the load evens out instead of spilling forever. The new
+                # owner is placed as a new prefix would be (without w), so
+                # that replicas that hand it over too agree on where.
+                target = self.place(buf, n, ready, &g, now, w)
+                if target is None:
+                    self.tree.insert(buf, n, slot, now, INSERT_HIT)
+                    return w
+                self.handovers += 1
+                self.spill_rate[slot] = 0.0
+                self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
+                return target
+            # a one-off spill to the least-loaded worker: the target now
+            # caches the matched nodes too, but claims none of their traffic
+            # (and its own tail is not recorded), so that the prefix, and
+            # repeats of this very prompt, stay with their owner
             target = least_loaded(ready, now, w)
             if target is None:
                 self.tree.insert(buf, n, slot, now, INSERT_HIT)
                 return w
-            rate = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING) + SPILL_AVERAGING
-            if rate > HANDOVER_SPILL_RATE:
-                # w spills persistently, not by chance: hand this prefix over,
-                # so the load evens out instead of spilling forever
-                self.handovers += 1
-                self.spill_rate[slot] = 0.0
-                self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
-            else:
-                # a one-off: the target now caches the matched nodes too, but
-                # claims none of their traffic (and its own tail is not
-                # recorded), so that the prefix, and repeats of this very
-                # prompt, stay with their owner
-                self.spill_rate[slot] = rate
-                self.tree.insert(buf, depth, self.slot_for(target), now, INSERT_WEAK)
+            self.spill_rate[slot] = rate
+            self.tree.insert(buf, depth, self.slot_for(target), now, INSERT_WEAK)
             return target
         finally:
             PyMem_Free(buf)

@@ -37,6 +37,7 @@ cdef class Worker:
     cdef public bytes host_header       # "host: h:p\r\n"
     cdef public bytes auth_header       # "authorization: Bearer k\r\n" from api_key, or None
     cdef public bytes url_header        # "x-smg-routed-worker-id: url\r\n"
+    cdef readonly unsigned long long url_hash   # stable across processes and hosts (placement)
     cdef public object pool             # smg._fast.upstream.UpstreamPool
     cdef public object info             # dict of what registration learned
 

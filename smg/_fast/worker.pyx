@@ -4,7 +4,9 @@ control plane (registry, health checks)."""
 
 import logging
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from smg._fast.clock cimport monotonic
+from smg._fast.hashing cimport fnv1a
 
 _log = logging.getLogger("smg.workers")
 
@@ -84,6 +86,8 @@ cdef class Worker:
         self.host_header = f"host: {authority}\r\n".encode("latin-1")
         self.auth_header = f"authorization: Bearer {api_key}\r\n".encode("latin-1") if api_key else None
         self.url_header = f"x-smg-routed-worker-id: {self.url}\r\n".encode("latin-1")
+        cdef bytes url_bytes = self.url.encode("utf-8")
+        self.url_hash = fnv1a(<const unsigned char*>PyBytes_AS_STRING(url_bytes), PyBytes_GET_SIZE(url_bytes))
         self.pool = None
         self.info = {}
         self.inflight = 0
