@@ -12,7 +12,7 @@ from smg.handlers import decode_json_body
 from smg.workers import WORKER_TYPES, DuplicateWorker
 
 if TYPE_CHECKING:
-    from smg.gateway import Gateway
+    from smg.gateway import ControlPlane
 
 
 def _admin_error(status: int, code: str, message: str) -> Response:
@@ -20,10 +20,28 @@ def _admin_error(status: int, code: str, message: str) -> Response:
 
 
 class AdminRoutes:
-    def __init__(self, gw: Gateway):
+    def __init__(self, gw: ControlPlane):
         self.gw = gw
 
-    def list_workers(self, req) -> Response:
+    def _with_host_loads(self, respond):
+        """With --workers N the requests in flight are counted in the
+        data-plane processes: fetch them before answering."""
+        source = self.gw.inflight_source
+        if source is None:
+            return respond()
+
+        async def later() -> Response:
+            inflight = await source()
+            for w in self.gw.registry.all():
+                w.inflight = inflight.get(w.id, 0)
+            return respond()
+
+        return later()
+
+    def list_workers(self, req):
+        return self._with_host_loads(self._list_workers)
+
+    def _list_workers(self) -> Response:
         registry = self.gw.registry
         workers = registry.all()
         return json_response({
@@ -51,7 +69,7 @@ class AdminRoutes:
             self.gw.registry.drain(w, "admin request")
             return json_response({"status": "accepted", "worker_id": w.id,
                                   "message": "Worker removal queued for background processing"}, 202)
-        return json_response(self.gw.registry.info(w))
+        return self._with_host_loads(lambda: json_response(self.gw.registry.info(w)))
 
     def add_worker(self, req) -> Response:
         body, err = decode_json_body(req)

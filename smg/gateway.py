@@ -1,6 +1,13 @@
-"""Wiring: builds the data plane (server core, router, proxy routes) and the
-control plane (registry, registration, health checks, discovery, metrics)
-on one uvloop event loop, and runs them until SIGTERM/SIGINT."""
+"""Wiring of the two planes.
+
+- `DataPlane`: the client-facing server core, the router and the proxied
+  routes; it serves traffic.
+- `ControlPlane`: the registry's owner (registration, health checks,
+  discovery), the admin and informational routes, /metrics.
+
+`Gateway` runs both on one uvloop event loop (the default, --workers 1).
+With --workers N, `smg.supervisor` runs the control plane in the main
+process and N data-plane processes (`smg.dataplane`) beside it."""
 
 from __future__ import annotations
 
@@ -9,13 +16,15 @@ import email.utils
 import logging
 import signal
 import socket
-from typing import Callable, Iterator, Optional
+from time import monotonic
+from typing import Awaitable, Callable, Iterator, Optional
 
 import uvloop
 
 from smg import logs
-from time import monotonic
+from smg._fast.pd import PDHandler
 from smg._fast.policies import (
+    CacheAwarePolicy,
     ConsistentHashPolicy,
     Policy,
     PowerOfTwoPolicy,
@@ -23,7 +32,6 @@ from smg._fast.policies import (
     RoundRobinPolicy,
     Router,
 )
-from smg._fast.pd import PDHandler
 from smg._fast.proxy import ProxyHandler, ProxySettings
 from smg._fast.routing_text import ENDPOINTS
 from smg._fast.server import Admission, Route, ServerCore
@@ -32,7 +40,7 @@ from smg.admin import AdminRoutes
 from smg.config import Config
 from smg.handlers import GatewayRoutes
 from smg.health import HealthChecker
-from smg.metrics import MetricsEndpoint
+from smg.metrics import MetricsEndpoint, SnapshotSource, dataplane_snapshot
 from smg.registration import Registrar
 from smg.workers import Registry
 
@@ -46,19 +54,60 @@ _ID_PREFIXES = {
     "/v1/embeddings": b"embd-",
 }
 
+# Routes the control plane answers: (path, methods, auth, prefix match).
+# A data-plane process of --workers N forwards them to the control plane.
+CONTROL_ROUTES = (
+    ("/health", ("GET",), "none", False),
+    ("/liveness", ("GET",), "none", False),
+    ("/readiness", ("GET",), "none", False),
+    ("/v1/models", ("GET",), "none", False),
+    ("/get_server_info", ("GET",), "none", False),
+    ("/get_model_info", ("GET",), "none", False),
+    ("/health_generate", ("GET",), "none", False),
+    ("/flush_cache", ("POST",), "admin", False),
+    ("/get_loads", ("GET",), "admin", False),
+    ("/workers", ("GET", "POST"), "admin", False),
+    ("/workers/", ("GET", "DELETE"), "admin", True),
+)
+
 TICK_SECONDS = 0.1
 
 
-class Gateway:
-    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop):
+def policy_factory(cfg: Config) -> Callable[[int], Policy]:
+    def make(worker_type: int) -> Policy:
+        name = cfg.policy_for({PREFILL: "prefill", DECODE: "decode"}.get(worker_type, "regular"))
+        if name == "round_robin":
+            return RoundRobinPolicy()
+        if name == "random":
+            return RandomPolicy()
+        if name == "power_of_two":
+            return PowerOfTwoPolicy()
+        if name == "consistent_hashing":
+            return ConsistentHashPolicy()
+        if name == "cache_aware":
+            return CacheAwarePolicy(cfg.cache_threshold, cfg.balance_abs_threshold, cfg.balance_rel_threshold,
+                                    cfg.max_tree_size)
+        raise ValueError(f"unknown policy {name!r}")
+
+    return make
+
+
+def date_header() -> bytes:
+    return b"date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
+
+
+class DataPlane:
+    """The server core with the proxied routes, the router and its
+    policies. `registry` is the control plane's (one process) or a mirror
+    of it (a data-plane process of --workers N)."""
+
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, router: Router, registry: Registry):
         self.cfg = cfg
         self.loop = loop
-        self.router = Router(self.make_policy)
-        self.registry = Registry(cfg, self.router, loop)
-        self.registrar = Registrar(cfg, self.registry, loop)
-        self.health = HealthChecker(cfg, self.registry, loop)
+        self.router = router
+        self.registry = registry
         self.proxy_settings = ProxySettings(
-            self.router, loop,
+            router, loop,
             max_attempts=cfg.max_attempts,
             backoff_initial=cfg.retry_initial_backoff_ms / 1000.0,
             backoff_max=cfg.retry_max_backoff_ms / 1000.0,
@@ -75,83 +124,113 @@ class Gateway:
             admin_api_key=cfg.admin_api_key,
         )
         self.core.admission = Admission(cfg.max_concurrent_requests, cfg.queue_size, cfg.queue_timeout_secs)
-        self.metrics_core = ServerCore(loop, max_payload=1 << 20, header_timeout=30.0, idle_timeout=90.0)
-        self.metric_sources: list[Callable[[], Iterator]] = []
-        self.metrics = MetricsEndpoint(self)
-        self.routes = GatewayRoutes(self)
-        self.admin = AdminRoutes(self)
+        self.core.date_header = date_header()
         self.servers: list[asyncio.AbstractServer] = []
-        self.stopping = asyncio.Event()
-        self.discovery = None
-        self._tick_handle: Optional[asyncio.TimerHandle] = None
         self._last_slow_tick = 0.0
         self._last_eviction = monotonic()
-        self._install_routes()
-
-    # --- construction ---
-
-    def make_policy(self, worker_type: int) -> Policy:
-        name = self.cfg.policy_for({PREFILL: "prefill", DECODE: "decode"}.get(worker_type, "regular"))
-        if name == "round_robin":
-            return RoundRobinPolicy()
-        if name == "random":
-            return RandomPolicy()
-        if name == "power_of_two":
-            return PowerOfTwoPolicy()
-        if name == "consistent_hashing":
-            return ConsistentHashPolicy()
-        if name == "cache_aware":
-            from smg._fast.policies import CacheAwarePolicy
-
-            cfg = self.cfg
-            return CacheAwarePolicy(cfg.cache_threshold, cfg.balance_abs_threshold, cfg.balance_rel_threshold,
-                                    cfg.max_tree_size)
-        raise ValueError(f"unknown policy {name!r}")
-
-    def _install_routes(self) -> None:
-        core = self.core
-        handler_class = PDHandler if self.cfg.pd_disaggregation else ProxyHandler
+        handler_class = PDHandler if cfg.pd_disaggregation else ProxyHandler
         for path, endpoint in ENDPOINTS.items():
-            handler = handler_class(self.proxy_settings, endpoint)
-            core.add_route(Route(path, ["POST"], native=handler, auth="serving",
-                                 id_prefix=_ID_PREFIXES.get(path, b"req-")))
-        r = self.routes
-        for path, fn in (("/health", r.health), ("/liveness", r.health), ("/readiness", r.readiness),
-                         ("/v1/models", r.models), ("/get_server_info", r.server_info),
-                         ("/get_model_info", r.model_info), ("/health_generate", r.health_generate)):
-            core.add_route(Route(path, ["GET"], handler=fn, auth="none"))
-        core.add_route(Route("/flush_cache", ["POST"], handler=r.flush_cache, auth="admin"))
-        core.add_route(Route("/get_loads", ["GET"], handler=r.get_loads, auth="admin"))
-        a = self.admin
-        core.add_route(Route("/workers", ["GET", "POST"], handler=self._workers_root, auth="admin"))
-        core.add_route(Route("/workers/", ["GET", "DELETE"], handler=a.worker_route, auth="admin"), prefix=True)
+            self.core.add_route(Route(path, ["POST"], native=handler_class(self.proxy_settings, endpoint),
+                                      auth="serving", id_prefix=_ID_PREFIXES.get(path, b"req-")))
+
+    def add_control_routes(self, handler_for: Callable[[str], Callable]) -> None:
+        """Install CONTROL_ROUTES, each served by handler_for(path)."""
+        for path, methods, auth, prefix in CONTROL_ROUTES:
+            self.core.add_route(Route(path, list(methods), handler=handler_for(path), auth=auth), prefix=prefix)
+
+    async def listen(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        """Serve on cfg.host:cfg.port, or on listening sockets made for us."""
+        if sockets is None:
+            self.servers.append(await self.loop.create_server(
+                self.core.protocol_factory, self.cfg.host, self.cfg.port, backlog=4096))
+        else:
+            for sock in sockets:
+                self.servers.append(await self.loop.create_server(self.core.protocol_factory, sock=sock,
+                                                                  backlog=4096))
+
+    def tick(self, now: float) -> None:
+        self.core.tick(now)
+        if now - self._last_slow_tick >= 1.0:
+            self._last_slow_tick = now
+            self.core.date_header = date_header()
+            for w in self.registry.all():
+                w.pool.sweep(now)
+        if now - self._last_eviction >= self.cfg.eviction_interval_secs:
+            self._last_eviction = now
+            evicted = self.router.evict_all()
+            if evicted:
+                log.debug("cache-aware trees: evicted %d characters", evicted)
+
+    async def drain_requests(self) -> None:
+        """Stop accepting; answer what was received, within the grace period."""
+        core = self.core
+        core.shutting_down = True
+        for server in self.servers:
+            server.close()
+        core.close_idle()
+        if core.active_requests:
+            log.info("Finishing %d in-flight requests (grace period %.0f s)", core.active_requests,
+                     self.cfg.shutdown_grace_period_secs)
+        deadline = self.loop.time() + self.cfg.shutdown_grace_period_secs
+        while core.active_requests and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if core.active_requests:
+            log.warning("Grace period over: dropping %d requests", core.active_requests)
+        for conn in list(core.connections):
+            conn.abort()
+
+
+class ControlPlane:
+    """The registry and everything that changes it, the routes the gateway
+    answers itself, and the metrics listener. `snapshot_source` gives the
+    data plane's counters for /metrics; `inflight_source`, where the data
+    plane runs in other processes, their in-flight counts per worker id."""
+
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, registry: Registry,
+                 snapshot_source: SnapshotSource,
+                 processes: Optional[Callable[[], list[dict]]] = None,
+                 inflight_source: Optional[Callable[[], Awaitable[dict]]] = None):
+        self.cfg = cfg
+        self.loop = loop
+        self.registry = registry
+        self.registrar = Registrar(cfg, registry, loop)
+        self.health = HealthChecker(cfg, registry, loop)
+        self.metric_sources: list[Callable[[], Iterator]] = []
+        self.metrics = MetricsEndpoint(self, snapshot_source, processes)
+        self.inflight_source = inflight_source
+        self.routes = GatewayRoutes(self)
+        self.admin = AdminRoutes(self)
+        self.metrics_core = ServerCore(loop, max_payload=1 << 20, header_timeout=30.0, idle_timeout=90.0)
         self.metrics_core.add_route(Route("/metrics", ["GET"], handler=self.metrics.handle))
+        self.metrics_server: Optional[asyncio.AbstractServer] = None
+        self.discovery = None
+        self.shutting_down = False
+        r, a = self.routes, self.admin
+        self.handlers = {
+            "/health": r.health, "/liveness": r.health, "/readiness": r.readiness, "/v1/models": r.models,
+            "/get_server_info": r.server_info, "/get_model_info": r.model_info,
+            "/health_generate": r.health_generate, "/flush_cache": r.flush_cache, "/get_loads": r.get_loads,
+            "/workers": self._workers_root, "/workers/": a.worker_route,
+        }
 
     def _workers_root(self, req):
         if req.method == b"POST":
             return self.admin.add_worker(req)
         return self.admin.list_workers(req)
 
-    # --- running ---
-
     async def start(self) -> None:
+        """Metrics listener, then the workers: static ones and discovery."""
         cfg = self.cfg
-        self._update_date()
-        self.servers.append(await self.loop.create_server(
-            self.core.protocol_factory, cfg.host, cfg.port, backlog=4096))
-        for sock in self.servers[0].sockets:
-            log.info("smg listening on %s", _addr(sock))
+        self.metrics_core.date_header = date_header()
         try:
-            metrics_server = await self.loop.create_server(
+            self.metrics_server = await self.loop.create_server(
                 self.metrics_core.protocol_factory, cfg.prometheus_host, cfg.prometheus_port, backlog=128)
         except OSError as e:
             raise SystemExit(
                 f"smg: error: cannot listen for metrics on {cfg.prometheus_host}:{cfg.prometheus_port}: {e}"
             ) from None
-        self.servers.append(metrics_server)
-        for sock in metrics_server.sockets:
-            log.info("metrics on http://%s/metrics", _addr(sock))
-        self._schedule_tick()
+        for sock in self.metrics_server.sockets:
+            log.info("metrics on http://%s/metrics", sock_address(sock))
         self._add_static_workers()
         if cfg.service_discovery:
             from smg.discovery.reconcile import Discovery
@@ -172,55 +251,20 @@ class Gateway:
                 continue
             self.registrar.register(w)
 
-    def _schedule_tick(self) -> None:
-        self._tick_handle = self.loop.call_later(TICK_SECONDS, self._tick)
+    def tick(self, now: float, sweep_pools: bool) -> None:
+        self.metrics_core.tick(now)
+        if sweep_pools:
+            for w in self.registry.all():
+                w.pool.sweep(now)
 
-    def _tick(self) -> None:
-        now = monotonic()
-        try:
-            self.core.tick(now)
-            self.metrics_core.tick(now)
-            if now - self._last_slow_tick >= 1.0:
-                self._last_slow_tick = now
-                self._update_date()
-                for w in self.registry.all():
-                    w.pool.sweep(now)
-            if now - self._last_eviction >= self.cfg.eviction_interval_secs:
-                self._last_eviction = now
-                evicted = self.router.evict_all()
-                if evicted:
-                    log.debug("cache-aware trees: evicted %d characters", evicted)
-        except Exception:
-            log.exception("housekeeping tick failed")
-        if not self.stopping.is_set() or self.core.connections:
-            self._schedule_tick()
+    def refresh_date(self) -> None:
+        self.metrics_core.date_header = date_header()
 
-    def _update_date(self) -> None:
-        self.core.date_header = b"date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
-
-    def request_stop(self) -> None:
-        if not self.stopping.is_set():
-            log.info("Shutdown requested")
-            self.stopping.set()
-
-    async def shutdown(self) -> None:
-        cfg = self.cfg
-        core = self.core
-        core.shutting_down = True
-        for server in self.servers:
-            server.close()
-        core.close_idle()
+    async def stop(self) -> None:
+        self.shutting_down = True
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.metrics_core.close_idle()
-        active = core.active_requests
-        if active:
-            log.info("Finishing %d in-flight requests (grace period %.0f s)", active, cfg.shutdown_grace_period_secs)
-        deadline = self.loop.time() + cfg.shutdown_grace_period_secs
-        while core.active_requests and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        if core.active_requests:
-            log.warning("Grace period over: dropping %d requests", core.active_requests)
-        for conn in list(core.connections):
-            conn.abort()
         if self.discovery is not None:
             await self.discovery.stop()
         self.health.stop()
@@ -228,6 +272,56 @@ class Gateway:
             task.cancel()
         for w in self.registry.all():
             w.pool.close()
+
+
+class Gateway:
+    """Both planes on one event loop: one process serves everything."""
+
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop):
+        self.cfg = cfg
+        self.loop = loop
+        self.router = Router(policy_factory(cfg))
+        self.registry = Registry(cfg, self.router, loop)
+        self.data = DataPlane(cfg, loop, self.router, self.registry)
+        self.control = ControlPlane(cfg, loop, self.registry, lambda: dataplane_snapshot(self.data))
+        self.data.add_control_routes(self.control.handlers.__getitem__)
+        self.stopping = asyncio.Event()
+        self._tick_handle: Optional[asyncio.TimerHandle] = None
+        self._last_date = 0.0
+
+    async def start(self) -> None:
+        await self.data.listen()
+        for server in self.data.servers:
+            for sock in server.sockets:
+                log.info("smg listening on %s", sock_address(sock))
+        self._schedule_tick()
+        await self.control.start()
+
+    def _schedule_tick(self) -> None:
+        self._tick_handle = self.loop.call_later(TICK_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        now = monotonic()
+        try:
+            self.data.tick(now)
+            self.control.tick(now, sweep_pools=False)
+            if now - self._last_date >= 1.0:
+                self._last_date = now
+                self.control.refresh_date()
+        except Exception:
+            log.exception("housekeeping tick failed")
+        if not self.stopping.is_set() or self.data.core.connections:
+            self._schedule_tick()
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("Shutdown requested")
+            self.stopping.set()
+
+    async def shutdown(self) -> None:
+        self.control.shutting_down = True
+        await self.data.drain_requests()
+        await self.control.stop()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         log.info("smg stopped")
@@ -241,12 +335,12 @@ class Gateway:
         return 0
 
 
-def _addr(sock: socket.socket) -> str:
+def sock_address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """A gateway holds a socket per client and per upstream connection: use
     every file descriptor the hard limit allows."""
     import resource
@@ -263,7 +357,7 @@ def _raise_fd_limit() -> None:
 
 def run(cfg: Config) -> int:
     logs.setup(cfg.log_level, cfg.log_json, cfg.log_dir)
-    _raise_fd_limit()
+    raise_fd_limit()
     if cfg.service_discovery:
         from kubernetes.config import ConfigException
 
@@ -278,8 +372,12 @@ def run(cfg: Config) -> int:
             return 1
 
     async def main() -> int:
-        gw = Gateway(cfg, asyncio.get_running_loop())
-        return await gw.serve()
+        loop = asyncio.get_running_loop()
+        if cfg.workers > 1:
+            from smg.supervisor import Supervisor
+
+            return await Supervisor(cfg, loop).serve()
+        return await Gateway(cfg, loop).serve()
 
     try:
         return uvloop.run(main())

@@ -17,11 +17,11 @@ from smg._fast.upstream import fetch
 from smg._fast.worker import DECODE, PREFILL, READY, REGULAR, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
-    from smg.gateway import Gateway
+    from smg.gateway import ControlPlane
 
 
 class GatewayRoutes:
-    def __init__(self, gw: Gateway):
+    def __init__(self, gw: ControlPlane):
         self.gw = gw
         self._rr = itertools.count()
 
@@ -32,7 +32,7 @@ class GatewayRoutes:
 
     def readiness(self, req) -> Response:
         gw = self.gw
-        if gw.core.shutting_down:
+        if gw.shutting_down:
             return json_response({"status": "not ready", "reason": "shutting down"}, 503)
         if gw.cfg.pd_disaggregation:
             prefill = gw.registry.ready(PREFILL)

@@ -1,14 +1,17 @@
-"""Prometheus metrics with the reference gateway's names (SPEC.md §7).
+"""Prometheus metrics with the reference gateway's names.
 
 The data plane keeps plain counters on its own objects (routes, workers,
-the proxy settings); this collector reads them only when /metrics is
-scraped, so recording costs the hot path a few integer increments. The
-metrics listener runs on the gateway's event loop: no thread ever reads
-state that the loop is changing."""
+the proxy settings, the cache-aware policies). `dataplane_snapshot` copies
+them into plain data when /metrics is scraped, so recording costs the hot
+path a few integer increments. With --workers N the control plane asks
+every data-plane process for its snapshot and adds them up
+(`merge_snapshots`), so /metrics shows the host, not one process. The
+collector renders a snapshot together with what the control plane owns
+(the worker set, health checks, discovery)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Optional, Union
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -17,23 +20,135 @@ from smg._fast.server import BUCKETS, Response
 from smg._fast.worker import DRAINING, READY, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
-    from smg.gateway import Gateway
+    from smg.gateway import ControlPlane, DataPlane
 
 _BUCKET_LABELS = [f"{b:g}" for b in BUCKETS] + ["+Inf"]
+_CB_NAMES = ("closed", "open", "half_open")
+# merging breaker states of several processes: the most restrictive wins
+_CB_SEVERITY = {0: 0, 2: 1, 1: 2}
+
+
+def dataplane_snapshot(dp: DataPlane) -> dict:
+    """Every counter of one data plane, as plain (JSON-able) data."""
+    from smg._fast.policies import CacheAwarePolicy
+
+    routes = {}
+    for route in dp.core.all_routes():
+        routes[route.path] = {
+            "requests": {m.decode("latin-1"): n for m, n in route.requests.items()},
+            "responses": [[status, code or "", n] for (status, code), n in route.responses.items()],
+            "durations": {m.decode("latin-1"): list(h.snapshot()[:2]) for m, h in route.durations.items()},
+        }
+    workers = {}
+    for w in dp.registry.all():
+        workers[w.id] = {"requests": w.requests_total, "inflight": w.inflight, "cb_state": w.cb_state,
+                         "cb_failures": w.cb_failures, "cb_successes": w.cb_successes,
+                         "cb_ok": w.cb_outcome_success, "cb_fail": w.cb_outcome_failure}
+    cache_aware = []
+    for (wtype, model), group in list(dp.router.groups.items()):
+        policy = group.policy
+        if not isinstance(policy, CacheAwarePolicy):
+            continue
+        shares = {}
+        for w in group.workers:
+            slot = policy.slot_of(w)
+            if slot is not None:
+                shares[w.url] = policy.tree.chars_of(slot)
+        cache_aware.append([TYPE_NAMES[wtype], model, policy.tree.total_chars, shares,
+                            {"hit": policy.hits, "miss": policy.misses, "spill": policy.spills,
+                             "handover": policy.handovers}])
+    adm = dp.core.admission
+    settings = dp.proxy_settings
+    return {
+        "routes": routes,
+        "requests": sum(sum(r["requests"].values()) for r in routes.values()),
+        "connections": len(dp.core.connections),
+        "admission": {"active": adm.active, "queue_depth": adm.queue_depth,
+                      "rejected_full": adm.rejected_full, "rejected_timeout": adm.rejected_timeout},
+        "workers": workers,
+        "cb_transitions": [[url, old, new, n] for (url, old, new), n in dp.registry.cb_transitions.items()],
+        "retries": [[t, e, n] for (t, e), n in settings.retries.items()],
+        "retries_exhausted": [[t, e, n] for (t, e), n in settings.retries_exhausted.items()],
+        "cache_aware": cache_aware,
+    }
+
+
+def merge_snapshots(snapshots: list[dict]) -> dict:
+    """The host's view: counters and in-flight gauges add up; a breaker
+    shows its most restrictive state; a cache-aware tree its largest size
+    (every process builds the same tree from its share of the traffic)."""
+    routes: dict[str, dict] = {}
+    workers: dict[str, dict] = {}
+    cache_aware: dict[tuple, list] = {}
+    keyed: dict[str, dict[tuple, int]] = {"cb_transitions": {}, "retries": {}, "retries_exhausted": {}}
+    out = {"requests": 0, "connections": 0,
+           "admission": {"active": 0, "queue_depth": 0, "rejected_full": 0, "rejected_timeout": 0}}
+    for snap in snapshots:
+        out["requests"] += snap["requests"]
+        out["connections"] += snap["connections"]
+        for k, v in snap["admission"].items():
+            out["admission"][k] += v
+        for path, r in snap["routes"].items():
+            into = routes.setdefault(path, {"requests": {}, "responses": {}, "durations": {}})
+            for m, n in r["requests"].items():
+                into["requests"][m] = into["requests"].get(m, 0) + n
+            for status, code, n in r["responses"]:
+                into["responses"][(status, code)] = into["responses"].get((status, code), 0) + n
+            for m, (counts, total) in r["durations"].items():
+                have = into["durations"].get(m)
+                into["durations"][m] = [list(counts), total] if have is None else \
+                    [[a + b for a, b in zip(have[0], counts)], have[1] + total]
+        for wid, w in snap["workers"].items():
+            have = workers.get(wid)
+            if have is None:
+                workers[wid] = dict(w)
+                continue
+            for k in ("requests", "inflight", "cb_failures", "cb_successes", "cb_ok", "cb_fail"):
+                have[k] += w[k]
+            if _CB_SEVERITY[w["cb_state"]] > _CB_SEVERITY[have["cb_state"]]:
+                have["cb_state"] = w["cb_state"]
+        for name, rows in keyed.items():
+            for *key, n in snap[name]:
+                rows[tuple(key)] = rows.get(tuple(key), 0) + n
+        for tname, model, total, shares, decisions in snap["cache_aware"]:
+            have = cache_aware.get((tname, model))
+            if have is None:
+                cache_aware[(tname, model)] = [tname, model, total, dict(shares), dict(decisions)]
+                continue
+            have[2] = max(have[2], total)
+            for url, chars in shares.items():
+                have[3][url] = max(have[3].get(url, 0), chars)
+            for k, n in decisions.items():
+                have[4][k] = have[4].get(k, 0) + n
+    out["routes"] = {path: {"requests": r["requests"],
+                            "responses": [[s, c, n] for (s, c), n in r["responses"].items()],
+                            "durations": r["durations"]} for path, r in routes.items()}
+    out["workers"] = workers
+    for name, rows in keyed.items():
+        out[name] = [[*key, n] for key, n in rows.items()]
+    out["cache_aware"] = list(cache_aware.values())
+    return out
 
 
 class GatewayCollector:
-    def __init__(self, gw: Gateway):
-        self.gw = gw
+    """Renders a data-plane snapshot and the control plane's own state."""
+
+    def __init__(self, cp: ControlPlane):
+        self.cp = cp
+        self.snapshot: dict = {}
+        self.processes: Optional[list[dict]] = None   # per data-plane process, with --workers N
 
     def collect(self) -> Iterator[Metric]:
-        gw = self.gw
-        yield from self._http(gw)
-        yield from self._workers(gw)
-        for source in gw.metric_sources:
+        snap = self.snapshot
+        yield from self._http(snap)
+        yield from self._workers(snap)
+        yield from self._cache_aware(snap)
+        if self.processes is not None:
+            yield from self._processes(self.processes)
+        for source in self.cp.metric_sources:
             yield from source()
 
-    def _http(self, gw: Gateway) -> Iterator[Metric]:
+    def _http(self, snap: dict) -> Iterator[Metric]:
         requests = CounterMetricFamily("smg_http_requests", "Total HTTP requests by method and path",
                                        labels=["method", "path"])
         responses = CounterMetricFamily(
@@ -41,39 +156,38 @@ class GatewayCollector:
             labels=["path", "status_code", "error_code"])
         durations = HistogramMetricFamily("smg_http_request_duration_seconds",
                                           "HTTP request duration by method and path", labels=["method", "path"])
-        for route in gw.core.all_routes():
-            for method, n in route.requests.items():
-                requests.add_metric([method.decode("latin-1"), route.path], n)
-            for (status, code), n in route.responses.items():
-                responses.add_metric([route.path, str(status), code or ""], n)
-            for method, hist in route.durations.items():
-                counts, total, _ = hist.snapshot()
-                durations.add_metric([method.decode("latin-1"), route.path],
-                                     list(zip(_BUCKET_LABELS, counts)), total)
+        for path, r in snap["routes"].items():
+            for method, n in r["requests"].items():
+                requests.add_metric([method, path], n)
+            for status, code, n in r["responses"]:
+                responses.add_metric([path, str(status), code], n)
+            for method, (counts, total) in r["durations"].items():
+                durations.add_metric([method, path], list(zip(_BUCKET_LABELS, counts)), total)
         yield requests
         yield responses
         yield durations
         yield GaugeMetricFamily("smg_http_connections_active", "Currently active HTTP connections",
-                                value=len(gw.core.connections))
-        adm = gw.core.admission
+                                value=snap["connections"])
+        adm = snap["admission"]
         yield GaugeMetricFamily("smg_admission_inflight", "Proxied requests holding an admission slot",
-                                value=adm.active)
+                                value=adm["active"])
         yield GaugeMetricFamily("smg_admission_queue_depth", "Requests waiting for an admission slot",
-                                value=adm.queue_depth)
+                                value=adm["queue_depth"])
         rejected = CounterMetricFamily("smg_admission_rejected", "Requests refused with 429 by admission control",
                                        labels=["reason"])
-        rejected.add_metric(["queue_full"], adm.rejected_full)
-        rejected.add_metric(["queue_timeout"], adm.rejected_timeout)
+        rejected.add_metric(["queue_full"], adm["rejected_full"])
+        rejected.add_metric(["queue_timeout"], adm["rejected_timeout"])
         yield rejected
 
-    def _workers(self, gw: Gateway) -> Iterator[Metric]:
+    def _workers(self, snap: dict) -> Iterator[Metric]:
+        cp = self.cp
         # series are labelled by URL: a draining worker and its successor at
         # the same address (a re-created pod) must not both report
         by_url: dict[str, Worker] = {}
-        for w in gw.registry.all():
+        for w in cp.registry.all():
             if w.url not in by_url or by_url[w.url].state == DRAINING:
                 by_url[w.url] = w
-        workers = list(by_url.values())
+        counters = snap["workers"]
         req_total = CounterMetricFamily("smg_worker_requests", "Requests dispatched to a worker by worker (URL) and model",
                                         labels=["worker", "model"])
         active = GaugeMetricFamily("smg_worker_requests_active", "Currently running requests per worker",
@@ -90,15 +204,18 @@ class GatewayCollector:
         cb_outcomes = CounterMetricFamily("smg_worker_cb_outcomes", "Circuit breaker outcomes by worker",
                                           labels=["worker", "outcome"])
         pool_size: dict[tuple[str, str], int] = {}
-        for w in workers:
-            req_total.add_metric([w.url, w.model_id], w.requests_total)
-            active.add_metric([w.url], w.inflight)
-            health.add_metric([w.url], 1 if w.state == READY else 0)
-            cb_state.add_metric([w.url], w.cb_state)
-            cb_fail.add_metric([w.url], w.cb_failures)
-            cb_succ.add_metric([w.url], w.cb_successes)
-            cb_outcomes.add_metric([w.url, "success"], w.cb_outcome_success)
-            cb_outcomes.add_metric([w.url, "failure"], w.cb_outcome_failure)
+        zero = {"requests": 0, "inflight": 0, "cb_state": 0, "cb_failures": 0, "cb_successes": 0,
+                "cb_ok": 0, "cb_fail": 0}
+        for url, w in by_url.items():
+            c = counters.get(w.id, zero)
+            req_total.add_metric([url, w.model_id], c["requests"])
+            active.add_metric([url], c["inflight"])
+            health.add_metric([url], 1 if w.state == READY else 0)
+            cb_state.add_metric([url], c["cb_state"])
+            cb_fail.add_metric([url], c["cb_failures"])
+            cb_succ.add_metric([url], c["cb_successes"])
+            cb_outcomes.add_metric([url, "success"], c["cb_ok"])
+            cb_outcomes.add_metric([url, "failure"], c["cb_fail"])
             key = (TYPE_NAMES[w.worker_type], w.model_id)
             pool_size[key] = pool_size.get(key, 0) + 1
         yield req_total
@@ -111,8 +228,9 @@ class GatewayCollector:
         transitions = CounterMetricFamily("smg_worker_cb_transitions",
                                           "Circuit breaker state transitions by worker, from, to",
                                           labels=["worker", "from", "to"])
-        for (url, old, new), n in gw.registry.cb_transitions.items():
-            transitions.add_metric([url, old, new], n)
+        for url, old, new, n in snap["cb_transitions"]:
+            if url in by_url:
+                transitions.add_metric([url, old, new], n)
         yield transitions
         pool = GaugeMetricFamily("smg_worker_pool_size", "Current worker pool size by worker_type, connection_mode, model",
                                  labels=["worker_type", "connection_mode", "model"])
@@ -121,58 +239,85 @@ class GatewayCollector:
         yield pool
         checks = CounterMetricFamily("smg_worker_health_checks", "Health check results by worker_type and result",
                                      labels=["worker_type", "result"])
-        for (wtype, result), n in gw.health.results.items():
+        for (wtype, result), n in cp.health.results.items():
             checks.add_metric([wtype, result], n)
         yield checks
         retries = CounterMetricFamily("smg_worker_retries", "Total retry attempts by worker_type and endpoint",
                                       labels=["worker_type", "endpoint"])
-        for (wtype, endpoint), n in gw.proxy_settings.retries.items():
+        for wtype, endpoint, n in snap["retries"]:
             retries.add_metric([wtype, endpoint], n)
         yield retries
         exhausted = CounterMetricFamily("smg_worker_retries_exhausted",
                                         "Requests that failed after their last attempt, by worker_type and endpoint",
                                         labels=["worker_type", "endpoint"])
-        for (wtype, endpoint), n in gw.proxy_settings.retries_exhausted.items():
+        for wtype, endpoint, n in snap["retries_exhausted"]:
             exhausted.add_metric([wtype, endpoint], n)
         yield exhausted
-        yield from self._cache_aware(gw)
 
-    def _cache_aware(self, gw: Gateway) -> Iterator[Metric]:
-        from smg._fast.policies import CacheAwarePolicy
-
+    def _cache_aware(self, snap: dict) -> Iterator[Metric]:
         tree = GaugeMetricFamily("smg_cache_aware_tree_chars",
                                  "Characters in a model's cache-aware routing tree", labels=["model", "worker_type"])
         share = GaugeMetricFamily("smg_cache_aware_worker_tree_chars",
                                   "Characters of the routing tree a worker holds", labels=["model", "worker"])
         decisions = CounterMetricFamily("smg_cache_aware_decisions",
-                                        "cache_aware routing decisions: hit (prefix owner), miss (least loaded), "
-                                        "spill (owner overloaded), handover (prefix moved off an overloaded worker)",
+                                        "cache_aware routing decisions: hit (prefix owner), miss (placed by "
+                                        "rendezvous hashing), spill (owner overloaded), handover (prefix moved "
+                                        "off an overloaded worker)",
                                         labels=["model", "worker_type", "decision"])
-        for (wtype, model), group in list(gw.router.groups.items()):
-            policy = group.policy
-            if not isinstance(policy, CacheAwarePolicy):
-                continue
-            tname = TYPE_NAMES[wtype]
-            tree.add_metric([model, tname], policy.tree.total_chars)
-            for w in group.workers:
-                slot = policy.slot_of(w)
-                if slot is not None:
-                    share.add_metric([model, w.url], policy.tree.chars_of(slot))
-            for attr, decision in (("hits", "hit"), ("misses", "miss"), ("spills", "spill"),
-                                   ("handovers", "handover")):
-                decisions.add_metric([model, tname, decision], getattr(policy, attr))
+        for tname, model, total, shares, counts in snap["cache_aware"]:
+            tree.add_metric([model, tname], total)
+            for url, chars in shares.items():
+                share.add_metric([model, url], chars)
+            for decision in ("hit", "miss", "spill", "handover"):
+                decisions.add_metric([model, tname, decision], counts.get(decision, 0))
         yield tree
         yield share
         yield decisions
 
+    def _processes(self, processes: list[dict]) -> Iterator[Metric]:
+        live = GaugeMetricFamily("smg_dataplane_processes", "Data-plane processes running (--workers)")
+        live.add_metric([], sum(1 for p in processes if p["alive"]))
+        yield live
+        requests = CounterMetricFamily("smg_dataplane_requests", "HTTP requests served by each data-plane process "
+                                       "since it started", labels=["process"])
+        restarts = CounterMetricFamily("smg_dataplane_restarts", "Data-plane processes restarted after they died",
+                                       labels=["process"])
+        for p in processes:
+            requests.add_metric([str(p["index"])], p["requests"])
+            restarts.add_metric([str(p["index"])], p["restarts"])
+        yield requests
+        yield restarts
+
+
+SnapshotSource = Callable[[], Union[dict, Awaitable[dict]]]
+
 
 class MetricsEndpoint:
-    def __init__(self, gw: Gateway):
+    """GET /metrics. `snapshot_source` returns the data-plane snapshot to
+    render: directly (one process) or as an awaitable (asks every process)."""
+
+    def __init__(self, cp: ControlPlane, snapshot_source: SnapshotSource,
+                 processes: Optional[Callable[[], list[dict]]] = None):
+        self.collector = GatewayCollector(cp)
+        self.snapshot_source = snapshot_source
+        self.processes = processes
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gw))  # type: ignore[arg-type]
+        self.registry.register(self.collector)  # type: ignore[arg-type]
 
     def extend(self, collector) -> None:
         self.registry.register(collector)
 
-    def handle(self, req) -> Response:
+    def _render(self, snapshot: dict) -> Response:
+        self.collector.snapshot = snapshot
+        self.collector.processes = self.processes() if self.processes is not None else None
         return Response(200, generate_latest(self.registry), b"text/plain; version=0.0.4; charset=utf-8")
+
+    def handle(self, req):
+        snapshot = self.snapshot_source()
+        if isinstance(snapshot, dict):
+            return self._render(snapshot)
+
+        async def later() -> Response:
+            return self._render(await snapshot)
+
+        return later()

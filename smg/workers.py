@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Callable, Optional
+from typing import Awaitable, Callable, Optional
 
 from smg._fast.policies import Router
 from smg._fast.upstream import UpstreamPool
@@ -41,10 +41,19 @@ class DuplicateWorker(Exception):
 
 
 class Registry:
-    def __init__(self, cfg: Config, router: Router, loop: asyncio.AbstractEventLoop):
+    """`announce`: log membership changes at INFO (the control plane's
+    registry); a data-plane process's mirror of it logs them at DEBUG."""
+
+    def __init__(self, cfg: Config, router: Router, loop: asyncio.AbstractEventLoop, announce: bool = True):
         self.cfg = cfg
         self.router = router
         self.loop = loop
+        self.announce = announce
+        self.info_level = logging.INFO if announce else logging.DEBUG
+        # waits until no request is in flight on a draining worker (or the
+        # deadline passes); with --workers N the in-flight requests are in the
+        # data-plane processes, and the supervisor replaces this
+        self.wait_idle: Callable[[Worker, float], Awaitable[None]] = self._wait_local_idle
         self.workers: dict[str, Worker] = {}
         self.by_url: dict[str, Worker] = {}
         self.sources: dict[str, str] = {}  # worker id -> "static" | "api" | "kubernetes"
@@ -78,14 +87,14 @@ class Registry:
 
     def add(self, url: str, worker_type: int = REGULAR, bootstrap_port: Optional[int] = None,
             labels: Optional[dict] = None, api_key: Optional[str] = None, source: str = "static",
-            model_id: Optional[str] = None) -> Worker:
+            model_id: Optional[str] = None, worker_id: Optional[str] = None) -> Worker:
         """Register a URL as a pending worker. Raises ValueError on a bad URL
         and DuplicateWorker when the URL is already registered."""
         url = normalize_url(url)
         existing = self.by_url.get(url)
         if existing is not None:
             raise DuplicateWorker(existing)
-        w = Worker(str(uuid.uuid4()), url, model_id or "unknown", worker_type, bootstrap_port,
+        w = Worker(worker_id or str(uuid.uuid4()), url, model_id or "unknown", worker_type, bootstrap_port,
                    dict(labels or {}), api_key)
         w.pool = UpstreamPool(w.host, w.port, self.cfg.upstream_pool_idle_timeout_secs, self.loop)
         w.cb_enabled = not self.cfg.disable_circuit_breaker
@@ -107,7 +116,7 @@ class Registry:
         w.info = info
         w.state = READY
         self.router.add_worker(w)
-        log.info("Registered worker: %s", w.url)
+        log.log(self.info_level, "Registered worker: %s", w.url)
         self._notify("ready", w)
 
     def set_state(self, w: Worker, state: int) -> None:
@@ -116,7 +125,7 @@ class Registry:
         old = w.state
         w.state = state
         self.router.refresh_worker(w)
-        level = logging.INFO if state == READY else logging.WARNING
+        level = logging.WARNING if state != READY and self.announce else self.info_level
         log.log(level, "Worker %s: %s -> %s", w.url, STATE_NAMES[old], STATE_NAMES[state])
         self._notify("state", w)
 
@@ -141,15 +150,17 @@ class Registry:
         return task
 
     async def _drain(self, w: Worker, reason: str) -> None:
-        deadline = self.loop.time() + self.cfg.drain_timeout_secs
+        await self.wait_idle(w, self.loop.time() + self.cfg.drain_timeout_secs)
+        self.remove(w, reason)
+
+    async def _wait_local_idle(self, w: Worker, deadline: float) -> None:
         if w.inflight > 0:
-            log.info("Draining worker %s (%d in flight)", w.url, w.inflight)
+            log.log(self.info_level, "Draining worker %s (%d in flight)", w.url, w.inflight)
         while w.inflight > 0 and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         if w.inflight > 0:
             log.warning("Worker %s still had %d requests in flight after %.0f s; removing it",
                         w.url, w.inflight, self.cfg.drain_timeout_secs)
-        self.remove(w, reason)
 
     def remove(self, w: Worker, reason: str = "removed") -> None:
         """Forget the worker now: routing, policies (its cache-tree share
@@ -166,7 +177,7 @@ class Registry:
         w.pool.close()
         for key in [k for k in self.cb_transitions if k[0] == w.url]:
             del self.cb_transitions[key]
-        log.info("Removed worker: %s (%s)", w.url, reason)
+        log.log(self.info_level, "Removed worker: %s (%s)", w.url, reason)
         self._notify("removed", w)
 
     def _on_cb_transition(self, w: Worker, old: int, new: int) -> None:
@@ -187,6 +198,36 @@ class Registry:
         tasks = list(self._drains.values())
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- mirroring (--workers N) ---
+
+    @staticmethod
+    def record(w: Worker) -> dict:
+        """What a data-plane process needs to know of a worker to route to it."""
+        return {"id": w.id, "url": w.url, "model_id": w.model_id, "worker_type": w.worker_type,
+                "bootstrap_port": w.bootstrap_port, "api_key": w.api_key, "state": w.state}
+
+    def apply(self, rec: dict) -> Optional[Worker]:
+        """Bring this registry (a data-plane process's mirror) in line with
+        one worker record from the control plane."""
+        w = self.workers.get(rec["id"])
+        if w is None:
+            if rec["state"] == DRAINING:
+                return None  # never routed here; nothing to drain
+            stale = self.by_url.get(rec["url"])
+            if stale is not None:  # re-registered under a new id while this one was missed
+                self.remove(stale, "replaced")
+            w = self.add(rec["url"], rec["worker_type"], rec["bootstrap_port"], None, rec["api_key"],
+                         source="control-plane", model_id=rec["model_id"], worker_id=rec["id"])
+        state = rec["state"]
+        if state == DRAINING:
+            self.drain(w, "control plane")
+        elif w.state == PENDING and state != PENDING:
+            self.activate(w, rec["model_id"], {})
+            self.set_state(w, state)
+        elif state != w.state:
+            self.set_state(w, state)
+        return w
 
     # --- views ---
 

@@ -25,7 +25,7 @@ from smg._fast.worker import DECODE, DRAINING, PREFILL, REGULAR, Worker
 from smg.discovery.kubernetes import PodInfo, PodWatcher, Roles
 
 if TYPE_CHECKING:
-    from smg.gateway import Gateway
+    from smg.gateway import ControlPlane as Gateway
 
 log = logging.getLogger("smg.discovery")
 
