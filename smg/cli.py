@@ -56,6 +56,16 @@ def _positive_float(value: str) -> float:
     return f
 
 
+def _process_count(value: str) -> int:
+    if value == "auto":
+        from smg.supervisor import available_cpus
+
+        return available_cpus()
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes (1 or more) or 'auto', got {value!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     p = _Parser(
@@ -82,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-timeout-secs", type=_positive_float, default=d.queue_timeout_secs)
     s.add_argument("--api-key", default=None, help="serving routes require 'Authorization: Bearer <key>'")
     s.add_argument("--admin-api-key", default=None, help="key for the admin routes (default: --api-key)")
+    s.add_argument("--workers", type=_process_count, default=d.workers, metavar="N|auto",
+                   help="data-plane processes sharing the port under one control plane; "
+                        "'auto': the CPUs this process may use (cgroup CPU quota included)")
     s.add_argument("--upstream-pool-idle-timeout-secs", type=_non_negative_float,
                    default=d.upstream_pool_idle_timeout_secs, help="close idle worker connections after this long")
 

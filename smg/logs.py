@@ -81,7 +81,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str = "info", json: bool = False, log_dir: Optional[str] = None,
-          rust_log: Optional[str] = None) -> None:
+          rust_log: Optional[str] = None, file_name: str = "smg.log") -> None:
+    """`file_name`: the file in log_dir (each process of --workers N writes
+    its own: rotating one file from several processes loses lines)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -90,7 +92,7 @@ def setup(level: str = "info", json: bool = False, log_dir: Optional[str] = None
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
         handlers.append(logging.handlers.TimedRotatingFileHandler(
-            os.path.join(log_dir, "smg.log"), when="midnight", backupCount=7, utc=True))
+            os.path.join(log_dir, file_name), when="midnight", backupCount=7, utc=True))
     for h in handlers:
         h.setFormatter(formatter)
         root.addHandler(h)
