@@ -78,6 +78,13 @@ class FakeWorkerConfig:
     api_key: str | None = None
     dp_size: int = 1
     tp_size: int = 1
+    # --simulate: generation runs on a model of an engine (prefix KV cache,
+    # serial prefill, batched decode; smg.simulated_engine) instead of at once
+    simulate: bool = False
+    sim_cache_chars: int = 1 << 20
+    sim_prefill_chars_per_sec: float = 200_000.0
+    sim_max_running: int = 32
+    sim_decode_step: float = 0.008
     version: str = "0.0.0-fake"
     # "sglang" or "vllm" (vLLM answers /v1/models with owned_by "vllm")
     engine: str = "sglang"
@@ -249,6 +256,7 @@ class FakeWorker:
         self._stopped: asyncio.Event | None = None
         self._conns: set[_WorkerProtocol] = set()
         self._rid = 0
+        self._engine = None
 
     @property
     def name(self) -> str:
@@ -323,6 +331,20 @@ class FakeWorker:
 
     def reset_stats(self) -> None:
         self.stats = FakeWorkerStats()
+        if self._engine is not None:
+            self._engine.prompt_chars = self._engine.cached_chars = self._engine.requests = 0
+
+    @property
+    def engine(self):
+        """The simulated engine (--simulate), made on first use."""
+        if self._engine is None:
+            from smg.simulated_engine import EngineModel, SimulatedEngine
+
+            cfg = self.config
+            self._engine = SimulatedEngine(EngineModel(
+                cache_chars=cfg.sim_cache_chars, prefill_chars_per_sec=cfg.sim_prefill_chars_per_sec,
+                max_running=cfg.sim_max_running, decode_step=cfg.sim_decode_step))
+        return self._engine
 
     # handlers
     def _count(self, path: str) -> None:
@@ -338,7 +360,7 @@ class FakeWorker:
         path = req.path
         self._count(path)
         if path in GENERATION_PATHS:
-            if cfg.mode != "normal" or cfg.response_delay > 0:
+            if cfg.mode != "normal" or cfg.response_delay > 0 or cfg.simulate:
                 return False
             return self._generate(proto, req, streaming_allowed=False)
         if path == "/health":
@@ -418,7 +440,10 @@ class FakeWorker:
             proto._write(_head(200, "text/plain", 0))
             return True
         if path == "/_fake/stats":
-            self._json(proto, 200, self.stats.as_json())
+            stats = self.stats.as_json()
+            if self._engine is not None:
+                stats["engine"] = self._engine.stats()
+            self._json(proto, 200, stats)
             return True
         if path == "/_fake/reset_stats":
             self.reset_stats()
@@ -464,7 +489,10 @@ class FakeWorker:
         try:
             if cfg.response_delay > 0:
                 await asyncio.sleep(cfg.response_delay)
-            await self._generate_stream(proto, req)
+            if cfg.simulate:
+                await self._simulate(proto, req)
+            else:
+                await self._generate_stream(proto, req)
         except asyncio.CancelledError:
             self.stats.disconnects += 1
             raise
@@ -638,6 +666,45 @@ class FakeWorker:
         self.stats.completed += 1
 
 
+    async def _simulate(self, proto: _WorkerProtocol, req: _Request) -> None:
+        """Generation on the simulated engine: the first token comes after
+        the prefill, the others one per decode step."""
+        body = self._parse_generation(proto, req)
+        if body is None:
+            return
+        self._rid += 1
+        prompt = _prompt_text(body)
+        params = body.get("sampling_params") if isinstance(body.get("sampling_params"), dict) else {}
+        tokens = params.get("max_new_tokens") or body.get("max_tokens") or self.config.completion_tokens
+        tokens = tokens if isinstance(tokens, int) and 0 < tokens <= 4096 else self.config.completion_tokens
+        stream = bool(body.get("stream"))
+        if stream:
+            proto._write(_head(200, "text/event-stream", None))
+        produced = 0
+        async for i in self.engine.generate(prompt, tokens):
+            if proto.closed:
+                raise asyncio.CancelledError
+            produced = i + 1
+            if stream:
+                proto._write(_chunk(self._stream_event(req.path, body, i, produced == tokens)))
+        if stream:
+            proto._write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        else:
+            self._json(proto, 200, self._complete_response(req.path, body))
+        self.stats.completed += 1
+
+
+def _prompt_text(body: dict) -> str:
+    """The prompt a generation request carries, as an engine would see it."""
+    text = body.get("text", body.get("prompt"))
+    if isinstance(text, str):
+        return text
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return " ".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m smg.testing", description="Run fake SGLang-compatible workers.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -648,6 +715,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-chunks", type=int, default=4)
     parser.add_argument("--stream-interval", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--response-delay", type=float, default=0.0)
+    sim = parser.add_argument_group("simulated engine (routing-quality benchmarks; see docs/fleet-simulator.md)")
+    sim.add_argument("--simulate", action="store_true",
+                     help="model a prefix KV cache, a serial prefill queue and batched decode")
+    sim.add_argument("--sim-cache-chars", type=int, default=1 << 20, help="prefix cache size per worker")
+    sim.add_argument("--sim-prefill-chars-per-sec", type=float, default=200_000.0)
+    sim.add_argument("--sim-max-running", type=int, default=32, help="requests past prefill at once")
+    sim.add_argument("--sim-decode-step", type=float, default=0.008, help="seconds per decode step")
     args = parser.parse_args(argv)
 
     import uvloop
@@ -661,6 +735,11 @@ def main(argv: list[str] | None = None) -> None:
             stream_chunks=args.stream_chunks,
             stream_interval=args.stream_interval,
             response_delay=args.response_delay,
+            simulate=args.simulate,
+            sim_cache_chars=args.sim_cache_chars,
+            sim_prefill_chars_per_sec=args.sim_prefill_chars_per_sec,
+            sim_max_running=args.sim_max_running,
+            sim_decode_step=args.sim_decode_step,
         )
         for i in range(args.count)
     ]
