@@ -437,6 +437,8 @@ class FakeWorker:
             )
             return True
         if path in ("/flush_cache", "/health_generate"):
+            if path == "/flush_cache" and self._engine is not None:
+                self._engine.cache.blocks.clear()
             proto._write(_head(200, "text/plain", 0))
             return True
         if path == "/_fake/stats":

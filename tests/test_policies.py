@@ -201,6 +201,9 @@ def test_cache_aware_overloaded_worker_spills():
         picks.append(p.pick_py(ws, prompt + str(i), None, t))
     assert picks[-1] is not owner
     assert p.spills > 0
+    # every spill of the prefix went to one second worker, its next placement
+    spilled = {w.id for w in picks if w is not owner}
+    assert spilled == {p.place_py(ws, prompt, now=t, avoid=owner).id}
     # back to normal load: the prefix returns to its owner
     owner.inflight = 2
     for i in range(50):

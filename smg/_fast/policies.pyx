@@ -478,11 +478,13 @@ cdef class CacheAwarePolicy(Policy):
                 self.spill_rate[slot] = 0.0
                 self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
                 return target
-            # a one-off spill to the least-loaded worker: the target now
-            # caches the matched nodes too, but claims none of their traffic
-            # (and its own tail is not recorded), so that the prefix, and
-            # repeats of this very prompt, stay with their owner
-            target = least_loaded(ready, now, w)
+            # a one-off spill, to the prefix's next placement: the spills of
+            # one prefix all land on the same second worker (which then has
+            # it cached), in every replica. The target caches the matched
+            # nodes too, but claims none of their traffic (and its own tail
+            # is not recorded), so that the prefix, and repeats of this very
+            # prompt, stay with their owner
+            target = self.place(buf, n, ready, &g, now, w)
             if target is None:
                 self.tree.insert(buf, n, slot, now, INSERT_HIT)
                 return w
