@@ -25,6 +25,8 @@ MODELS = {
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "V1ClusterRoleBinding",
     ("apps/v1", "Deployment"): "V1Deployment",
     ("apps/v1", "StatefulSet"): "V1StatefulSet",
+    ("policy/v1", "PodDisruptionBudget"): "V1PodDisruptionBudget",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler",
 }
 
 
@@ -140,3 +142,31 @@ def test_rbac_grants_what_discovery_needs():
     for name, doc, c in gateway_containers():
         # the namespaced Role covers the namespace the gateway watches
         assert config_from_args(c["args"]).service_discovery_namespace == role["namespace"]
+
+
+def test_the_gateway_runs_replicated_and_survives_disruptions():
+    by_kind = {}
+    for name, doc in docs():
+        by_kind.setdefault(doc["kind"], []).append((name, doc))
+    deployments = {doc["metadata"]["name"]: doc for name, doc in by_kind["Deployment"]}
+    gateway = deployments["smg"]
+    spec = gateway["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = spec["template"]["spec"]
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert spread["kubernetes.io/hostname"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    (_, pdb), = by_kind["PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < spec["replicas"]
+    (_, hpa), = by_kind["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "smg"}
+    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    (c,) = [c for c in pod["containers"] if c["name"] == "smg"]
+    cfg = config_from_args(c["args"])
+    # preStop delay + the drain fit in the termination grace period
+    assert pod["terminationGracePeriodSeconds"] > c["lifecycle"]["preStop"]["sleep"]["seconds"] + \
+        cfg.shutdown_grace_period_secs
+    # one data-plane process per requested CPU
+    assert cfg.workers == int(c["resources"]["requests"]["cpu"])
