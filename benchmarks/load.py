@@ -124,8 +124,10 @@ def parse_latency(text: str) -> float:
     return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
 
-def run_wrk(url: str, script: str, duration: int, connections: int, threads: int) -> dict:
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script, url],
+def run_wrk(url: str, script: str, duration: int, connections: int, threads: int,
+            prefix: Optional[list[str]] = None) -> dict:
+    """prefix: a command wrk runs under (e.g. taskset -c 2-3)."""
+    out = subprocess.run([*(prefix or []), "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script, url],
                          capture_output=True, text=True, timeout=duration + 60).stdout
     res = {"rps": 0.0, "p50": float("nan"), "p99": float("nan"), "errors": 0, "requests": 0, "raw": out}
     if m := re.search(r"Requests/sec:\s+([\d.]+)", out):

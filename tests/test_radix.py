@@ -95,6 +95,37 @@ def test_tree_matches_model(ops):
         check_match(tree, model, s)
 
 
+LONG_TEXT = st.text(alphabet=ALPHABET, min_size=1, max_size=80)  # longer than a compared block
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.one_of(TEXT, LONG_TEXT), st.integers(0, 3), st.sampled_from([0, 1, 2])), max_size=40))
+def test_insert_after_match_builds_the_same_tree(inserts):
+    """The cache-aware pick inserts with the match it already made
+    (insert_matched); the tree must be the one a plain insert builds."""
+    plain, reuse = RadixTree(), RadixTree()
+    for t, (text, slot, mode) in enumerate(inserts):
+        plain.insert_text(text, slot, now=float(t + 1), mode=mode)
+        reuse.match_and_insert_text(text, slot, now=float(t + 1), mode=mode)
+        assert reuse.dump() == plain.dump()
+        assert reuse.total_chars == plain.total_chars and reuse.node_count == plain.node_count
+        for k in range(4):
+            assert reuse.chars_of(k) == plain.chars_of(k)
+
+
+def test_long_labels_match_across_compared_blocks():
+    tree = RadixTree()
+    base = "x" * 100
+    tree.insert_text(base + "A" + "y" * 50, 0)
+    for cut in (0, 1, 15, 16, 17, 31, 32, 99):
+        probe = base[:cut] + "Z" + base[cut + 1:]
+        assert tree.match_text(probe)[0] == cut
+    assert tree.match_text(base + "B")[0] == 100
+    assert tree.match_text("☃" * 40)[0] == 0
+    tree.insert_text("☃" * 40 + "𝄞" * 40, 1)
+    assert tree.match_text("☃" * 40 + "𝄞" * 17 + "a")[0] == 57
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(TEXT, st.integers(0, 3)), min_size=1, max_size=40), st.integers(0, 40))
 def test_eviction_is_least_recently_used(inserts, budget):

@@ -455,13 +455,13 @@ cdef class CacheAwarePolicy(Policy):
                 self.misses += 1
                 w = self.place(buf, n, ready, &g, now, None)
                 if w is not None:
-                    self.tree.insert(buf, n, self.slot_for(w), now, INSERT_HIT)
+                    self.tree.insert_matched(buf, n, best, matched, self.slot_for(w), now, INSERT_HIT)
                 return w
             slot = self.slot_for(w)
             if not self.overloaded(w, &g, now):
                 self.hits += 1
                 self.spill_rate[slot] = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING)
-                self.tree.insert(buf, n, slot, now, INSERT_HIT)
+                self.tree.insert_matched(buf, n, best, matched, slot, now, INSERT_HIT)
                 return w
             self.spills += 1
             rate = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING) + SPILL_AVERAGING

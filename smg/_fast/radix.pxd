@@ -44,6 +44,11 @@ cdef class RadixTree:
 
     cdef Py_ssize_t match(self, const ucs4* text, Py_ssize_t n, Node** best, Py_ssize_t* best_depth) noexcept
     cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now, int mode=*) except -1
+    cdef int insert_matched(self, const ucs4* text, Py_ssize_t n, Node* best, Py_ssize_t matched, int32_t slot,
+                            double now, int mode=*) except -1
+    cdef int _add_leaf(self, Node* parent, int32_t at, const ucs4* text, Py_ssize_t n, int32_t slot, double now,
+                       int mode) except -1
+    cdef int _own(self, Node* node, int32_t slot, double now, int mode) except -1
     cdef int remove_slot(self, int32_t slot) except -1
     cdef int hand_over(self, const ucs4* text, Py_ssize_t n, int32_t from_slot, int32_t to_slot, double now) except -1
     cdef int _move_owner(self, Node* node, int32_t from_slot, int32_t to_slot) except -1

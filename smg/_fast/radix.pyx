@@ -37,22 +37,50 @@ cdef inline ucs4 label_at(const Node* node, Py_ssize_t i) noexcept nogil:
     return (<const ucs4*>node.label)[i]
 
 
+DEF BLOCK = 16
+
 cdef inline Py_ssize_t common_prefix(const Node* node, const ucs4* t, Py_ssize_t n) noexcept nogil:
+    """Leading characters node's label and t[:n] share. Whole blocks of
+    BLOCK characters are compared first, with no branch inside a block (the
+    compiler vectorises it): long prompts match mostly in long labels."""
     cdef Py_ssize_t m = node.length if node.length < n else n
     cdef Py_ssize_t i = 0
+    cdef int k
+    cdef uint32_t diff
     cdef const uint8_t* l1
     cdef const uint16_t* l2
     cdef const ucs4* l4
     if node.kind == 1:
         l1 = <const uint8_t*>node.label
+        while i + BLOCK <= m:
+            diff = 0
+            for k in range(BLOCK):
+                diff |= <uint32_t>l1[i + k] ^ <uint32_t>t[i + k]
+            if diff:
+                break
+            i += BLOCK
         while i < m and l1[i] == t[i]:
             i += 1
     elif node.kind == 2:
         l2 = <const uint16_t*>node.label
+        while i + BLOCK <= m:
+            diff = 0
+            for k in range(BLOCK):
+                diff |= <uint32_t>l2[i + k] ^ <uint32_t>t[i + k]
+            if diff:
+                break
+            i += BLOCK
         while i < m and l2[i] == t[i]:
             i += 1
     else:
         l4 = <const ucs4*>node.label
+        while i + BLOCK <= m:
+            diff = 0
+            for k in range(BLOCK):
+                diff |= <uint32_t>l4[i + k] ^ <uint32_t>t[i + k]
+            if diff:
+                break
+            i += BLOCK
         while i < m and l4[i] == t[i]:
             i += 1
     return i
@@ -265,10 +293,9 @@ cdef class RadixTree:
         within it, which is the return value."""
         cdef Node* node = self.root
         cdef Node* child
+        cdef Node* deepest = NULL
         cdef Py_ssize_t pos = 0, common
         cdef int32_t i
-        best[0] = NULL
-        best_depth[0] = 0
         while pos < n:
             i = child_index(node, text[pos])
             if i < 0:
@@ -276,11 +303,12 @@ cdef class RadixTree:
             child = node.children[i]
             common = common_prefix(child, text + pos, n - pos)
             pos += common
-            best[0] = child
-            best_depth[0] = pos
+            deepest = child
             if common < child.length:
                 break
             node = child
+        best[0] = deepest
+        best_depth[0] = pos
         return pos
 
     cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now, int mode=INSERT_HIT) except -1:
@@ -288,21 +316,13 @@ cdef class RadixTree:
         Every node on the path is owned by the slot afterwards."""
         cdef Node* node = self.root
         cdef Node* child
-        cdef Node* mid
         cdef Py_ssize_t pos = 0, common
-        cdef int32_t i, j
+        cdef int32_t i
         self._ensure_slot(slot)
         while pos < n:
             i = child_index(node, text[pos])
             if i < 0:
-                child = new_node(node)
-                set_label(child, text + pos, n - pos)
-                add_child(node, child, -i - 1)
-                add_owner(child, slot, 0 if mode == INSERT_WEAK else 1, now)
-                child.last_access = now
-                self.total_chars += child.length
-                self.slot_chars[slot] += child.length
-                self.node_count += 1
+                self._add_leaf(node, -i - 1, text + pos, n - pos, slot, now, mode)
                 return 0
             child = node.children[i]
             common = common_prefix(child, text + pos, n - pos)
@@ -310,19 +330,65 @@ cdef class RadixTree:
                 self._split(node, i, common)
                 child = node.children[i]
             # child's label is now a prefix of text[pos:]
-            j = owner_index(child, slot)
-            if j < 0:
-                add_owner(child, slot, 0 if mode == INSERT_WEAK else 1, now)
-                self.slot_chars[slot] += child.length
-                j = child.nowners - 1
-            elif mode != INSERT_WEAK:
-                child.owners[j].hits += 1
-                child.owners[j].last = now
-            if mode == INSERT_LEAD:
-                child.owners[j].hits = max_hits(child) + 1
-            child.last_access = now
+            self._own(child, slot, now, mode)
             pos += child.length
             node = child
+        return 0
+
+    cdef int insert_matched(self, const ucs4* text, Py_ssize_t n, Node* best, Py_ssize_t matched, int32_t slot,
+                            double now, int mode=INSERT_HIT) except -1:
+        """insert(text, n, ...) for a text that match() just walked, with its
+        result (best, matched): the same tree afterwards, without comparing
+        the matched characters a second time (a long prompt's match is most
+        of its cost)."""
+        cdef Node* node
+        cdef Node* parent
+        cdef Py_ssize_t end
+        cdef int32_t i
+        if best == NULL or matched <= 0 or matched > n:
+            return self.insert(text, n, slot, now, mode)
+        self._ensure_slot(slot)
+        end = node_end(best)
+        if matched < end:
+            # the match ended inside best's label: split it there
+            parent = best.parent
+            i = child_index(parent, label_at(best, 0))
+            self._split(parent, i, best.length - (end - matched))
+            best = parent.children[i]
+        node = best
+        while node != self.root:
+            self._own(node, slot, now, mode)
+            node = node.parent
+        if matched < n:
+            i = child_index(best, text[matched])
+            self._add_leaf(best, -i - 1, text + matched, n - matched, slot, now, mode)
+        return 0
+
+    cdef int _add_leaf(self, Node* parent, int32_t at, const ucs4* text, Py_ssize_t n, int32_t slot, double now,
+                       int mode) except -1:
+        cdef Node* child = new_node(parent)
+        set_label(child, text, n)
+        add_child(parent, child, at)
+        add_owner(child, slot, 0 if mode == INSERT_WEAK else 1, now)
+        child.last_access = now
+        self.total_chars += child.length
+        self.slot_chars[slot] += child.length
+        self.node_count += 1
+        return 0
+
+    cdef int _own(self, Node* node, int32_t slot, double now, int mode) except -1:
+        """`slot` owns `node` (one more hit on it, unless weak)."""
+        cdef int32_t j = owner_index(node, slot)
+        if j < 0:
+            add_owner(node, slot, 0 if mode == INSERT_WEAK else 1, now)
+            self.slot_chars[slot] += node.length
+            j = node.nowners - 1
+        elif mode != INSERT_WEAK:
+            node.owners[j].hits += 1
+            node.owners[j].last = now
+        if mode == INSERT_LEAD:
+            node.owners[j].hits = max_hits(node) + 1
+        node.last_access = now
         return 0
 
     cdef int _split(self, Node* parent, int32_t index, Py_ssize_t at) except -1:
@@ -507,6 +573,22 @@ cdef class RadixTree:
             self.insert(buf, n, slot, now if now >= 0 else monotonic(), mode)
         finally:
             PyMem_Free(buf)
+
+    def match_and_insert_text(self, str text, int slot, double now=-1.0, int mode=INSERT_HIT):
+        """match() then insert_matched(): for tests, which check it against insert_text()."""
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        cdef ucs4* buf
+        cdef Node* best
+        cdef Py_ssize_t depth, matched
+        if n == 0:
+            return 0
+        buf = to_ucs4(text)
+        try:
+            matched = self.match(buf, n, &best, &depth)
+            self.insert_matched(buf, n, best, matched, slot, now if now >= 0 else monotonic(), mode)
+        finally:
+            PyMem_Free(buf)
+        return matched
 
     def match_text(self, str text):
         """(matched characters, owners of the deepest node reached as
