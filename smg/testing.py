@@ -118,13 +118,23 @@ class FakeWorkerStats:
 
 
 class _Request:
-    __slots__ = ("method", "path", "headers", "body")
+    __slots__ = ("method", "path", "headers", "body", "_json")
 
     def __init__(self) -> None:
         self.method = ""
         self.path = ""
         self.headers: dict[str, str] = {}
         self.body = bytearray()
+        self._json: Any = _UNPARSED
+
+    def json(self) -> Any:
+        """The body as JSON, parsed once (raises orjson.JSONDecodeError)."""
+        if self._json is _UNPARSED:
+            self._json = orjson.loads(self.body) if self.body else {}
+        return self._json
+
+
+_UNPARSED = object()
 
 
 _REASONS = {
@@ -518,7 +528,7 @@ class FakeWorker:
                 self._json(proto, cfg.fail_status, {"error": f"injected failure {cfg.fail_status}"})
                 return None
         try:
-            body = orjson.loads(req.body) if req.body else {}
+            body = req.json()
         except orjson.JSONDecodeError:
             self._json(proto, 400, {"error": "invalid json"})
             return None
@@ -542,9 +552,10 @@ class FakeWorker:
         streams (and so needs `handle`)."""
         if not streaming_allowed:
             try:
-                if req.body and b'"stream"' in req.body and orjson.loads(req.body).get("stream"):
+                doc = req.json()
+                if isinstance(doc, dict) and doc.get("stream"):
                     return False
-            except (orjson.JSONDecodeError, AttributeError):
+            except orjson.JSONDecodeError:
                 pass
         body = self._parse_generation(proto, req)
         if body is None:
