@@ -6,7 +6,8 @@ workers, the load split evenly between the entry points.
     .venv/bin/python benchmarks/affinity.py [--reference /tmp/ref/bin/smg]
 
 Affinity is the share of requests that went to the worker serving the most
-requests of their prefix (1.0: every prefix lives on exactly one worker).
+requests of their prefix (1.0: every prefix lives on exactly one worker),
+measured after a warm-up in which the gateways learn the prefixes.
 The workload is load.py's: ~1 KB prompts from 8 shared ~800-character
 prefixes, cache_aware.
 """
@@ -48,8 +49,10 @@ def measure(name: str, command: list[str], setup: str, workers: Workers, script:
             g.wait_ready()
         urls = [f"http://127.0.0.1:{g.port}/generate" for g in gateways]
         conns = max(1, args.connections // len(urls))
-        workers.reset()
         with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
+            if args.warmup:
+                list(pool.map(lambda u: run_wrk(u, script, args.warmup, conns, 1), urls))
+            workers.reset()
             runs = list(pool.map(lambda u: run_wrk(u, script, args.duration, conns, 1), urls))
         stats = workers.stats()
         counts = [s["requests"].get("/generate", 0) for s in stats]
@@ -65,6 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", default=os.environ.get("SMG_REFERENCE"))
     ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="seconds of traffic before measuring (new prefixes settle: placement, rebalancing)")
     ap.add_argument("--connections", type=int, default=32, help="in total, split over the entry points")
     ap.add_argument("--workers", type=int, default=4, help="fake workers")
     ap.add_argument("--rounds", type=int, default=1)

@@ -53,8 +53,8 @@ def documents_prompts(size: int, seed: int = 11, docs: int = 16, per_doc: int = 
     return out
 
 
-def cpu_list(first: int, count: int) -> str:
-    return f"{first}-{first + count - 1}" if count > 1 else str(first)
+def cpu_list(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
 
 
 def main() -> None:
@@ -74,7 +74,8 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
-    total_cpus = len(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0))
+    total_cpus = len(cpus)
     sweep = [int(c) for c in args.cores.split(",") if c]
     if sweep and max(sweep) > total_cpus:
         raise SystemExit(f"--cores {max(sweep)} is more than the {total_cpus} CPUs here")
@@ -87,17 +88,22 @@ def main() -> None:
 
     def measure(name: str, command: list[str], extra: list[str], kb: int, script: str, pin: int = 0) -> dict:
         prefix, rest = [], []
+        others = set(cpus)
         if pin:
-            prefix = ["taskset", "-c", cpu_list(0, pin)]
+            prefix = ["taskset", "-c", cpu_list(cpus[:pin])]
             if pin < total_cpus:
-                rest = ["taskset", "-c", cpu_list(pin, total_cpus - pin)]
+                rest = ["taskset", "-c", cpu_list(cpus[pin:])]
+                others = set(cpus[pin:])
+        for pool in pools:  # the fake workers stay off the gateway's CPUs
+            os.sched_setaffinity(pool.proc.pid, others)
         gw = GatewayProc(name, prefix + command, ["--policy", "cache_aware", "--worker-urls", *urls, *extra])
         try:
             gw.wait_ready()
             url = f"http://127.0.0.1:{gw.port}/generate"
             run_wrk(url, script, args.warmup, args.connections, args.threads, prefix=rest)
             r = run_wrk(url, script, args.duration, args.connections, args.threads, prefix=rest)
-            return {"gateway": name, "config": " ".join(extra) or "--workers 1", "prompt_kb": kb, "cores": pin,
+            config = " ".join(extra) or ("--workers 1" if name == "smg" else "")
+            return {"gateway": name, "config": config, "prompt_kb": kb, "cores": pin,
                     "rps": r["rps"], "p50_ms": r["p50"], "p99_ms": r["p99"], "errors": r["errors"]}
         finally:
             gw.stop()

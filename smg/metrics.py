@@ -56,7 +56,7 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
                 shares[w.url] = policy.tree.chars_of(slot)
         cache_aware.append([TYPE_NAMES[wtype], model, policy.tree.total_chars, shares,
                             {"hit": policy.hits, "miss": policy.misses, "spill": policy.spills,
-                             "handover": policy.handovers}])
+                             "handover": policy.handovers, "rebalance": policy.rebalanced}])
     adm = dp.core.admission
     settings = dp.proxy_settings
     return {
@@ -262,13 +262,14 @@ class GatewayCollector:
         decisions = CounterMetricFamily("smg_cache_aware_decisions",
                                         "cache_aware routing decisions: hit (prefix owner), miss (placed by "
                                         "rendezvous hashing), spill (owner overloaded), handover (prefix moved "
-                                        "off an overloaded worker)",
+                                        "off an overloaded worker), rebalance (a hot prefix group moved to "
+                                        "spread the hot groups evenly)",
                                         labels=["model", "worker_type", "decision"])
         for tname, model, total, shares, counts in snap["cache_aware"]:
             tree.add_metric([model, tname], total)
             for url, chars in shares.items():
                 share.add_metric([model, url], chars)
-            for decision in ("hit", "miss", "spill", "handover"):
+            for decision in ("hit", "miss", "spill", "handover", "rebalance"):
                 decisions.add_metric([model, tname, decision], counts.get(decision, 0))
         yield tree
         yield share

@@ -288,3 +288,43 @@ def test_routing_text_never_raises_on_random_shapes():
         body = {k: rng.choice(values) for k in ("text", "input_ids", "messages", "prompt", "input", "query")}
         for ep in (EP_GENERATE, EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_RERANK):
             assert isinstance(routing_text(ep, body), str)
+
+
+def test_hot_prefix_groups_are_spread_evenly_and_alike_in_every_replica():
+    """8 prefixes carrying all the traffic: hashing alone may put 3 or 4 on
+    one worker. Rebalancing spreads them 2 per worker, and two replicas that
+    see the traffic in different orders end with the same assignment."""
+    prefixes = [f"[{i}] system prompt {i} " + "x" * 300 for i in range(8)]
+
+    def replica(seed):
+        rng = random.Random(seed)
+        ws = [Worker(f"{seed}-{i}", f"http://10.1.0.{i}:8000", "m") for i in range(1, 5)]
+        for w in ws:
+            w.state = READY
+        rng.shuffle(ws)
+        p = CacheAwarePolicy()
+        t = 0.0
+        for _ in range(6000):  # 6 s of traffic: placement, then rebalancing settles
+            t += 0.001
+            route(p, ws, rng.choice(prefixes) + str(rng.random()), now=t)
+        # steady state: where each prefix goes now
+        return p, {pre: route(p, ws, pre + "?", now=t + 0.001).url for pre in prefixes}
+
+    pa, a = replica(1)
+    pb, b = replica(2)
+    assert a == b
+    assert sorted(collections.Counter(a.values()).values()) == [2, 2, 2, 2]
+    assert pa.spills == 0 and pa.handovers == 0
+
+
+def test_many_small_groups_are_left_where_hashing_put_them():
+    ws = workers(4)
+    p = CacheAwarePolicy()
+    t = 0.0
+    first = {}
+    for r in range(3):
+        for i in range(400):
+            t += 0.001
+            w = route(p, ws, f"conversation {i} " + "y" * 300 + f" turn {r}", now=t)
+            assert first.setdefault(i, w.id) == w.id
+    assert p.rebalanced == 0

@@ -15,6 +15,7 @@ from libc.math cimport sqrt, exp
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 from cpython.mem cimport PyMem_Free
 
+from smg._fast.clock cimport monotonic
 from smg._fast.worker cimport Worker, STATE_READY
 from smg._fast.hashing cimport fnv1a, hash_code_points, mix64
 from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4, INSERT_HIT, INSERT_WEAK
@@ -237,8 +238,19 @@ DEF HANDOVER_SPILL_RATE = 0.05
 # A new prefix is placed by the first PLACEMENT_KEY_CHARS characters of its
 # routing text: long enough to tell system prompts, documents and
 # conversations apart, short enough to lie inside the part that the
-# requests sharing them have in common.
+# requests sharing them have in common. Prompts with the same leading
+# characters form a *prefix group*.
 DEF PLACEMENT_KEY_CHARS = 256
+
+# Prefix groups that carry a large share of the traffic are "hot": at least
+# HOT_SHARE of one worker's fair share (half that to stay hot). Every
+# REBALANCE_SECS the hot groups are spread evenly over the routable workers
+# (see CacheAwarePolicy.rebalance); a group moved stays put MOVE_HOLD_SECS.
+DEF GROUP_RATE_SECS = 2.0
+DEF HOT_SHARE = 0.25
+DEF REBALANCE_SECS = 0.5
+DEF MOVE_HOLD_SECS = 2.0
+DEF GROUP_FORGET_SECS = 300.0
 
 
 cdef struct Gate:
@@ -247,16 +259,43 @@ cdef struct Gate:
     int count       # routable workers
 
 
+cdef class PrefixGroup:
+    """What cache_aware knows of one prefix group (a placement key)."""
+    cdef uint64_t key
+    cdef Worker owner       # where its requests go (None: not known yet)
+    cdef double rate        # requests, decayed over GROUP_RATE_SECS
+    cdef double last
+    cdef bint hot
+    cdef Worker target      # rebalancing moves it here on its next request
+    cdef double moved_at
+
+    cdef double rate_at(self, double now):
+        return self.rate * exp(-(now - self.last) / GROUP_RATE_SECS) if now > self.last else self.rate
+
+
+cdef inline uint64_t weight_of(uint64_t key, Worker w) noexcept:
+    """The rendezvous weight of worker w for a prefix group."""
+    return mix64(key ^ w.url_hash)
+
+
 cdef class CacheAwarePolicy(Policy):
     """Cache-aware routing: send a prompt to the worker that already holds
     its longest prefix, unless that worker is overloaded.
 
-    A prompt whose prefix no worker holds yet is *placed*: by rendezvous
-    (highest random weight) hashing of its leading characters over the
-    routable workers that the load gate lets through. Placement depends only
-    on the prompt and the worker set, so independent gateways (replicas,
-    --workers processes) send a new prefix to the same worker without
-    talking to each other, and their trees converge."""
+    Independent routers (replicas, --workers processes) must send a prefix
+    to the same worker without talking to each other, so every choice that
+    is not "where the prefix already is" is a function of the prefix and the
+    worker set alone:
+    - a prompt whose prefix no worker holds yet is *placed* by rendezvous
+      (highest random weight) hashing of its leading characters over the
+      routable workers that the load gate lets through;
+    - a one-off spill off an overloaded worker goes to the prefix's next
+      placement;
+    - hot prefix groups, few enough that hashing alone can pile them onto
+      one worker, are spread evenly: each takes, in the order of their keys,
+      its highest-weight worker that has fewer than its share of them. The
+      outcome depends on the set of hot groups, which every router sees
+      alike, not on the order their requests came in."""
     cdef readonly RadixTree tree
     cdef public double cache_threshold
     cdef public double balance_abs_threshold
@@ -268,10 +307,13 @@ cdef class CacheAwarePolicy(Policy):
     cdef list spill_rate     # slot -> moving average of how often its cache hits spill
     cdef list load_avg       # slot -> in-flight count smoothed over LOAD_SMOOTHING_SECS
     cdef list load_time      # slot -> when load_avg was last updated
+    cdef dict groups         # placement key -> PrefixGroup
+    cdef double last_rebalance
     cdef public long long hits
     cdef public long long misses
     cdef public long long spills
     cdef public long long handovers
+    cdef public long long rebalanced
 
     def __init__(self, double cache_threshold=0.3, double balance_abs_threshold=64,
                  double balance_rel_threshold=1.5, long long max_tree_size=67108864):
@@ -288,10 +330,13 @@ cdef class CacheAwarePolicy(Policy):
         self.spill_rate = []
         self.load_avg = []
         self.load_time = []
+        self.groups = {}
+        self.last_rebalance = 0.0
         self.hits = 0
         self.misses = 0
         self.spills = 0
         self.handovers = 0
+        self.rebalanced = 0
 
     cdef int slot_for(self, Worker w) except -1:
         slot = self.slots.get(w.id)
@@ -313,18 +358,30 @@ cdef class CacheAwarePolicy(Policy):
         return <int>slot
 
     cpdef worker_removed(self, Worker worker):
+        cdef PrefixGroup pg
         slot = self.slots.pop(worker.id, None)
         if slot is None:
             return
         self.tree.remove_slot(<int>slot)
         self.by_slot[slot] = None
         self.free_slots.append(slot)
+        for pg in self.groups.values():
+            if pg.owner is worker:
+                pg.owner = None
+            if pg.target is worker:
+                pg.target = None
 
     def slot_of(self, Worker worker):
         return self.slots.get(worker.id)
 
-    def evict(self):
-        """Trim the tree to max_tree_size characters (least recently used first)."""
+    def evict(self, double now=-1.0):
+        """Trim the tree to max_tree_size characters (least recently used
+        first), and forget prefix groups unseen for GROUP_FORGET_SECS."""
+        cdef PrefixGroup pg
+        if now < 0:
+            now = monotonic()
+        for key in [k for k, pg in self.groups.items() if now - pg.last > GROUP_FORGET_SECS]:
+            del self.groups[key]
         return self.tree.evict_to(self.max_tree_size)
 
     cdef Worker owner_at(self, Node* node, double now):
@@ -391,18 +448,17 @@ cdef class CacheAwarePolicy(Policy):
             return True
         return w.inflight > g.mean + 2.0 * g.margin and w.inflight > self.balance_rel_threshold * g.mean
 
-    cdef Worker place(self, const ucs4* buf, Py_ssize_t n, list ready, Gate* g, double now, Worker avoid):
-        """Where a prefix that no worker holds goes: the routable worker with
-        the highest rendezvous weight for the prompt's leading characters,
-        among those the load gate lets through (and not `avoid`); when the
-        gate stops every one, the least-loaded worker."""
-        cdef uint64_t key = hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
+    cdef Worker place(self, uint64_t key, list ready, Gate* g, double now, Worker avoid):
+        """Where a prefix group that no worker holds goes: the routable worker
+        with the highest rendezvous weight for it, among those the load gate
+        lets through (and not `avoid`); when the gate stops every one, the
+        least-loaded worker."""
         cdef uint64_t weight, best_weight = 0
         cdef Worker best = None, w
         for w in ready:
             if w is avoid or not w.routable(now):
                 continue
-            weight = mix64(key ^ w.url_hash)
+            weight = weight_of(key, w)
             if best is not None and weight <= best_weight:
                 continue
             if self.overloaded(w, g, now):
@@ -415,12 +471,64 @@ cdef class CacheAwarePolicy(Policy):
 
     def place_py(self, list ready, str text, double now=0.0, Worker avoid=None):
         """Python entry point to place(), for tests."""
-        cdef ucs4* buf = to_ucs4(text)
         cdef Gate g = self.gate(ready, now)
-        try:
-            return self.place(buf, PyUnicode_GET_LENGTH(text), ready, &g, now, avoid)
-        finally:
-            PyMem_Free(buf)
+        return self.place(group_key(text), ready, &g, now, avoid)
+
+    cdef PrefixGroup note(self, uint64_t key, double now):
+        """The group of a request, its rate counting this request."""
+        cdef PrefixGroup pg = self.groups.get(key)
+        if pg is None:
+            pg = PrefixGroup()
+            pg.key = key
+            pg.moved_at = -MOVE_HOLD_SECS
+            self.groups[key] = pg
+        pg.rate = pg.rate_at(now) + 1.0
+        pg.last = now
+        return pg
+
+    cdef int rebalance(self, list ready, double now) except -1:
+        """Spread the hot prefix groups evenly over the routable workers.
+
+        Taken in the order of their keys, each hot group is assigned its
+        highest-weight worker among those holding fewer than
+        ceil(hot groups / workers) of them; a group held elsewhere is marked
+        to move there on its next request (unless it moved recently)."""
+        cdef PrefixGroup pg
+        cdef Worker w, chosen
+        cdef list routable = [w for w in ready if w.routable(now)]
+        cdef list hot = []
+        cdef double total = 0.0, fair, r
+        cdef dict counts = {}
+        cdef Py_ssize_t cap
+        self.last_rebalance = now
+        if len(routable) < 2:
+            return 0
+        for pg in self.groups.values():
+            total += pg.rate_at(now)
+        fair = total / len(routable)
+        for pg in self.groups.values():
+            r = pg.rate_at(now)
+            pg.hot = r >= HOT_SHARE * fair or (pg.hot and r >= 0.5 * HOT_SHARE * fair)
+            if pg.hot:
+                hot.append(pg)
+            else:
+                pg.target = None
+        if not hot:
+            return 0
+        hot.sort(key=_group_order)
+        cap = (len(hot) + len(routable) - 1) // len(routable)
+        for pg in hot:
+            chosen = None
+            for w in sorted(routable, key=lambda w: weight_of(pg.key, w), reverse=True):
+                if counts.get(w.id, 0) < cap:
+                    chosen = w
+                    break
+            counts[chosen.id] = counts.get(chosen.id, 0) + 1
+            if pg.owner is None or pg.owner is chosen or now - pg.moved_at < MOVE_HOLD_SECS:
+                pg.target = None
+            else:
+                pg.target = chosen
+        return 0
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0
@@ -432,6 +540,8 @@ cdef class CacheAwarePolicy(Policy):
         cdef int slot
         cdef double rate
         cdef Gate g
+        cdef uint64_t gkey
+        cdef PrefixGroup pg
         if not ready:
             return None
         if n == 0:
@@ -439,6 +549,10 @@ cdef class CacheAwarePolicy(Policy):
         buf = to_ucs4(text)
         try:
             g = self.gate(ready, now)
+            gkey = hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
+            pg = self.note(gkey, now)
+            if now - self.last_rebalance >= REBALANCE_SECS:
+                self.rebalance(ready, now)
             matched = self.tree.match(buf, n, &best, &depth)
             node = best
             if node != NULL and matched > self.cache_threshold * n:
@@ -453,29 +567,43 @@ cdef class CacheAwarePolicy(Policy):
             if w is None:
                 # a cache miss: place the prefix; that worker starts holding it
                 self.misses += 1
-                w = self.place(buf, n, ready, &g, now, None)
+                w = self.place(gkey, ready, &g, now, None)
                 if w is not None:
+                    pg.owner = w
                     self.tree.insert_matched(buf, n, best, matched, self.slot_for(w), now, INSERT_HIT)
                 return w
             slot = self.slot_for(w)
+            target = pg.target
+            if target is not None and target is not w and target.routable(now) \
+                    and not self.overloaded(target, &g, now):
+                # rebalancing: this hot group moves to its assigned worker
+                pg.target = None
+                pg.owner = target
+                pg.moved_at = now
+                self.rebalanced += 1
+                self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
+                return target
             if not self.overloaded(w, &g, now):
                 self.hits += 1
+                pg.owner = w
                 self.spill_rate[slot] = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING)
                 self.tree.insert_matched(buf, n, best, matched, slot, now, INSERT_HIT)
                 return w
             self.spills += 1
+            target = self.place(gkey, ready, &g, now, w)
+            if target is None:
+                self.tree.insert_matched(buf, n, best, matched, slot, now, INSERT_HIT)
+                return w
             rate = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING) + SPILL_AVERAGING
-            if rate > HANDOVER_SPILL_RATE:
-                # w spills persistently, not by chance: hand this prefix over,
-                # so the load evens out instead of spilling forever. The new
-                # owner is placed as a new prefix would be (without w), so
-                # that replicas that hand it over too agree on where.
-                target = self.place(buf, n, ready, &g, now, w)
-                if target is None:
-                    self.tree.insert(buf, n, slot, now, INSERT_HIT)
-                    return w
+            if rate > HANDOVER_SPILL_RATE and not pg.hot:
+                # w spills persistently, not by chance: hand this prefix over
+                # (to its next placement, where replicas that hand it over
+                # too will put it), so the load evens out instead of spilling
+                # forever. Hot groups are spread by rebalancing instead, the
+                # same way in every router.
                 self.handovers += 1
                 self.spill_rate[slot] = 0.0
+                pg.owner = target
                 self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
                 return target
             # a one-off spill, to the prefix's next placement: the spills of
@@ -484,15 +612,25 @@ cdef class CacheAwarePolicy(Policy):
             # nodes too, but claims none of their traffic (and its own tail
             # is not recorded), so that the prefix, and repeats of this very
             # prompt, stay with their owner
-            target = self.place(buf, n, ready, &g, now, w)
-            if target is None:
-                self.tree.insert(buf, n, slot, now, INSERT_HIT)
-                return w
             self.spill_rate[slot] = rate
             self.tree.insert(buf, depth, self.slot_for(target), now, INSERT_WEAK)
             return target
         finally:
             PyMem_Free(buf)
+
+
+def _group_order(PrefixGroup pg):
+    return pg.key
+
+
+def group_key(str text):
+    """The placement key of a routing text (its prefix group)."""
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+    cdef ucs4* buf = to_ucs4(text)
+    try:
+        return hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
+    finally:
+        PyMem_Free(buf)
 
 
 # --- groups and the router -------------------------------------------------
