@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 
-from load import GatewayProc, Workers, lua_script, prompts, run_wrk
+from load import Workers, lua_script, prompts, run_wrk, start_gateways
 
 SETUPS = ("1-gateway", "2-gateways", "workers-2")
 
@@ -38,12 +38,7 @@ def affinity(stats: list[dict]) -> float:
 
 def measure(name: str, command: list[str], setup: str, workers: Workers, script: str, args) -> dict:
     base = ["--policy", "cache_aware", "--worker-urls", *workers.urls]
-    if setup == "2-gateways":
-        gateways = [GatewayProc(name, command, base), GatewayProc(name, command, base)]
-    elif setup == "workers-2":
-        gateways = [GatewayProc(name, command, base + ["--workers", "2"])]
-    else:
-        gateways = [GatewayProc(name, command, base)]
+    gateways = start_gateways(setup, name, command, base)
     try:
         for g in gateways:
             g.wait_ready()

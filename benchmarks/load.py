@@ -211,6 +211,16 @@ class GatewayProc:
         self.proc.wait(10)
 
 
+def start_gateways(setup: str, name: str, command: list[str], args: list[str]) -> list[GatewayProc]:
+    """The entry points of a setup: "1-gateway", "2-gateways" (two independent
+    gateways, same arguments) or "workers-2" (one gateway, --workers 2)."""
+    if setup == "2-gateways":
+        return [GatewayProc(name, command, args), GatewayProc(name, command, args)]
+    if setup == "workers-2":
+        return [GatewayProc(name, command, args + ["--workers", "2"])]
+    return [GatewayProc(name, command, args)]
+
+
 WORKLOADS = ("generate-cache_aware", "generate-round_robin", "chat-stream", "pd")
 
 

@@ -33,7 +33,7 @@ import random
 import sys
 import time
 
-from load import GatewayProc, _port_free, free_port, http_json, wait_until
+from load import _port_free, free_port, http_json, start_gateways, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -94,27 +94,26 @@ class Fleet:
 
 # --- workloads: lists of "sessions", each a start time and a list of (prompt, think time before it) ---
 
+def arrivals(rng: random.Random, duration: float, rate: float):
+    """Poisson arrival times in [0, duration)."""
+    t = rng.expovariate(rate)
+    while t < duration:
+        yield t
+        t += rng.expovariate(rate)
+
+
 def shared_prompts(rng: random.Random, duration: float, rate: float) -> list:
     systems = [f"[sys{i}] " + text(rng, rng.randint(3000, 8000)) for i in range(24)]
     weights = zipf_weights(len(systems), 1.1)
-    sessions, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            return sessions
-        sys_prompt = rng.choices(systems, weights)[0]
-        sessions.append((t, [(sys_prompt + " Q: " + text(rng, rng.randint(200, 600)), 0.0)]))
+    return [(t, [(rng.choices(systems, weights)[0] + " Q: " + text(rng, rng.randint(200, 600)), 0.0)])
+            for t in arrivals(rng, duration, rate)]
 
 
 def long_documents(rng: random.Random, duration: float, rate: float) -> list:
     docs = [f"[doc{i}] " + text(rng, rng.randint(16000, 48000)) for i in range(12)]
     weights = zipf_weights(len(docs), 1.0)
-    sessions, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            return sessions
-        sessions.append((t, [(rng.choices(docs, weights)[0] + " Question: " + text(rng, rng.randint(100, 300)), 0.0)]))
+    return [(t, [(rng.choices(docs, weights)[0] + " Question: " + text(rng, rng.randint(100, 300)), 0.0)])
+            for t in arrivals(rng, duration, rate)]
 
 
 def multi_turn(rng: random.Random, duration: float, rate: float, conversations: int = 48, turns: int = 8) -> list:
@@ -214,12 +213,7 @@ def pct(values: list[float], q: float) -> float:
 
 def measure(name: str, command: list[str], setup: str, workload: str, fleet: Fleet, args) -> dict:
     base = ["--policy", "cache_aware", "--worker-urls", *fleet.urls]
-    if setup == "2-gateways":
-        gateways = [GatewayProc(name, command, base), GatewayProc(name, command, base)]
-    elif setup == "workers-2":
-        gateways = [GatewayProc(name, command, base + ["--workers", "2"])]
-    else:
-        gateways = [GatewayProc(name, command, base)]
+    gateways = start_gateways(setup, name, command, base)
     try:
         for g in gateways:
             g.wait_ready()

@@ -192,3 +192,30 @@ def test_workers_auto_and_bad_values(tmp_path):
     from smg.supervisor import available_cpus
 
     assert 1 <= available_cpus() <= (os.cpu_count() or 1)
+
+
+def test_discovery_feeds_every_process(k8s, pod_workers, gateway):
+    """One Kubernetes watch in the control plane; pods appear in and leave
+    every data-plane process's routing."""
+    from k8s_api import make_pod
+
+    port, (w0, w1) = pod_workers(2)
+    labels = {"app": "sglang-worker"}
+    p0 = k8s.add(make_pod("sglang-worker-0", w0.host, labels))
+    g = gateway(["--workers", "2", "--policy", "round_robin", "--service-discovery", "--selector",
+                 "app=sglang-worker", "--service-discovery-namespace", "inference",
+                 "--service-discovery-port", str(port)], env=k8s.env)
+    wait_for(lambda: [w["url"] for w in g.workers() if w["status"] == "ready"] == [w0.url], message="pod 0")
+    k8s.add(make_pod("sglang-worker-1", w1.host, labels))
+    wait_for(lambda: sorted(w["url"] for w in g.workers() if w["status"] == "ready") == sorted([w0.url, w1.url]),
+             message="pod 1")
+    before = process_requests(g)
+    served = collections.Counter(who(g.post("/generate", {"text": f"q{i}"})) for i in range(40))
+    assert set(served) == {w0.url, w1.url}
+    after = process_requests(g)
+    assert all(after[p] > before.get(p, 0) for p in ("0", "1"))
+    k8s.delete(p0)
+    wait_for(lambda: [w["url"] for w in g.workers()] == [w1.url], message="pod 0 gone")
+    assert {who(g.post("/generate", {"text": f"r{i}"})) for i in range(20)} == {w1.url}
+    # one watch for the host, not one per process
+    assert g.logs().count("Watching pods in namespace") == 1

@@ -39,51 +39,39 @@ cdef inline ucs4 label_at(const Node* node, Py_ssize_t i) noexcept nogil:
 
 DEF BLOCK = 16
 
-cdef inline Py_ssize_t common_prefix(const Node* node, const ucs4* t, Py_ssize_t n) noexcept nogil:
-    """Leading characters node's label and t[:n] share. Whole blocks of
-    BLOCK characters are compared first, with no branch inside a block (the
-    compiler vectorises it): long prompts match mostly in long labels."""
-    cdef Py_ssize_t m = node.length if node.length < n else n
+ctypedef fused label_char:
+    uint8_t
+    uint16_t
+    uint32_t
+
+
+cdef inline Py_ssize_t _common(const label_char* label, const ucs4* t, Py_ssize_t m) noexcept nogil:
+    """Whole blocks of BLOCK characters are compared first, with no branch
+    inside a block (the compiler vectorises it): long prompts match mostly
+    in long labels."""
     cdef Py_ssize_t i = 0
     cdef int k
     cdef uint32_t diff
-    cdef const uint8_t* l1
-    cdef const uint16_t* l2
-    cdef const ucs4* l4
-    if node.kind == 1:
-        l1 = <const uint8_t*>node.label
-        while i + BLOCK <= m:
-            diff = 0
-            for k in range(BLOCK):
-                diff |= <uint32_t>l1[i + k] ^ <uint32_t>t[i + k]
-            if diff:
-                break
-            i += BLOCK
-        while i < m and l1[i] == t[i]:
-            i += 1
-    elif node.kind == 2:
-        l2 = <const uint16_t*>node.label
-        while i + BLOCK <= m:
-            diff = 0
-            for k in range(BLOCK):
-                diff |= <uint32_t>l2[i + k] ^ <uint32_t>t[i + k]
-            if diff:
-                break
-            i += BLOCK
-        while i < m and l2[i] == t[i]:
-            i += 1
-    else:
-        l4 = <const ucs4*>node.label
-        while i + BLOCK <= m:
-            diff = 0
-            for k in range(BLOCK):
-                diff |= <uint32_t>l4[i + k] ^ <uint32_t>t[i + k]
-            if diff:
-                break
-            i += BLOCK
-        while i < m and l4[i] == t[i]:
-            i += 1
+    while i + BLOCK <= m:
+        diff = 0
+        for k in range(BLOCK):
+            diff |= <uint32_t>label[i + k] ^ <uint32_t>t[i + k]
+        if diff:
+            break
+        i += BLOCK
+    while i < m and <uint32_t>label[i] == <uint32_t>t[i]:
+        i += 1
     return i
+
+
+cdef inline Py_ssize_t common_prefix(const Node* node, const ucs4* t, Py_ssize_t n) noexcept nogil:
+    """Leading characters node's label and t[:n] share."""
+    cdef Py_ssize_t m = node.length if node.length < n else n
+    if node.kind == 1:
+        return _common(<const uint8_t*>node.label, t, m)
+    if node.kind == 2:
+        return _common(<const uint16_t*>node.label, t, m)
+    return _common(<const uint32_t*>node.label, t, m)
 
 
 cdef int set_label(Node* node, const ucs4* t, Py_ssize_t n) except -1:
