@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-urls", nargs="*", default=[], metavar="URL")
     w.add_argument("--worker-startup-timeout-secs", type=_positive_float, default=d.worker_startup_timeout_secs)
     w.add_argument("--worker-startup-check-interval", type=_positive_float, default=d.worker_startup_check_interval)
+    w.add_argument("--worker-connect-timeout-secs", type=_positive_float, default=d.worker_connect_timeout_secs,
+                   help="give up connecting to a worker after this long (the request is retried elsewhere)")
+    w.add_argument("--max-connections-per-worker", type=_non_negative_int, default=d.max_connections_per_worker,
+                   help="open connections to one worker at most (0: no cap); requests beyond wait for one")
     w.add_argument("--drain-timeout-secs", type=_non_negative_float, default=d.drain_timeout_secs,
                    help="longest wait for a removed worker's in-flight requests")
 

@@ -31,6 +31,8 @@ class Config:
     api_key: Optional[str] = None
     admin_api_key: Optional[str] = None
     upstream_pool_idle_timeout_secs: float = 3.0
+    worker_connect_timeout_secs: float = 5.0
+    max_connections_per_worker: int = 0
     # data-plane processes sharing the port (1: one process serves everything)
     workers: int = 1
 

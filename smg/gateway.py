@@ -124,6 +124,7 @@ class DataPlane:
             admin_api_key=cfg.admin_api_key,
         )
         self.core.admission = Admission(cfg.max_concurrent_requests, cfg.queue_size, cfg.queue_timeout_secs)
+        self.core.max_connections = client_connection_limit()
         self.core.date_header = date_header()
         self.servers: list[asyncio.AbstractServer] = []
         self._last_slow_tick = 0.0
@@ -338,6 +339,17 @@ class Gateway:
 def sock_address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def client_connection_limit() -> int:
+    """Client connections a process can hold: each may need a worker
+    connection too, and a few descriptors are the process's own."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(16, (soft - 64) // 2)
 
 
 def raise_fd_limit() -> None:

@@ -41,9 +41,12 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
         }
     workers = {}
     for w in dp.registry.all():
+        pool = w.pool
         workers[w.id] = {"requests": w.requests_total, "inflight": w.inflight, "cb_state": w.cb_state,
                          "cb_failures": w.cb_failures, "cb_successes": w.cb_successes,
-                         "cb_ok": w.cb_outcome_success, "cb_fail": w.cb_outcome_failure}
+                         "cb_ok": w.cb_outcome_success, "cb_fail": w.cb_outcome_failure,
+                         "connections": pool.open_count, "waiting": pool.waiting,
+                         "connect_timeouts": pool.connect_timeouts_total}
     cache_aware = []
     for (wtype, model), group in list(dp.router.groups.items()):
         policy = group.policy
@@ -103,7 +106,8 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
             if have is None:
                 workers[wid] = dict(w)
                 continue
-            for k in ("requests", "inflight", "cb_failures", "cb_successes", "cb_ok", "cb_fail"):
+            for k in ("requests", "inflight", "cb_failures", "cb_successes", "cb_ok", "cb_fail", "connections",
+                      "waiting", "connect_timeouts"):
                 have[k] += w[k]
             if _CB_SEVERITY[w["cb_state"]] > _CB_SEVERITY[have["cb_state"]]:
                 have["cb_state"] = w["cb_state"]
@@ -203,9 +207,17 @@ class GatewayCollector:
                                     "Consecutive successes counted by the circuit breaker", labels=["worker"])
         cb_outcomes = CounterMetricFamily("smg_worker_cb_outcomes", "Circuit breaker outcomes by worker",
                                           labels=["worker", "outcome"])
+        connections = GaugeMetricFamily("smg_worker_upstream_connections", "Open connections to a worker",
+                                        labels=["worker"])
+        waiting = GaugeMetricFamily("smg_worker_upstream_connection_waiting",
+                                    "Requests waiting for a connection to a worker (--max-connections-per-worker)",
+                                    labels=["worker"])
+        timeouts = CounterMetricFamily("smg_worker_connect_timeouts",
+                                       "Connections to a worker given up after --worker-connect-timeout-secs",
+                                       labels=["worker"])
         pool_size: dict[tuple[str, str], int] = {}
         zero = {"requests": 0, "inflight": 0, "cb_state": 0, "cb_failures": 0, "cb_successes": 0,
-                "cb_ok": 0, "cb_fail": 0}
+                "cb_ok": 0, "cb_fail": 0, "connections": 0, "waiting": 0, "connect_timeouts": 0}
         for url, w in by_url.items():
             c = counters.get(w.id, zero)
             req_total.add_metric([url, w.model_id], c["requests"])
@@ -216,6 +228,9 @@ class GatewayCollector:
             cb_succ.add_metric([url], c["cb_successes"])
             cb_outcomes.add_metric([url, "success"], c["cb_ok"])
             cb_outcomes.add_metric([url, "failure"], c["cb_fail"])
+            connections.add_metric([url], c["connections"])
+            waiting.add_metric([url], c["waiting"])
+            timeouts.add_metric([url], c["connect_timeouts"])
             key = (TYPE_NAMES[w.worker_type], w.model_id)
             pool_size[key] = pool_size.get(key, 0) + 1
         yield req_total
@@ -225,6 +240,9 @@ class GatewayCollector:
         yield cb_fail
         yield cb_succ
         yield cb_outcomes
+        yield connections
+        yield waiting
+        yield timeouts
         transitions = CounterMetricFamily("smg_worker_cb_transitions",
                                           "Circuit breaker state transitions by worker, from, to",
                                           labels=["worker", "from", "to"])

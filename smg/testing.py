@@ -63,6 +63,8 @@ class FakeWorkerConfig:
     fail_status: int = 0
     # ... for this many requests (-1: until fail_status is reset)
     fail_count: int = -1
+    # the failure's body is chunked and never ends (a worker stuck mid-answer)
+    fail_endless: bool = False
     # "normal"; "reset" closes the connection on a generation request; "stall"
     # never answers it; "garbage" answers bytes that are not HTTP
     mode: str = "normal"
@@ -525,6 +527,9 @@ class FakeWorker:
             if cfg.fail_count != 0:
                 if cfg.fail_count > 0:
                     cfg.fail_count -= 1
+                if cfg.fail_endless:
+                    proto._write(_head(cfg.fail_status, "application/json", None) + _chunk(b'{"error": "stuck'))
+                    return None
                 self._json(proto, cfg.fail_status, {"error": f"injected failure {cfg.fail_status}"})
                 return None
         try:

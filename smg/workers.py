@@ -96,7 +96,8 @@ class Registry:
             raise DuplicateWorker(existing)
         w = Worker(worker_id or str(uuid.uuid4()), url, model_id or "unknown", worker_type, bootstrap_port,
                    dict(labels or {}), api_key)
-        w.pool = UpstreamPool(w.host, w.port, self.cfg.upstream_pool_idle_timeout_secs, self.loop)
+        w.pool = UpstreamPool(w.host, w.port, self.cfg.upstream_pool_idle_timeout_secs, self.loop,
+                              self.cfg.worker_connect_timeout_secs, self.cfg.max_connections_per_worker)
         w.cb_enabled = not self.cfg.disable_circuit_breaker
         w.cb_failure_threshold = self.cfg.cb_failure_threshold
         w.cb_success_threshold = self.cfg.cb_success_threshold

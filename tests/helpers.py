@@ -113,8 +113,10 @@ class GatewayProcess:
     """The real `smg` command in a subprocess, on free ports."""
 
     def __init__(self, args: list[str], env: Optional[dict] = None, port: Optional[int] = None,
-                 subcommand: Optional[str] = None):
+                 subcommand: Optional[str] = None, prefix: Optional[list[str]] = None):
+        """prefix: a command smg runs under (e.g. prlimit --nofile=200:200)."""
         self.base_args = list(args)
+        self.prefix = list(prefix or [])
         self.subcommand = subcommand
         self.fixed_port = port
         self.env = dict(os.environ)
@@ -132,7 +134,7 @@ class GatewayProcess:
             "--prometheus-port", str(self.metrics_port), *self.base_args]
         self.log_file.seek(0)
         self.log_file.truncate()
-        self.proc = subprocess.Popen([sys.executable, "-m", "smg", *self.args], stdout=self.log_file,
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "smg", *self.args], stdout=self.log_file,
                                      stderr=subprocess.STDOUT, env=self.env)
 
     def wait_live(self, timeout: float = DEFAULT_TIMEOUT) -> "GatewayProcess":

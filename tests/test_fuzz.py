@@ -33,6 +33,12 @@ class FakeTransport:
     def abort(self):
         self.closed = True
 
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self.closed = True
+
     def pause_reading(self):
         pass
 

@@ -172,7 +172,8 @@ def test_no_retry_once_streaming_began(fake_workers, gateway):
         w.set(stream_chunks=5, drop_after_chunks=2)
     data = raw_exchange(g.port, post_raw("/generate", json.dumps({"text": "x", "stream": True}).encode()))
     assert data.startswith(b"HTTP/1.1 200")
-    assert not data.endswith(b"0\r\n\r\n")  # truncated, not completed elsewhere
+    # ended with an error event, not completed elsewhere
+    assert data.count(b"data: ") == 4 and b'"upstream_error"' in data and data.endswith(b"0\r\n\r\n")
     assert a.stats.generation_requests + b.stats.generation_requests == 1
 
 

@@ -25,6 +25,8 @@ cdef class Exchange:
     cdef int upstream_body(self, object conn, bytes data, Py_ssize_t off, Py_ssize_t n) except -1
     cdef int upstream_done(self, object conn) except -1
     cdef int upstream_failed(self, object conn, object exc, int stage) except -1
+    # a reused keep-alive connection closed under the request before any answer
+    cdef int upstream_stale(self, object conn) except -1
     cdef bint wants_decoded(self)
 
     # client side

@@ -44,6 +44,7 @@ cdef class ResponseParser:
     cpdef bint done(self)
     cpdef bint in_head(self)
     cpdef bint until_eof(self)
+    cpdef bint between_chunks(self)
     cdef int finish_eof(self) except -1
     cdef int _parse_head(self, const unsigned char* buf, Py_ssize_t end) except -1
     cdef int _parse_lines(self, const unsigned char* buf, Py_ssize_t end, char* o, Py_ssize_t* out_len) except -1

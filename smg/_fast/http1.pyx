@@ -107,6 +107,11 @@ cdef class ResponseParser:
     cpdef bint until_eof(self):
         return self.state == P_UNTIL_EOF
 
+    cpdef bint between_chunks(self):
+        """In a chunked body, between two chunks: what was relayed so far ends
+        a chunk, so another chunk can follow."""
+        return self.state == P_CHUNK_SIZE and self.line_len == 0
+
     cdef int finish_eof(self) except -1:
         """The connection closed: valid only for a body framed by EOF."""
         if self.state == P_UNTIL_EOF:

@@ -28,6 +28,8 @@ from smg._fast.proxy cimport (ProxiedRoute, ProxySettings, relay_head, wrap_chun
                               failure_status, resolve_group, parse_body, routing_key, forwarded_head)
 
 
+from smg._fast.upstream import UpstreamClosed
+
 _log = logging.getLogger("smg.pd")
 
 BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
@@ -228,6 +230,19 @@ cdef class Leg(Exchange):
         self.release(0)
         self.call.leg_failed(self, exc, stage)
         return 0
+
+    cdef int upstream_stale(self, object c) except -1:
+        # the keep-alive race: send this side again at once, as one more
+        # attempt of the call (every send counts against the retry budget)
+        self.up = None
+        if self.finished:
+            return 0
+        if self.call.can_retry():
+            self.call.attempts += 1
+            self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
+            return 0
+        return self.upstream_failed(c, UpstreamClosed("worker closed the connection before responding"),
+                                    FAIL_BEFORE_HEAD)
 
 
 cdef class PDHandler(ProxiedRoute):

@@ -292,10 +292,9 @@ cdef class CacheAwarePolicy(Policy):
     - a one-off spill off an overloaded worker goes to the prefix's next
       placement;
     - hot prefix groups, few enough that hashing alone can pile them onto
-      one worker, are spread evenly: each takes, in the order of their keys,
-      its highest-weight worker that has fewer than its share of them. The
-      outcome depends on the set of hot groups, which every router sees
-      alike, not on the order their requests came in."""
+      one worker, are spread evenly (see rebalance). The outcome depends on
+      the set of hot groups, which every router sees alike, not on the order
+      their requests came in."""
     cdef readonly RadixTree tree
     cdef public double cache_threshold
     cdef public double balance_abs_threshold
@@ -487,18 +486,21 @@ cdef class CacheAwarePolicy(Policy):
         return pg
 
     cdef int rebalance(self, list ready, double now) except -1:
-        """Spread the hot prefix groups evenly over the routable workers.
-
-        Taken in the order of their keys, each hot group is assigned its
-        highest-weight worker among those holding fewer than
-        ceil(hot groups / workers) of them; a group held elsewhere is marked
-        to move there on its next request (unless it moved recently)."""
+        """Spread the hot prefix groups evenly over the routable workers, with
+        as few moves as possible: a worker holding more than
+        ceil(hot groups / workers) of them gives up the excess, its weakest
+        claims first (lowest rendezvous weight), each to its highest-weight
+        worker still under that share. A group moves on its next request,
+        and not again within MOVE_HOLD_SECS. Every input (the hot set, where
+        the groups are, the weights) is the same in every router."""
         cdef PrefixGroup pg
-        cdef Worker w, chosen
+        cdef Worker w, owner
         cdef list routable = [w for w in ready if w.routable(now)]
         cdef list hot = []
-        cdef double total = 0.0, fair, r
+        cdef list movers = []
+        cdef dict held = {}          # worker id -> its hot groups
         cdef dict counts = {}
+        cdef double total = 0.0, fair, r
         cdef Py_ssize_t cap
         self.last_rebalance = now
         if len(routable) < 2:
@@ -509,25 +511,35 @@ cdef class CacheAwarePolicy(Policy):
         for pg in self.groups.values():
             r = pg.rate_at(now)
             pg.hot = r >= HOT_SHARE * fair or (pg.hot and r >= 0.5 * HOT_SHARE * fair)
+            pg.target = None
             if pg.hot:
                 hot.append(pg)
-            else:
-                pg.target = None
         if not hot:
             return 0
         hot.sort(key=_group_order)
         cap = (len(hot) + len(routable) - 1) // len(routable)
+        routable_ids = {w.id for w in routable}
         for pg in hot:
-            chosen = None
+            owner = pg.owner
+            if owner is None or owner.id not in routable_ids:
+                movers.append(pg)
+            else:
+                held.setdefault(owner.id, []).append(pg)
+        for wid, groups in held.items():
+            counts[wid] = len(groups)
+            if len(groups) > cap:
+                owner = (<PrefixGroup>groups[0]).owner
+                groups.sort(key=lambda g: weight_of((<PrefixGroup>g).key, owner))
+                movers.extend(groups[:len(groups) - cap])
+                counts[wid] = cap
+        movers.sort(key=_group_order)
+        for pg in movers:
             for w in sorted(routable, key=lambda w: weight_of(pg.key, w), reverse=True):
                 if counts.get(w.id, 0) < cap:
-                    chosen = w
+                    counts[w.id] = counts.get(w.id, 0) + 1
+                    if pg.owner is not None and pg.owner is not w and now - pg.moved_at >= MOVE_HOLD_SECS:
+                        pg.target = w
                     break
-            counts[chosen.id] = counts.get(chosen.id, 0) + 1
-            if pg.owner is None or pg.owner is chosen or now - pg.moved_at < MOVE_HOLD_SECS:
-                pg.target = None
-            else:
-                pg.target = chosen
         return 0
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):

@@ -23,7 +23,8 @@ from smg._fast.policies cimport Router, WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, invalid_field
 
 from smg._fast.routing_text import ENDPOINT_NAMES
-from smg._fast.server import queue_or_reject
+from smg._fast.server import error_body, queue_or_reject
+from smg._fast.upstream import UpstreamClosed
 from smg._fast.worker import TYPE_NAMES
 
 _log = logging.getLogger("smg.proxy")
@@ -86,6 +87,22 @@ cdef bytes relay_head(ResponseParser p, ClientConnection conn, Request req, Work
 
 cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n):
     return b"%x\r\n" % n + data[off:off + n] + b"\r\n"
+
+
+cdef bint end_stream_with_error(ClientConnection conn, ResponseParser p, bint wrapped, int status, str code,
+                                str message):
+    """End an event stream that broke off (the worker failed, the request
+    timed out) the way clients understand: an error event, `data: [DONE]`,
+    then the end of the chunked body. `wrapped`: the gateway frames the
+    chunks itself. False when the stream cannot take them: not SSE, not
+    chunked to the client, or cut inside one of the worker's chunks."""
+    if p is None or p.content_type is None or not p.content_type.startswith(b"text/event-stream"):
+        return False
+    if not wrapped and not (p.chunked and p.between_chunks()):
+        return False
+    event = b"data: " + error_body(status, code, message) + b"\n\ndata: [DONE]\n\n"
+    conn.write(b"%x\r\n" % len(event) + event + b"\r\n0\r\n\r\n")
+    return True
 
 
 cdef class ProxySettings:
@@ -249,6 +266,7 @@ cdef class ProxyCall(Exchange):
     cdef Worker failed_worker
     cdef UpstreamConnection up
     cdef ConnectWaiter waiter
+    cdef ResponseParser relayed         # the parser of the response being relayed
     cdef object retry_timer
     cdef bytes head_start
     cdef bytes head_common
@@ -354,6 +372,7 @@ cdef class ProxyCall(Exchange):
         self.release_worker_outcome_only(not failure_status(status))
         head = relay_head(p, self.conn, req, self.worker, req.http_minor == 0, &self.chunk_wrap)
         self.head_sent = True
+        self.relayed = p
         if n == 0:
             self.conn.write(head)
         elif self.chunk_wrap:
@@ -396,11 +415,14 @@ cdef class ProxyCall(Exchange):
         if self.done:
             return 0
         if self.head_sent:
-            # mid-stream: the client cannot be told; end its connection so it
-            # sees a truncated response instead of waiting forever
+            # mid-stream: an event stream ends with an error event; any other
+            # body ends with the connection, so the client sees it truncated
+            # instead of waiting forever
             _log.warning("worker %s dropped a response mid-stream: %s", self.worker.url, exc)
             self.release_worker(-1)
             self.req.keep_alive = False
+            end_stream_with_error(self.conn, self.relayed, self.chunk_wrap, 502, "upstream_error",
+                                  f"Worker {self.worker.url} failed mid-stream: {exc}")
             self.complete("stream_error")
             return 0
         self.release_worker(0)
@@ -417,6 +439,21 @@ cdef class ProxyCall(Exchange):
         else:
             self.fail_to_client(self.last_error_status, self.last_error_code, self.last_error_message)
         return 0
+
+    cdef int upstream_stale(self, object c) except -1:
+        self.up = None
+        if self.done:
+            return 0
+        if self.can_retry():
+            # the keep-alive race: the worker closed the connection as we
+            # reused it. Send again at once, to the same worker, as one more
+            # attempt: every send counts against the retry budget
+            self.attempts += 1
+            self.settings.count_retry(self.worker.worker_type, self.handler.endpoint_name)
+            self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
+            return 0
+        return self.upstream_failed(c, UpstreamClosed("worker closed the connection before responding"),
+                                    FAIL_BEFORE_HEAD)
 
     # --- retries ---
 
@@ -490,6 +527,8 @@ cdef class ProxyCall(Exchange):
             self.release_worker(0)
         if self.head_sent:
             self.req.keep_alive = False
+            end_stream_with_error(self.conn, self.relayed, self.chunk_wrap, 504, "request_timeout",
+                                  f"No complete response within {self.settings.request_timeout:g} s")
             self.complete("stream_error")
         else:
             self.fail_to_client(504, "request_timeout",

@@ -40,6 +40,10 @@ cdef class Request:
     cdef public bytes content_length
     cdef public bytes expect
     cdef public bytes connection
+    cdef public bint chunked             # Transfer-Encoding present: a body follows
+    # decided when the headers are complete: the answer of a request refused
+    # by route, method or auth (status, body, content type, headers, code)
+    cdef public tuple refusal
     # request-id candidates, in priority order
     cdef bytes id_x_request_id
     cdef bytes id_x_correlation_id
@@ -116,6 +120,9 @@ cdef class ServerCore:
     cdef public bytes date_header
     cdef public bint shutting_down
     cdef public long long connections_total
+    cdef public long max_connections      # client connections at most (file descriptors); 0: no limit
+    cdef public long long shed_total       # idle keep-alive connections closed to stay under it
+    cdef double shed_logged_at
 
     cpdef Route resolve(self, str path)
 
@@ -130,6 +137,9 @@ cdef class ClientConnection:
     cdef public Exchange exchange        # the proxied exchange of `active`, if any
     cdef public bint closed
     cdef bint reading_paused
+    cdef long long pending_bytes         # body bytes of the requests waiting in `pending`
+    cdef bint lingering                  # answered and half-closed: dropping input until the client closes
+    cdef double linger_until
     cdef public bint write_paused
     cdef bint close_after
     cdef int error_status                # set by a parser callback that refuses the request
@@ -139,8 +149,11 @@ cdef class ClientConnection:
     cdef double head_started
     cdef public object peer
 
+    cdef int classify(self, Request req) except -1
     cdef int safe_dispatch(self, Request req) except -1
     cdef int dispatch(self, Request req) except -1
+    cdef int linger(self) except -1
+    cdef bint may_read_more(self)
     cdef int write(self, bytes data) except -1
     cpdef respond(self, Request req, int status, bytes body, bytes content_type, bytes extra_headers=*, str error_code=*)
     cpdef respond_error(self, Request req, int status, str code, str message, str error_type=*)

@@ -13,7 +13,7 @@ from http import HTTPStatus
 import httptools
 import orjson
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from smg._fast.clock cimport monotonic
 from smg._fast.exchange cimport Exchange
 
@@ -59,6 +59,7 @@ DEF H_ID0 = 10   # x-request-id
 DEF H_ID1 = 11   # x-correlation-id
 DEF H_ID2 = 12   # x-trace-id
 DEF H_ID3 = 13   # request-id
+DEF H_TRANSFER_ENCODING = 14
 
 cdef dict _SLOTS = {}
 
@@ -69,7 +70,7 @@ cdef _seed_slots():
         "x-smg-routing-key": H_ROUTING_KEY, "x-forwarded-for": H_FORWARDED_FOR,
         "content-type": H_CONTENT_TYPE, "content-length": H_CONTENT_LENGTH, "expect": H_EXPECT,
         "connection": H_CONNECTION, "x-request-id": H_ID0, "x-correlation-id": H_ID1,
-        "x-trace-id": H_ID2, "request-id": H_ID3,
+        "x-trace-id": H_ID2, "request-id": H_ID3, "transfer-encoding": H_TRANSFER_ENCODING,
         "host": H_IGNORE, "user-agent": H_IGNORE, "accept": H_IGNORE, "accept-encoding": H_IGNORE,
         "accept-language": H_IGNORE, "origin": H_IGNORE, "referer": H_IGNORE, "cookie": H_IGNORE,
         "cache-control": H_IGNORE, "pragma": H_IGNORE, "te": H_IGNORE, "keep-alive": H_IGNORE,
@@ -83,6 +84,16 @@ cdef _seed_slots():
     _SLOTS[b"Content-type"] = H_CONTENT_TYPE
 
 _seed_slots()
+
+
+# While a response is pending, a connection's pipelined requests may hold at
+# most this many body bytes before the gateway stops reading it.
+DEF PIPELINE_BUFFER_BYTES = 4194304
+# After answering a request whose body it will not read, the gateway
+# half-closes and drops input until the client closes, at most this long:
+# closing with unread input would reset the connection, and the client
+# could lose the answer.
+DEF LINGER_SECS = 5.0
 
 
 # --- request ids ---------------------------------------------------------
@@ -119,6 +130,26 @@ cdef bytes make_request_id(bytes prefix):
         p[plen + 12 + i] = _ALNUM[c % 62]
         c //= 62
     return out
+
+
+# A client's request id is echoed and forwarded: a longer one, or one with
+# characters outside printable ASCII, is ignored and the gateway makes one.
+DEF MAX_REQUEST_ID = 128
+
+
+cdef inline bint valid_request_id(bytes value):
+    cdef Py_ssize_t i, n
+    cdef const unsigned char* p
+    if value is None:
+        return False
+    n = PyBytes_GET_SIZE(value)
+    if n == 0 or n > MAX_REQUEST_ID:
+        return False
+    p = <const unsigned char*>PyBytes_AS_STRING(value)
+    for i in range(n):
+        if p[i] < 0x21 or p[i] > 0x7e:
+            return False
+    return True
 
 
 # --- errors ----------------------------------------------------------------
@@ -366,6 +397,9 @@ cdef class ServerCore:
         self.date_header = b""
         self.shutting_down = False
         self.connections_total = 0
+        self.max_connections = 0
+        self.shed_total = 0
+        self.shed_logged_at = -1e9
         self.admission = Admission()
 
     def add_route(self, Route route, bint prefix=False):
@@ -396,6 +430,29 @@ cdef class ServerCore:
             now = monotonic()
         for conn in list(self.connections):
             conn.check_timeouts(now)
+
+    def make_room(self, ClientConnection newcomer):
+        """Over max_connections: close the longest-idle keep-alive
+        connections (a twentieth of the limit at once), so that running out
+        of file descriptors sheds idle clients instead of refusing new ones.
+        False when no connection is idle."""
+        cdef ClientConnection conn
+        cdef double now = monotonic()
+        idle = [conn for conn in self.connections
+                if conn is not newcomer and conn.active is None and conn.parsing is None and not conn.closed]
+        if not idle:
+            return False
+        idle.sort(key=_last_activity)
+        shed = idle[:max(1, self.max_connections // 20)]
+        for conn in shed:
+            conn.closed = True
+            conn.transport.close()
+        self.shed_total += len(shed)
+        if now - self.shed_logged_at >= 60.0:
+            self.shed_logged_at = now
+            _log.warning("%d client connections: at the limit the file descriptors allow (%d); closing the %d "
+                         "longest-idle keep-alive connections", len(self.connections), self.max_connections, len(shed))
+        return True
 
     def close_idle(self):
         """Close connections with no request in progress (shutdown)."""
@@ -444,8 +501,16 @@ cdef _send_py_response(ClientConnection conn, Request req, resp):
     conn.respond(req, resp.status, resp.body, resp.content_type, resp.headers, resp.error_code)
 
 
+_TOO_MANY = error_body(503, "too_many_connections",
+                       "The gateway is at its connection limit and no connection is idle")
+
+
 class _Refused(Exception):
     pass
+
+
+def _last_activity(ClientConnection conn):
+    return conn.last_activity
 
 
 cdef class ClientConnection:
@@ -460,6 +525,9 @@ cdef class ClientConnection:
         self.exchange = None
         self.closed = False
         self.reading_paused = False
+        self.pending_bytes = 0
+        self.lingering = False
+        self.linger_until = 0.0
         self.write_paused = False
         self.close_after = False
         self.error_status = 0
@@ -478,6 +546,12 @@ cdef class ClientConnection:
         self.peer = transport.get_extra_info("peername")
         if self.core.shutting_down:
             transport.close()
+        elif 0 < self.core.max_connections < len(self.core.connections) and not self.core.make_room(self):
+            self.closed = True
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                            b"x-smg-error-code: too_many_connections\r\nretry-after: 1\r\n"
+                            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(_TOO_MANY) + _TOO_MANY)
+            transport.close()
 
     def data_received(self, bytes data):
         if self.closed:
@@ -486,7 +560,7 @@ cdef class ClientConnection:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "upgrade_not_supported", "protocol upgrades are not supported")
+            self.upgrade_requested()
         except (httptools.HttpParserError, _Refused) as e:
             if self.error_status:
                 self._refuse(self.error_status, self.error_code, self.error_message)
@@ -591,22 +665,25 @@ cdef class ClientConnection:
             req.expect = value
         elif slot == H_CONNECTION:
             req.connection = value
+        elif slot == H_TRANSFER_ENCODING:
+            req.chunked = True
 
     def on_headers_complete(self):
         cdef Request req = self.parsing
-        cdef long long declared
-        cdef int i
+        cdef long long declared = 0
+        if self.closed:
+            return
         self.head_started = 0.0
         req.method = self.parser.get_method()
         req.http_minor = 0 if self.parser.get_http_version() == "1.0" else 1
         req.keep_alive = self.parser.should_keep_alive()
-        if req.id_x_request_id is not None:
+        if valid_request_id(req.id_x_request_id):
             req.request_id = req.id_x_request_id
-        elif req.id_x_correlation_id is not None:
+        elif valid_request_id(req.id_x_correlation_id):
             req.request_id = req.id_x_correlation_id
-        elif req.id_x_trace_id is not None:
+        elif valid_request_id(req.id_x_trace_id):
             req.request_id = req.id_x_trace_id
-        elif req.id_request_id is not None:
+        elif valid_request_id(req.id_request_id):
             req.request_id = req.id_request_id
         req.id_from_client = req.request_id is not None
         if req.content_length is not None:
@@ -619,13 +696,30 @@ cdef class ClientConnection:
                 self.error_code = "request_body_too_large"
                 self.error_message = "Request body exceeded the payload limit (max_payload_size)"
                 raise _Refused()
+        self.classify(req)
+        if req.refusal is not None:
+            # refused on its headers: its body is never read, and a client
+            # that is alone on the connection is answered at once
+            if (declared > 0 or req.chunked) and self.active is None and not self.pending:
+                req.keep_alive = False
+                self.active = req
+                self.respond_refusal(req)
+            return
+        if req.content_length is not None:
             if (declared > 0 and req.expect is not None and req.expect.lower() == b"100-continue"
                     and self.active is None and not self.pending and req.http_minor == 1):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, bytes body):
         cdef Request req = self.parsing
+        if req.refusal is not None:
+            return  # never read: dropped
         req.body_len += len(body)
+        if (self.active is not None and not self.reading_paused
+                and self.pending_bytes + req.body_len > PIPELINE_BUFFER_BYTES):
+            # a response is pending: bound what waits behind it
+            self.reading_paused = True
+            self.transport.pause_reading()
         if req.body_len > self.core.max_payload:
             self.error_status = 413
             self.error_code = "request_body_too_large"
@@ -641,14 +735,38 @@ cdef class ClientConnection:
     def on_message_complete(self):
         cdef Request req = self.parsing
         self.parsing = None
+        if self.closed or self.active is req:
+            return  # answered already (refused on its headers), or closing
         req.finish_body()
         if self.active is None and not self.pending:
             self.safe_dispatch(req)
         else:
             self.pending.append(req)
-            if len(self.pending) >= self.core.max_pipeline and not self.reading_paused:
+            self.pending_bytes += req.body_len
+            if not self.reading_paused and not self.may_read_more():
                 self.reading_paused = True
                 self.transport.pause_reading()
+
+    cdef bint may_read_more(self):
+        """Room for more pipelined requests behind the pending response."""
+        return len(self.pending) < self.core.max_pipeline and self.pending_bytes < PIPELINE_BUFFER_BYTES
+
+    def upgrade_requested(self):
+        """The parser stopped at a protocol switch (Upgrade, CONNECT). The
+        gateway switches no protocols: the request is answered as any other,
+        once, and the connection ends after it (what follows is not HTTP)."""
+        cdef Request last
+        if self.parsing is not None:
+            self._refuse(400, "upgrade_not_supported", "protocol upgrades are not supported")
+            return
+        last = self.pending[len(self.pending) - 1] if self.pending else self.active
+        if last is not None:
+            last.keep_alive = False
+            if not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
+        elif not self.closed:
+            self.linger()
 
     # --- serving ---
 
@@ -669,62 +787,70 @@ cdef class ClientConnection:
                 self.abort()
         return 0
 
-    cdef int dispatch(self, Request req) except -1:
+    cdef int classify(self, Request req) except -1:
+        """When the headers are complete, before any body byte is kept: the
+        route, the request id, and whether the route, the method or the
+        credentials refuse the request (req.refusal)."""
         cdef Route route
-        cdef bytes q
-        cdef Py_ssize_t qpos
         cdef bytes url = req.url
         cdef bytes expected
-        self.active = req
-        qpos = url.find(b"?")
+        cdef Py_ssize_t qpos = url.find(b"?")
         if qpos >= 0:
             req.query = url[qpos + 1:]
             url = url[:qpos]
         req.path = url.decode("latin-1")
         route = self.core.resolve(req.path)
         if route is None:
-            route = self.core.not_found
-            req.route = route
-            route.requests[req.method] = route.requests.get(req.method, 0) + 1
+            req.route = self.core.not_found
             if req.request_id is None:
                 req.request_id = make_request_id(b"req-")
-            self.respond_error(req, 404, "unknown_url",
-                               f"Invalid URL ({req.method.decode('latin-1')} {req.path})")
+            req.refusal = (404, error_body(404, "unknown_url",
+                                           f"Invalid URL ({req.method.decode('latin-1')} {req.path})"),
+                           b"application/json", b"x-smg-error-code: unknown_url\r\n", "unknown_url")
             return 0
         req.route = route
-        route.requests[req.method] = route.requests.get(req.method, 0) + 1
         if req.request_id is None:
             req.request_id = make_request_id(route.id_prefix)
-        if req.method not in route.methods:
-            if req.method == b"HEAD" and b"GET" in route.methods:
-                pass
-            else:
-                self.respond(req, 405, error_body(405, "method_not_allowed",
-                                                  f"Invalid URL ({req.method.decode('latin-1')} {req.path})"),
-                             b"application/json",
-                             b"x-smg-error-code: method_not_allowed\r\n" + route.allow_header,
-                             "method_not_allowed")
-                return 0
+        if req.method not in route.methods and not (req.method == b"HEAD" and b"GET" in route.methods):
+            req.refusal = (405, error_body(405, "method_not_allowed",
+                                           f"Invalid URL ({req.method.decode('latin-1')} {req.path})"),
+                           b"application/json", b"x-smg-error-code: method_not_allowed\r\n" + route.allow_header,
+                           "method_not_allowed")
+            return 0
         if route.auth != AUTH_NONE:
             expected = self.core.api_key if route.auth == AUTH_DATA else self.core.admin_api_key
-            if expected is not None:
-                if req.authorization is None:
-                    self.respond(req, 401, orjson.dumps({"error": {
-                        "message": "Missing API key: send it as `Authorization: Bearer <key>`",
-                        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}),
-                        b"application/json",
-                        b"x-smg-error-code: invalid_api_key\r\nwww-authenticate: Bearer realm=\"data-plane\"\r\n",
-                        "invalid_api_key")
-                    return 0
-                if not hmac.compare_digest(req.authorization, expected):
-                    self.respond(req, 401, orjson.dumps({"error": {
-                        "message": "Invalid API key", "type": "invalid_request_error", "param": None,
-                        "code": "invalid_api_key"}}),
-                        b"application/json",
-                        b"x-smg-error-code: invalid_api_key\r\n"
-                        b"www-authenticate: Bearer realm=\"data-plane\", error=\"invalid_token\"\r\n",
-                        "invalid_api_key")
-                    return 0
+            if expected is None:
+                return 0
+            if req.authorization is None:
+                req.refusal = (401, orjson.dumps({"error": {
+                    "message": "Missing API key: send it as `Authorization: Bearer <key>`",
+                    "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}),
+                    b"application/json",
+                    b"x-smg-error-code: invalid_api_key\r\nwww-authenticate: Bearer realm=\"data-plane\"\r\n",
+                    "invalid_api_key")
+            elif not hmac.compare_digest(req.authorization, expected):
+                req.refusal = (401, orjson.dumps({"error": {
+                    "message": "Invalid API key", "type": "invalid_request_error", "param": None,
+                    "code": "invalid_api_key"}}),
+                    b"application/json",
+                    b"x-smg-error-code: invalid_api_key\r\n"
+                    b"www-authenticate: Bearer realm=\"data-plane\", error=\"invalid_token\"\r\n",
+                    "invalid_api_key")
+        return 0
+
+    def respond_refusal(self, Request req):
+        cdef Route route = req.route
+        route.requests[req.method] = route.requests.get(req.method, 0) + 1
+        status, body, content_type, headers, code = req.refusal
+        self.respond(req, status, body, content_type, headers, code)
+
+    cdef int dispatch(self, Request req) except -1:
+        cdef Route route = req.route
+        self.active = req
+        if req.refusal is not None:
+            self.respond_refusal(req)
+            return 0
+        route.requests[req.method] = route.requests.get(req.method, 0) + 1
         if route.native is not None:
             route.native.handle(self, req)
             return 0
@@ -789,8 +915,11 @@ cdef class ClientConnection:
         if self.closed:
             return
         if self.client_closes(req):
-            self.closed = True
-            self.transport.close()
+            if self.parsing is not None or self.close_after:
+                self.linger()  # input is left unread
+            else:
+                self.closed = True
+                self.transport.close()
             return
         if self.error_status:
             self._refuse(self.error_status, self.error_code, self.error_message)
@@ -798,10 +927,31 @@ cdef class ClientConnection:
         self.last_activity = monotonic()
         if self.pending:
             nxt = self.pending.popleft()
+            self.pending_bytes -= nxt.body_len
+            if self.reading_paused and self.may_read_more():
+                self.reading_paused = False
+                self.transport.resume_reading()
             self.safe_dispatch(nxt)
         elif self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
+
+    cdef int linger(self) except -1:
+        """Close without resetting: send FIN after the answer, drop what
+        still comes in, and close when the client does (LINGER_SECS at most)."""
+        self.closed = True
+        self.lingering = True
+        self.linger_until = monotonic() + LINGER_SECS
+        self.pending.clear()
+        self.pending_bytes = 0
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+        return 0
 
     cpdef abort(self):
         """Drop the connection (after a broken upstream stream, or at shutdown)."""
@@ -837,6 +987,9 @@ cdef class ClientConnection:
 
     cdef int check_timeouts(self, double now) except -1:
         if self.closed:
+            if self.lingering and now >= self.linger_until:
+                self.lingering = False
+                self.transport.abort()
             return 0
         if self.exchange is not None:
             if self.exchange.deadline > 0 and now >= self.exchange.deadline:

@@ -15,19 +15,28 @@ cdef class UpstreamPool:
     cdef public int connecting
     cdef public long long connects_total
     cdef public long long reuses_total
+    cdef public double connect_timeout  # seconds; 0: none
+    cdef public int max_connections     # open and connecting at most; 0: no cap
+    cdef public long long connect_timeouts_total
+    cdef public long long queued_total  # requests that waited for a connection slot
     cdef list idle                      # LIFO stack of UpstreamConnection
+    cdef object queue                   # ConnectWaiters waiting for a connection slot (FIFO)
     cdef object loop
 
     cdef UpstreamConnection take_idle(self)
     cdef ConnectWaiter acquire(self, Exchange ex)
+    cdef int connect(self, ConnectWaiter waiter) except -1
     cdef int release(self, UpstreamConnection conn) except -1
     cdef int forget(self, UpstreamConnection conn) except -1
+    cdef int admit_queued(self) except -1
 
 
 cdef class ConnectWaiter:
     cdef UpstreamPool pool
     cdef Exchange ex
     cdef public bint cancelled
+    cdef object timer                   # the connect timeout
+    cdef bint timed_out
 
 
 cdef class UpstreamConnection:
@@ -38,7 +47,7 @@ cdef class UpstreamConnection:
     cdef public bint closed
     cdef public bint reused             # came from the idle stack
     cdef public bint got_bytes          # received anything for the current exchange
-    cdef bint discarding                # reading a response nobody wants, to reuse the connection
+    cdef double sent_at                 # when the current exchange was attached (its request sent)
     cdef bint reading_paused
     cdef double idle_since
     cdef list decoded

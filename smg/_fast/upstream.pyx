@@ -4,6 +4,7 @@ address, the protocol that parses responses, and `fetch`, the small HTTP
 client the control plane uses (probes, health checks, fan-out routes)."""
 
 import asyncio
+from collections import deque
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
@@ -14,23 +15,41 @@ from smg._fast.exchange cimport Exchange, FAIL_CONNECT, FAIL_BEFORE_HEAD, FAIL_B
 from smg._fast.http1 import UpstreamProtocolError
 
 
+# A reused keep-alive connection that dies this soon after the request was
+# written, with no byte back, was closed by the worker as we reused it (the
+# keep-alive race): the request most likely never reached it. Later, the
+# worker may have read it and be working on it: that is a real failure.
+DEF STALE_WINDOW = 0.25
+
+
 class UpstreamClosed(ConnectionError):
     """The worker closed the connection before the response ended."""
 
 
 cdef class UpstreamPool:
 
-    def __init__(self, str host, int port, double idle_timeout=3.0, loop=None):
+    def __init__(self, str host, int port, double idle_timeout=3.0, loop=None, double connect_timeout=0.0,
+                 int max_connections=0):
         self.host = host
         self.port = port
         self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
         self.closed = False
         self.open_count = 0
         self.connecting = 0
         self.connects_total = 0
         self.reuses_total = 0
+        self.connect_timeouts_total = 0
+        self.queued_total = 0
         self.idle = []
+        self.queue = deque()
         self.loop = loop if loop is not None else asyncio.get_event_loop()
+
+    @property
+    def waiting(self):
+        """Requests waiting for a connection slot (max_connections)."""
+        return sum(1 for w in self.queue if not (<ConnectWaiter>w).cancelled)
 
     def __repr__(self):
         return f"<UpstreamPool {self.host}:{self.port} open={self.open_count} idle={len(self.idle)}>"
@@ -58,18 +77,53 @@ cdef class UpstreamPool:
             ex.upstream_failed(None, ConnectionRefusedError("worker removed"), FAIL_CONNECT)
             return None
         waiter = ConnectWaiter(self, ex)
+        if self.max_connections > 0 and self.open_count + self.connecting >= self.max_connections:
+            # at the cap: wait for a connection to come back or close
+            self.queue.append(waiter)
+            self.queued_total += 1
+            return waiter
+        self.connect(waiter)
+        return waiter
+
+    cdef int connect(self, ConnectWaiter waiter) except -1:
         self.connecting += 1
         self.connects_total += 1
         task = self.loop.create_task(
             self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port))
+        if self.connect_timeout > 0:
+            waiter.timer = self.loop.call_later(self.connect_timeout, waiter.time_out, task)
         task.add_done_callback(waiter)
-        return waiter
+        return 0
+
+    cdef int admit_queued(self) except -1:
+        """A connection slot freed up: the next live waiter connects."""
+        cdef ConnectWaiter waiter
+        while self.queue and (self.max_connections <= 0
+                              or self.open_count + self.connecting < self.max_connections):
+            waiter = <ConnectWaiter>self.queue.popleft()
+            if waiter.cancelled:
+                continue
+            if self.closed:
+                waiter.ex.upstream_failed(None, ConnectionRefusedError("worker removed"), FAIL_CONNECT)
+                continue
+            self.connect(waiter)
+        return 0
 
     cdef int release(self, UpstreamConnection conn) except -1:
+        cdef ConnectWaiter waiter
         if conn.closed:
             return 0
         if self.closed or self.idle_timeout <= 0:
             conn.abort()
+            return 0
+        while self.queue:
+            # a request waiting for a connection slot takes this one
+            waiter = <ConnectWaiter>self.queue.popleft()
+            if waiter.cancelled:
+                continue
+            conn.reused = True
+            self.reuses_total += 1
+            waiter.ex.upstream_ready(conn)
             return 0
         conn.idle_since = monotonic()
         conn.reused = False
@@ -78,6 +132,8 @@ cdef class UpstreamPool:
 
     cdef int forget(self, UpstreamConnection conn) except -1:
         self.open_count -= 1
+        if self.queue:
+            self.admit_queued()
         return 0
 
     def sweep(self, double now=0.0):
@@ -102,6 +158,7 @@ cdef class UpstreamPool:
         for conn in self.idle:
             conn.abort()
         self.idle = []
+        self.admit_queued()
 
 
 cdef class ConnectWaiter:
@@ -110,18 +167,32 @@ cdef class ConnectWaiter:
         self.pool = pool
         self.ex = ex
         self.cancelled = False
+        self.timer = None
+        self.timed_out = False
+
+    def time_out(self, task):
+        self.timed_out = True
+        self.pool.connect_timeouts_total += 1
+        task.cancel()
 
     def __call__(self, task):
         cdef UpstreamConnection conn
         self.pool.connecting -= 1
-        if task.cancelled():
-            if not self.cancelled:
-                self.ex.upstream_failed(None, ConnectionError("connect cancelled"), FAIL_CONNECT)
-            return
-        exc = task.exception()
-        if exc is not None:
-            if not self.cancelled:
-                self.ex.upstream_failed(None, exc, FAIL_CONNECT)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if task.cancelled() or task.exception() is not None:
+            if self.pool.queue:
+                self.pool.admit_queued()
+            if self.cancelled:
+                return
+            if self.timed_out:
+                exc = TimeoutError(f"no connection within {self.pool.connect_timeout:g} s")
+            elif task.cancelled():
+                exc = ConnectionError("connect cancelled")
+            else:
+                exc = task.exception()
+            self.ex.upstream_failed(None, exc, FAIL_CONNECT)
             return
         conn = <UpstreamConnection>task.result()[1]
         if self.cancelled:
@@ -141,7 +212,7 @@ cdef class UpstreamConnection:
         self.closed = False
         self.reused = False
         self.got_bytes = False
-        self.discarding = False
+        self.sent_at = 0.0
         self.reading_paused = False
         self.idle_since = 0.0
         self.decoded = None
@@ -156,7 +227,7 @@ cdef class UpstreamConnection:
         cdef Py_ssize_t off = 0, used, n
         cdef bint head_done = False
         cdef object piece
-        if ex is None and not self.discarding:
+        if ex is None:
             # bytes nobody asked for (an idle connection): unusable
             self.abort()
             return
@@ -178,11 +249,6 @@ cdef class UpstreamConnection:
         if off + used < n:
             # bytes past the end of the response: the worker broke framing
             self.parser.keep_alive = False
-        if self.discarding:
-            if self.parser.done():
-                self.discarding = False
-                self._message_done()
-            return
         if self.decoded is not None:
             if head_done:
                 ex.upstream_response(self, self.parser, b"", 0, 0)
@@ -217,12 +283,10 @@ cdef class UpstreamConnection:
             return
         self.ex = None
         if self.parser.in_head():
-            if self.reused and not self.got_bytes and not ex.resent:
+            if self.reused and not self.got_bytes and monotonic() - self.sent_at < STALE_WINDOW:
                 # the worker had closed this idle keep-alive connection as we
-                # reused it: the request never reached it, so send it again on
-                # a fresh connection, once, without the exchange noticing
-                ex.resent = True
-                self.pool.acquire(ex)
+                # reused it: the request most likely never reached it
+                ex.upstream_stale(self)
                 return
             ex.upstream_failed(self, exc or UpstreamClosed("worker closed the connection before responding"),
                                FAIL_BEFORE_HEAD)
@@ -236,10 +300,14 @@ cdef class UpstreamConnection:
         pass
 
     # used by exchanges
+    def resend(self, Exchange ex):
+        """Send ex's request again, on another connection to this worker."""
+        self.pool.acquire(ex)
+
     cdef int attach(self, Exchange ex, bint head_only) except -1:
         self.ex = ex
         self.got_bytes = False
-        self.discarding = False
+        self.sent_at = monotonic()
         self.parser.reset(head_only)
         self.decoded = [] if ex.wants_decoded() else None
         return 0
@@ -258,24 +326,21 @@ cdef class UpstreamConnection:
         return 0
 
     cdef int discard(self) except -1:
-        """Detach from the exchange; read and drop the rest of the response
-        so the connection can be reused (unless it cannot be)."""
+        """Detach from the exchange, whose response nobody wants: back to the
+        pool if the response has already ended, else closed. (Reading the
+        rest of it to reuse the connection would trust the worker to end it:
+        a body that never ends would hold the connection forever.)"""
         self.ex = None
         if self.closed:
             return 0
         if self.parser.done():
             self._message_done()
-        elif self.parser.in_head() or self.parser.until_eof():
-            self.abort()
         else:
-            if self.reading_paused:
-                self.resume_reading()
-            self.discarding = True
+            self.abort()
         return 0
 
     cdef int abort(self) except -1:
         self.ex = None
-        self.discarding = False
         if not self.closed and self.transport is not None:
             self.transport.abort()
         return 0

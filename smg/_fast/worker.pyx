@@ -3,6 +3,7 @@
 control plane (registry, health checks)."""
 
 import logging
+import re
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from smg._fast.clock cimport monotonic
@@ -27,10 +28,19 @@ OPEN = CB_OPEN
 HALF_OPEN = CB_HALF_OPEN
 
 
+# what a worker URL's host may be: a DNS name or an IPv4 address, or (in
+# brackets) an IPv6 address with an optional zone
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?\Z")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]{2,45}(?:%[A-Za-z0-9_.-]{1,32})?\Z")
+MAX_URL_LENGTH = 2048
+
+
 def split_url(str url):
     """'http://h:p' -> (host, port). IPv6 hosts come bracketed in URLs and
     are returned without brackets. Raises ValueError on a bad URL."""
     cdef str rest, host, port_s
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"URL longer than {MAX_URL_LENGTH} characters")
     if url.startswith("http://"):
         rest = url[7:]
         default_port = 80
@@ -48,6 +58,8 @@ def split_url(str url):
         if end < 0:
             raise ValueError(f"{url}: unterminated IPv6 address")
         host = rest[1:end]
+        if not _IPV6.match(host):
+            raise ValueError(f"{url}: invalid IPv6 address {host!r}")
         tail = rest[end + 1:]
         if tail and not tail.startswith(":"):
             raise ValueError(f"{url}: invalid port")
@@ -58,6 +70,8 @@ def split_url(str url):
             raise ValueError(f"{url}: invalid port")
         if ":" in port_s:
             raise ValueError(f"{url}: bracket IPv6 addresses, e.g. http://[::1]:8000")
+        if host and not _HOSTNAME.match(host):
+            raise ValueError(f"{url}: invalid host {host!r}")
     if not host:
         raise ValueError(f"{url}: URL has no host")
     if port_s:
