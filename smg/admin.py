@@ -1,4 +1,4 @@
-"""The workers admin API (SPEC.md §2): list, inspect, add and remove workers.
+"""The workers admin API: list, inspect, add and remove workers.
 Error bodies follow the reference's admin shape: {"error": msg, "code": CODE}."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `smg` command: flags compatible with the reference gateway (SPEC.md §1).
+"""The `smg` command: flags compatible with the reference gateway.
 
     smg --worker-urls http://w1:8000 http://w2:8000
     smg launch --worker-urls ...        # the reference's spelling, also accepted

@@ -1,4 +1,4 @@
-"""The gateway's settings: one field per command-line flag (SPEC.md §1), with
+"""The gateway's settings: one field per command-line flag, with
 the reference gateway's names and defaults."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Routes the gateway answers itself (SPEC.md §2): health, readiness, the
+"""Routes the gateway answers itself: health, readiness, the
 model list, the info routes forwarded to one worker, and the fan-out
 routes (/flush_cache, /get_loads)."""
 

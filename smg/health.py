@@ -1,4 +1,4 @@
-"""Periodic health checks and the worker state machine (SPEC.md §3).
+"""Periodic health checks and the worker state machine.
 
 Each registered worker gets its own probe schedule: GET
 {url}{--health-check-endpoint} every --health-check-interval-secs, any 2xx

@@ -1,4 +1,4 @@
-"""Registering a worker (SPEC.md §3): wait for its health endpoint, learn what
+"""Registering a worker: wait for its health endpoint, learn what
 it serves (/model_info, /server_info, /v1/models), then hand it to the
 registry as ready. Registrations run concurrently, bounded, as background
 tasks: they never block routing."""

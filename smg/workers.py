@@ -233,7 +233,7 @@ class Registry:
     # --- views ---
 
     def info(self, w: Worker) -> dict:
-        """WorkerInfo, as GET /workers shows it (SPEC.md §2)."""
+        """WorkerInfo, as GET /workers shows it (the reference's shape)."""
         models = []
         if w.model_id != "unknown" or w.info:
             mi = w.info.get("model_info") or {}

@@ -2,6 +2,8 @@
 echo the bootstrap fields they received)."""
 
 import json
+import re
+import time
 import socket
 
 import pytest
@@ -105,12 +107,16 @@ def test_a_failing_side_is_a_clear_error_and_releases_both(fake_workers, gateway
     wait_for(lambda: all(w["load"] == 0 for w in g.workers()), message="both workers released")
 
 
-def test_prefill_failing_mid_stream_cuts_the_client(fake_workers, gateway):
+def test_prefill_failing_mid_stream_ends_the_stream_with_an_error(fake_workers, gateway):
     (p,) = fake_workers(1, role="prefill", response_delay=0.5, fail_status=500)
     (d,) = fake_workers(1, role="decode", stream_chunks=20, stream_interval=0.1)
     g = pd_gateway(gateway, [p], [d], "--disable-retries")
     data = raw_exchange(g.port, post_raw("/generate", json.dumps({"text": "x", "stream": True}).encode()), timeout=10)
-    assert data.startswith(b"HTTP/1.1 200") and not data.endswith(b"0\r\n\r\n")  # cut, not completed
+    assert data.startswith(b"HTTP/1.1 200")
+    # not completed: decode was cut off, and the stream says so
+    events = re.findall(rb"data: (.*?)\n\n", data)
+    assert 1 <= len(events) < 20 and events[-1] == b"[DONE]" and b'"upstream_error"' in events[-2]
+    assert data.endswith(b"0\r\n\r\n")
     wait_for(lambda: d.stats.disconnects == 1, message="decode request cancelled")
     wait_for(lambda: all(w["load"] == 0 for w in g.workers()), message="both workers released")
 
@@ -200,3 +206,40 @@ def test_discovered_pd_pods_serve_traffic(k8s, pod_workers, gateway):
     assert [b["bootstrap_port"] for b in dc.stats.bootstrap] == [8998] * 3
     assert all(b["bootstrap_host"] == pf.host for b in dc.stats.bootstrap)
     assert pf.stats.bootstrap == dc.stats.bootstrap
+
+
+def test_decode_held_for_logprobs_is_bounded(fake_workers, gateway):
+    """With return_logprob, decode's stream waits for prefill's logprobs; the
+    gateway holds a few MB of it and stops reading the decode worker until
+    prefill answers, instead of buffering the whole answer."""
+    (p,) = fake_workers(1, role="prefill", response_delay=3.0)
+    # each event carries the logprobs of every token so far: ~70 MB in all
+    (d,) = fake_workers(1, role="decode", stream_chunks=2000)
+    g = pd_gateway(gateway, [p], [d])
+    base = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{g.proc.pid}/status").read()).group(1))
+    body = json.dumps({"text": "x", "stream": True, "return_logprob": True}).encode()
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=60)
+    peak = 0
+    with s:
+        s.sendall(post_raw("/generate", body))
+        wait_for(lambda: p.stats.in_flight == 1, message="prefill working on the request")
+        while p.stats.in_flight == 1:
+            rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{g.proc.pid}/status").read()).group(1))
+            peak = max(peak, rss - base)
+            time.sleep(0.05)
+        data = read_until_close_or_end(s)
+    assert peak < 32 * 1024, f"{peak} kB held while prefill was answering"
+    events = re.findall(rb"data: (.*?)\n\n", data)
+    assert len(events) == 2001 and events[-1] == b"[DONE]"
+    # prefill's input logprobs lead the merged stream
+    assert json.loads(events[0])["meta_info"]["input_token_logprobs"][0][2] == "prefill-in"
+
+
+def read_until_close_or_end(s) -> bytes:
+    data = b""
+    while not data.endswith(b"0\r\n\r\n"):
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    return data

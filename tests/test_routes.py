@@ -1,4 +1,4 @@
-"""Every route of SPEC.md §2, through the real gateway and fake workers."""
+"""Every route the gateway serves, through the real gateway and fake workers."""
 
 import re
 

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Prefill/decode disaggregation, SGLang style (SPEC.md §6).
+"""Prefill/decode disaggregation, SGLang style.
 
 A PDCall picks a prefill and a decode worker, adds the bootstrap fields
 (bootstrap_host, bootstrap_port, bootstrap_room; lists for batches) to the
@@ -25,7 +25,8 @@ from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
 from smg._fast.proxy cimport (ProxiedRoute, ProxySettings, relay_head, wrap_chunk, upstream_status_line, retryable_status,
-                              failure_status, resolve_group, parse_body, routing_key, forwarded_head)
+                              failure_status, resolve_group, parse_body, routing_key, forwarded_head,
+                              end_stream_with_error)
 
 
 from smg._fast.upstream import UpstreamClosed
@@ -33,6 +34,11 @@ from smg._fast.upstream import UpstreamClosed
 _log = logging.getLogger("smg.pd")
 
 BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
+
+# With return_logprob, decode's answer waits for prefill's logprobs: at most
+# this many bytes of it are held, then the decode connection is not read
+# until prefill has answered.
+DEF PD_HOLD_BYTES = 4194304
 
 
 cpdef Py_ssize_t batch_size(int endpoint, dict body):
@@ -292,8 +298,11 @@ cdef class PDCall(Exchange):
     cdef bint prefill_finished
     cdef object prefill_doc         # prefill's parsed body (logprobs mode)
     cdef list held                  # decode payload waiting for prefill (logprobs mode)
+    cdef Py_ssize_t held_bytes
+    cdef bint decode_held_back      # decode's connection paused until prefill answers
     cdef bytes sse_rest             # an incomplete SSE event (logprobs streaming)
     cdef ResponseParser decode_head # kept until the head can be written (logprobs mode)
+    cdef ResponseParser relayed     # the parser of decode's answer, once relayed
     cdef bint decode_finished
 
     def __init__(self, PDHandler handler, ClientConnection conn, Request req, dict obj, WorkerGroup pgroup,
@@ -339,6 +348,8 @@ cdef class PDCall(Exchange):
         self.decode_finished = False
         self.prefill_doc = None
         self.held = []
+        self.held_bytes = 0
+        self.decode_held_back = False
         self.sse_rest = b""
         self.decode_head = None
         body = add_bootstrap(req.body, self.obj, pw.host, pw.bootstrap_port, self.batch)
@@ -382,6 +393,7 @@ cdef class PDCall(Exchange):
             return 0
         # decode
         self.status = status
+        self.relayed = p
         if self.logprobs:
             self.decode_head = p
             if n:
@@ -409,8 +421,14 @@ cdef class PDCall(Exchange):
                 self.conn.write(data[off:off + n])
             return 0
         self.held.append(data[off:off + n])
+        self.held_bytes += n
         if self.stream and self.prefill_finished:
             self.flush_stream()
+        elif not self.prefill_finished and self.held_bytes > PD_HOLD_BYTES and leg.up is not None:
+            # prefill has not answered yet: hold no more of decode's answer
+            # (the decode worker waits, its connection unread)
+            leg.up.pause_reading()
+            self.decode_held_back = True
         return 0
 
     cdef int leg_done(self, Leg leg) except -1:
@@ -421,8 +439,13 @@ cdef class PDCall(Exchange):
             return 0
         if leg is self.prefill:
             self.prefill_finished = True
+            if self.decode_held_back:
+                self.decode_held_back = False
+                if self.decode.up is not None and not self.conn.write_paused:
+                    self.decode.up.resume_reading()
             if self.logprobs:
                 self.prefill_doc = prefill_document(b"".join(leg.parts))
+                leg.parts = []
                 if self.stream:
                     if self.decode_head is not None:
                         self.flush_stream()
@@ -480,6 +503,7 @@ cdef class PDCall(Exchange):
         cdef list out = []
         cdef Py_ssize_t end
         self.held = []
+        self.held_bytes = 0
         if not self.head_sent:
             self.conn.write(relay_head(self.decode_head, self.conn, self.req, self.decode.worker, True, &self.wrap,
                                        -2))
@@ -552,7 +576,22 @@ cdef class PDCall(Exchange):
         if self.attempts > 1:
             self.settings.count_exhausted(TYPE_DECODE, self.handler.endpoint_name)
         self.done = True
+        self.drop_buffers()
         self.conn.respond_error(self.req, status, code, message)
+        return 0
+
+    cdef int drop_buffers(self) except -1:
+        """The call is over: what it held of the workers' answers goes now,
+        not when the garbage collector finds the call and its legs."""
+        self.held = []
+        self.held_bytes = 0
+        self.sse_rest = b""
+        self.prefill_doc = None
+        self.decode_head = None
+        if self.prefill is not None:
+            self.prefill.parts = []
+        if self.decode is not None:
+            self.decode.parts = []
         return 0
 
     cdef int abort_client(self, str why) except -1:
@@ -560,6 +599,7 @@ cdef class PDCall(Exchange):
         self.prefill.stop()
         self.decode.stop()
         self.req.keep_alive = False
+        end_stream_with_error(self.conn, self.relayed, self.wrap, 502, "upstream_error", why)
         self.complete("stream_error")
         return 0
 
@@ -567,6 +607,7 @@ cdef class PDCall(Exchange):
         if self.done:
             return 0
         self.done = True
+        self.drop_buffers()
         self.conn.finish(self.req, self.status, error_code)
         return 0
 
@@ -587,6 +628,7 @@ cdef class PDCall(Exchange):
             return 0
         self.done = True
         self.stop_all()
+        self.drop_buffers()
         return 0
 
     cdef int client_pause(self) except -1:
@@ -595,7 +637,7 @@ cdef class PDCall(Exchange):
         return 0
 
     cdef int client_resume(self) except -1:
-        if self.decode is not None and self.decode.up is not None:
+        if self.decode is not None and self.decode.up is not None and not self.decode_held_back:
             self.decode.up.resume_reading()
         return 0
 
@@ -605,9 +647,12 @@ cdef class PDCall(Exchange):
         self.stop_all()
         if self.head_sent:
             self.req.keep_alive = False
+            end_stream_with_error(self.conn, self.relayed, self.wrap, 504, "request_timeout",
+                                  f"No complete response within {self.settings.request_timeout:g} s")
             self.complete("stream_error")
         else:
             self.done = True
+            self.drop_buffers()
             self.conn.respond_error(self.req, 504, "request_timeout",
                                     f"No response within {self.settings.request_timeout:g} s")
         return 0

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""The text a routing policy keys on, per endpoint (SPEC §5), taken from the
+"""The text a routing policy keys on, per endpoint, taken from the
 request's parsed JSON body. Values of the wrong type contribute nothing:
 routing never fails because of the body's shape (the worker validates it)."""
 
