@@ -148,14 +148,14 @@ def run_wrk(url: str, script: str, duration: int, connections: int, threads: int
 class Workers:
     """Fake workers in their own process (so their CPU is not the gateway's)."""
 
-    def __init__(self, count: int, role: str = "regular", stream_chunks: int = 8):
+    def __init__(self, count: int, role: str = "regular", stream_chunks: int = 8, parse: bool = True):
         self.port = free_port()
         while any(not _port_free(self.port + i) for i in range(count)):
             self.port = free_port()
         self.count = count
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smg.testing", "--port", str(self.port), "--count", str(count), "--role", role,
-             "--stream-chunks", str(stream_chunks)],
+             "--stream-chunks", str(stream_chunks), *([] if parse else ["--no-parse"])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         self.urls = [f"http://127.0.0.1:{self.port + i}" for i in range(count)]
         for u in self.urls:

@@ -10,7 +10,9 @@ Each request is one of 16 documents (the prompt size less 200 characters)
 plus a 200-character question, to /generate, cache_aware: the gateway's
 per-request work grows with the prompt (JSON, routing text, radix tree match
 and insert), which is what more processes spread over more cores. Load
-comes from wrk; the fake workers run in their own processes.
+comes from wrk; the fake workers run in their own processes and answer
+without parsing the prompts (--no-parse), so that the machine's CPU goes to
+the gateway being measured rather than to its test bed.
 
 With --cores, the gateway is pinned to the first N CPUs (taskset) and runs
 --workers N; wrk and the fake workers get the remaining CPUs when there are
@@ -81,7 +83,8 @@ def main() -> None:
         raise SystemExit(f"--cores {max(sweep)} is more than the {total_cpus} CPUs here")
 
     per_process = max(1, args.workers // args.worker_processes)
-    pools = [Workers(per_process) for _ in range(max(1, args.workers // per_process))]
+    # the fake workers answer without parsing the prompts: their CPU is not what is measured
+    pools = [Workers(per_process, parse=False) for _ in range(max(1, args.workers // per_process))]
     urls = [u for p in pools for u in p.urls]
     tmp = tempfile.mkdtemp(prefix="smg-scaling-")
     results = []

@@ -65,6 +65,9 @@ class FakeWorkerConfig:
     fail_count: int = -1
     # the failure's body is chunked and never ends (a worker stuck mid-answer)
     fail_endless: bool = False
+    # False: answer generation requests without parsing their bodies (a
+    # worker that costs a load test next to nothing; no streaming, no echo)
+    parse_bodies: bool = True
     # "normal"; "reset" closes the connection on a generation request; "stall"
     # never answers it; "garbage" answers bytes that are not HTTP
     mode: str = "normal"
@@ -532,6 +535,8 @@ class FakeWorker:
                     return None
                 self._json(proto, cfg.fail_status, {"error": f"injected failure {cfg.fail_status}"})
                 return None
+        if not cfg.parse_bodies:
+            return {}
         try:
             body = req.json()
         except orjson.JSONDecodeError:
@@ -555,7 +560,7 @@ class FakeWorker:
     def _generate(self, proto: _WorkerProtocol, req: _Request, streaming_allowed: bool) -> bool:
         """Non-streamed answer, written at once. Returns False if the request
         streams (and so needs `handle`)."""
-        if not streaming_allowed:
+        if not streaming_allowed and self.config.parse_bodies:
             try:
                 doc = req.json()
                 if isinstance(doc, dict) and doc.get("stream"):
@@ -733,6 +738,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-chunks", type=int, default=4)
     parser.add_argument("--stream-interval", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--response-delay", type=float, default=0.0)
+    parser.add_argument("--no-parse", action="store_true",
+                        help="answer generation requests without parsing their bodies (cheap load-test workers)")
     sim = parser.add_argument_group("simulated engine (routing-quality benchmarks; see docs/fleet-simulator.md)")
     sim.add_argument("--simulate", action="store_true",
                      help="model a prefix KV cache, a serial prefill queue and batched decode")
@@ -753,6 +760,7 @@ def main(argv: list[str] | None = None) -> None:
             stream_chunks=args.stream_chunks,
             stream_interval=args.stream_interval,
             response_delay=args.response_delay,
+            parse_bodies=not args.no_parse,
             simulate=args.simulate,
             sim_cache_chars=args.sim_cache_chars,
             sim_prefill_chars_per_sec=args.sim_prefill_chars_per_sec,
