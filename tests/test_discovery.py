@@ -246,17 +246,25 @@ def test_worker_ports_annotation(k8s, gateway):
 
 
 def test_manual_workers_are_never_touched(k8s, pod_workers, fake_workers, gateway):
-    port, (w0,) = pod_workers(1)
+    """Workers discovery did not add are not its to replace or remove: not a
+    manual worker at a pod's address, not one carrying a pod's uid label."""
+    port, (w0, w1) = pod_workers(2)
     (static,) = fake_workers(1)
-    p0 = k8s.add(make_pod("sglang-worker-0", w0.host, LABELS))
     g = gateway(discovery_args(port, "--worker-urls", static.url), env=k8s.env)
-    wait_urls(g, [w0.url, static.url])
-    added = g.post("/workers", {"url": f"http://127.0.0.1:{port}"})
-    assert added.status in (202, 409)
+    wait_urls(g, [static.url])
+    # a manual worker at the address pod 0 will have, claiming its uid
+    r = g.post("/workers", {"url": w0.url, "labels": {"smg.ai/pod-uid": "uid-0"}})
+    assert r.status == 202
+    manual_id = r.json()["worker_id"]
+    wait_urls(g, [static.url, w0.url])
+    p0 = k8s.add(make_pod("sglang-worker-0", w0.host, LABELS, uid="uid-0"))
+    p1 = k8s.add(make_pod("sglang-worker-1", w1.host, LABELS))
+    wait_urls(g, [static.url, w0.url, w1.url], message="pod 1 discovered (so pod 0 was seen too)")
+    assert next(w["id"] for w in g.workers() if w["url"] == w0.url) == manual_id
     k8s.delete(p0)
-    wait_for(lambda: w0.url not in urls(g), message="pod worker removed")
-    time.sleep(0.5)
-    assert static.url in ready_urls(g)
+    k8s.delete(p1)
+    wait_urls(g, [static.url, w0.url], message="pod 1 removed (so pod 0's deletion was seen too)")
+    assert next(w["id"] for w in g.workers() if w["url"] == w0.url) == manual_id
 
 
 def test_rust_log_enables_discovery_debug(k8s, pod_workers, gateway):

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,8 @@ from smg._fast.policies import RoundRobinPolicy, Router
 from smg._fast.proxy import ProxyHandler, ProxySettings
 from smg._fast.routing_text import ENDPOINTS, invalid_field, routing_text
 from smg._fast.server import Response, Route, ServerCore
+from smg._fast.upstream import UpstreamPool
+from smg._fast.worker import DECODE, PREFILL, READY, REGULAR, Worker
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -50,10 +53,19 @@ class FakeTransport:
 
 
 def make_core(pd=False):
+    """A server core with the proxied routes and ready workers, whose pools
+    refuse to connect: a valid request gets as far as a ProxyCall (or a PD
+    call), which fails it with a 502 (no retries)."""
     loop = asyncio.new_event_loop()
     core = ServerCore(loop, max_payload=4096, max_header_bytes=2048, max_headers=20)
     router = Router(lambda t: RoundRobinPolicy())
-    proxy = ProxySettings(router, loop)
+    for i, wtype in enumerate((PREFILL, DECODE) if pd else (REGULAR,)):
+        w = Worker(f"w{i}", f"http://127.0.0.1:{9000 + i}", "fake-model", wtype)
+        w.pool = UpstreamPool(w.host, w.port, 3.0, loop)
+        w.pool.close()
+        w.state = READY
+        router.add_worker(w)
+    proxy = ProxySettings(router, loop, max_attempts=1)
     cls = PDHandler if pd else ProxyHandler
     for path, ep in ENDPOINTS.items():
         core.add_route(Route(path, ["POST"], native=cls(proxy, ep), auth="serving"))
@@ -84,6 +96,19 @@ BODY_DICTS = st.dictionaries(
 
 def request_bytes(line, headers, body):
     return line + b"".join(headers) + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+@pytest.mark.parametrize("pd", [False, True])
+def test_the_dispatch_fuzzer_reaches_the_proxy(pd):
+    core, loop = make_core(pd)
+    try:
+        conn = core.protocol_factory()
+        t = FakeTransport()
+        conn.connection_made(t)
+        conn.data_received(request_bytes(b"POST /generate HTTP/1.1\r\n", [], b'{"text": "hi"}'))
+        assert bytes(t.out).startswith(b"HTTP/1.1 502") and b"worker_unreachable" in t.out
+    finally:
+        loop.close()
 
 
 @FUZZ
