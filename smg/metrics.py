@@ -66,6 +66,7 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
         "routes": routes,
         "requests": sum(sum(r["requests"].values()) for r in routes.values()),
         "connections": len(dp.core.connections),
+        "connections_shed": dp.core.shed_total,
         "admission": {"active": adm.active, "queue_depth": adm.queue_depth,
                       "rejected_full": adm.rejected_full, "rejected_timeout": adm.rejected_timeout},
         "workers": workers,
@@ -84,11 +85,12 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
     workers: dict[str, dict] = {}
     cache_aware: dict[tuple, list] = {}
     keyed: dict[str, dict[tuple, int]] = {"cb_transitions": {}, "retries": {}, "retries_exhausted": {}}
-    out = {"requests": 0, "connections": 0,
+    out = {"requests": 0, "connections": 0, "connections_shed": 0,
            "admission": {"active": 0, "queue_depth": 0, "rejected_full": 0, "rejected_timeout": 0}}
     for snap in snapshots:
         out["requests"] += snap["requests"]
         out["connections"] += snap["connections"]
+        out["connections_shed"] += snap["connections_shed"]
         for k, v in snap["admission"].items():
             out["admission"][k] += v
         for path, r in snap["routes"].items():
@@ -172,6 +174,8 @@ class GatewayCollector:
         yield durations
         yield GaugeMetricFamily("smg_http_connections_active", "Currently active HTTP connections",
                                 value=snap["connections"])
+        yield CounterMetricFamily("smg_http_connections_shed", "Idle keep-alive connections closed at the "
+                                  "file-descriptor limit", value=snap["connections_shed"])
         adm = snap["admission"]
         yield GaugeMetricFamily("smg_admission_inflight", "Proxied requests holding an admission slot",
                                 value=adm["active"])

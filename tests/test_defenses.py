@@ -287,6 +287,7 @@ def test_running_out_of_file_descriptors_sheds_idle_connections(fake_workers):
                     pass
             assert closed >= 20
             assert "longest-idle keep-alive connections" in g.logs()
+            assert re.search(r"smg_http_connections_shed_total [1-9]", g.metrics())
         finally:
             for s in idle:
                 s.close()
