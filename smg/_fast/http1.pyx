@@ -23,14 +23,6 @@ class UpstreamProtocolError(ValueError):
 DEF MAX_HEAD = 65536
 DEF MAX_CHUNK_LINE = 4096
 
-# Headers that describe one hop or that the gateway sets itself: never relayed.
-cdef frozenset _DROPPED = frozenset([
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"upgrade", b"transfer-encoding", b"content-length", b"x-request-id",
-    b"x-smg-routed-worker-id", b"proxy-authenticate",
-])
-
-
 cdef inline unsigned char _lower(unsigned char c) noexcept:
     if c >= 65 and c <= 90:
         return c + 32

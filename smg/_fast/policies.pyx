@@ -730,6 +730,3 @@ cdef class Router:
                 evicted += g.policy.evict()
         return evicted
 
-    def models(self, int worker_type):
-        """Model ids with at least one registered worker of this type."""
-        return sorted(m for (t, m) in self.groups if t == worker_type)

@@ -64,7 +64,6 @@ cdef class Admission:
     cdef public long queue_size
     cdef public double queue_timeout
     cdef object waiting                  # deque of Waiter
-    cdef public long long queued_total
     cdef public long long rejected_full
     cdef public long long rejected_timeout
 
@@ -119,7 +118,6 @@ cdef class ServerCore:
     cdef public set connections
     cdef public bytes date_header
     cdef public bint shutting_down
-    cdef public long long connections_total
     cdef public long max_connections      # client connections at most (file descriptors); 0: no limit
     cdef public long long shed_total       # idle keep-alive connections closed to stay under it
     cdef double shed_logged_at

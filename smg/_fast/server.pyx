@@ -223,7 +223,6 @@ cdef class Admission:
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self.waiting = deque()
-        self.queued_total = 0
         self.rejected_full = 0
         self.rejected_timeout = 0
 
@@ -245,7 +244,6 @@ cdef class Admission:
             self.rejected_full += 1
             return False
         self.waiting.append(waiter)
-        self.queued_total += 1
         return True
 
     cdef int leave(self) except -1:
@@ -396,7 +394,6 @@ cdef class ServerCore:
         self.connections = set()
         self.date_header = b""
         self.shutting_down = False
-        self.connections_total = 0
         self.max_connections = 0
         self.shed_total = 0
         self.shed_logged_at = -1e9
@@ -542,7 +539,6 @@ cdef class ClientConnection:
     def connection_made(self, transport):
         self.transport = transport
         self.core.connections.add(self)
-        self.core.connections_total += 1
         self.peer = transport.get_extra_info("peername")
         if self.core.shutting_down:
             transport.close()

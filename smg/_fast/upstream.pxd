@@ -13,12 +13,9 @@ cdef class UpstreamPool:
     cdef public bint closed
     cdef public int open_count          # connected (idle + busy)
     cdef public int connecting
-    cdef public long long connects_total
-    cdef public long long reuses_total
     cdef public double connect_timeout  # seconds; 0: none
     cdef public int max_connections     # open and connecting at most; 0: no cap
     cdef public long long connect_timeouts_total
-    cdef public long long queued_total  # requests that waited for a connection slot
     cdef list idle                      # LIFO stack of UpstreamConnection
     cdef object queue                   # ConnectWaiters waiting for a connection slot (FIFO)
     cdef object loop

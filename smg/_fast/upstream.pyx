@@ -38,10 +38,7 @@ cdef class UpstreamPool:
         self.closed = False
         self.open_count = 0
         self.connecting = 0
-        self.connects_total = 0
-        self.reuses_total = 0
         self.connect_timeouts_total = 0
-        self.queued_total = 0
         self.idle = []
         self.queue = deque()
         self.loop = loop if loop is not None else asyncio.get_event_loop()
@@ -70,7 +67,6 @@ cdef class UpstreamPool:
         cdef ConnectWaiter waiter
         if conn is not None:
             conn.reused = True
-            self.reuses_total += 1
             ex.upstream_ready(conn)
             return None
         if self.closed:
@@ -80,14 +76,12 @@ cdef class UpstreamPool:
         if self.max_connections > 0 and self.open_count + self.connecting >= self.max_connections:
             # at the cap: wait for a connection to come back or close
             self.queue.append(waiter)
-            self.queued_total += 1
             return waiter
         self.connect(waiter)
         return waiter
 
     cdef int connect(self, ConnectWaiter waiter) except -1:
         self.connecting += 1
-        self.connects_total += 1
         task = self.loop.create_task(
             self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port))
         if self.connect_timeout > 0:
@@ -122,7 +116,6 @@ cdef class UpstreamPool:
             if waiter.cancelled:
                 continue
             conn.reused = True
-            self.reuses_total += 1
             waiter.ex.upstream_ready(conn)
             return 0
         conn.idle_since = monotonic()

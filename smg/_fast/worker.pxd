@@ -62,6 +62,5 @@ cdef class Worker:
     cdef void take_request(self) noexcept
     cdef int end_request(self, int outcome) except -1
     cdef bint routable(self, double now) noexcept
-    cpdef bint available(self, double now)
     cpdef record_outcome(self, bint success, double now)
     cdef void _cb_move(self, int new_state, double now) noexcept

@@ -158,10 +158,6 @@ cdef class Worker:
             return True
         return False
 
-    cpdef bint available(self, double now):
-        """Ready and not held back by an open circuit breaker."""
-        return self.routable(now)
-
     cpdef record_outcome(self, bint success, double now):
         """One attempt's result, for the circuit breaker: success, or a
         failure (408, 429, 5xx, transport error)."""
