@@ -328,3 +328,19 @@ def test_many_small_groups_are_left_where_hashing_put_them():
             w = route(p, ws, f"conversation {i} " + "y" * 300 + f" turn {r}", now=t)
             assert first.setdefault(i, w.id) == w.id
     assert p.rebalanced == 0
+
+
+def test_unique_prompts_do_not_grow_the_group_table_without_bound():
+    ws = workers(4)
+    p = CacheAwarePolicy()
+    hot = "[hot] the one popular system prompt " + "h" * 300
+    t = 0.0
+    first = None
+    for i in range(140_000):
+        t += 0.00002
+        text = hot + str(i) if i % 4 == 0 else f"unique prompt {i} " + "u" * 40
+        w = route(p, ws, text, now=t)
+        if i % 4 == 0:
+            first = first or w.id
+            assert w.id == first  # the hot prefix stays put while the table is pruned
+    assert p.tracked_groups <= 65536

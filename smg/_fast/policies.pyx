@@ -250,7 +250,10 @@ DEF GROUP_RATE_SECS = 2.0
 DEF HOT_SHARE = 0.25
 DEF REBALANCE_SECS = 0.5
 DEF MOVE_HOLD_SECS = 2.0
-DEF GROUP_FORGET_SECS = 300.0
+DEF GROUP_FORGET_SECS = 30.0
+# Prefix groups tracked at most (unique prompts each make one): past it, the
+# ones not seen for longest are forgotten, hot ones never.
+DEF MAX_GROUPS = 65536
 
 
 cdef struct Gate:
@@ -307,6 +310,9 @@ cdef class CacheAwarePolicy(Policy):
     cdef list load_avg       # slot -> in-flight count smoothed over LOAD_SMOOTHING_SECS
     cdef list load_time      # slot -> when load_avg was last updated
     cdef dict groups         # placement key -> PrefixGroup
+    cdef dict candidates     # placement key -> PrefixGroup busy enough that it may be hot
+    cdef double total_rate   # all requests, decayed over GROUP_RATE_SECS
+    cdef double total_last
     cdef double last_rebalance
     cdef public long long hits
     cdef public long long misses
@@ -330,6 +336,9 @@ cdef class CacheAwarePolicy(Policy):
         self.load_avg = []
         self.load_time = []
         self.groups = {}
+        self.candidates = {}
+        self.total_rate = 0.0
+        self.total_last = 0.0
         self.last_rebalance = 0.0
         self.hits = 0
         self.misses = 0
@@ -373,15 +382,33 @@ cdef class CacheAwarePolicy(Policy):
     def slot_of(self, Worker worker):
         return self.slots.get(worker.id)
 
+    @property
+    def tracked_groups(self):
+        """Prefix groups whose request rate is followed (at most MAX_GROUPS)."""
+        return len(self.groups)
+
     def evict(self, double now=-1.0):
         """Trim the tree to max_tree_size characters (least recently used
         first), and forget prefix groups unseen for GROUP_FORGET_SECS."""
         cdef PrefixGroup pg
         if now < 0:
             now = monotonic()
-        for key in [k for k, pg in self.groups.items() if now - pg.last > GROUP_FORGET_SECS]:
-            del self.groups[key]
+        self.forget_groups(now, len(self.groups))
         return self.tree.evict_to(self.max_tree_size)
+
+    cdef int forget_groups(self, double now, Py_ssize_t keep) except -1:
+        """Forget prefix groups unseen for GROUP_FORGET_SECS, then the least
+        recently seen until at most `keep` remain; never a candidate."""
+        cdef PrefixGroup pg
+        cdef list old
+        for key in [k for k, pg in self.groups.items()
+                    if now - pg.last > GROUP_FORGET_SECS and k not in self.candidates]:
+            del self.groups[key]
+        if len(self.groups) > keep:
+            old = sorted((pg for k, pg in self.groups.items() if k not in self.candidates), key=_group_last)
+            for pg in old[:len(self.groups) - keep]:
+                del self.groups[pg.key]
+        return 0
 
     cdef Worker owner_at(self, Node* node, double now):
         """The routable owner of `node` with the most hits; on a tie, the
@@ -473,16 +500,25 @@ cdef class CacheAwarePolicy(Policy):
         cdef Gate g = self.gate(ready, now)
         return self.place(group_key(text), ready, &g, now, avoid)
 
-    cdef PrefixGroup note(self, uint64_t key, double now):
-        """The group of a request, its rate counting this request."""
+    cdef PrefixGroup note(self, uint64_t key, double now, Py_ssize_t workers):
+        """The group of a request, its rate counting this request. A group
+        busy enough to be hot becomes a rebalancing candidate."""
         cdef PrefixGroup pg = self.groups.get(key)
         if pg is None:
+            if len(self.groups) >= MAX_GROUPS:
+                self.forget_groups(now, MAX_GROUPS // 2)
             pg = PrefixGroup()
             pg.key = key
             pg.moved_at = -MOVE_HOLD_SECS
             self.groups[key] = pg
         pg.rate = pg.rate_at(now) + 1.0
         pg.last = now
+        if now > self.total_last:
+            self.total_rate *= exp(-(now - self.total_last) / GROUP_RATE_SECS)
+            self.total_last = now
+        self.total_rate += 1.0
+        if workers and pg.rate >= 0.5 * HOT_SHARE * self.total_rate / workers:
+            self.candidates[key] = pg
         return pg
 
     cdef int rebalance(self, list ready, double now) except -1:
@@ -500,20 +536,20 @@ cdef class CacheAwarePolicy(Policy):
         cdef list movers = []
         cdef dict held = {}          # worker id -> its hot groups
         cdef dict counts = {}
-        cdef double total = 0.0, fair, r
+        cdef double fair, r
         cdef Py_ssize_t cap
         self.last_rebalance = now
         if len(routable) < 2:
             return 0
-        for pg in self.groups.values():
-            total += pg.rate_at(now)
-        fair = total / len(routable)
-        for pg in self.groups.values():
+        fair = self.total_rate * exp(-(now - self.total_last) / GROUP_RATE_SECS) / len(routable)
+        for key, pg in list(self.candidates.items()):
             r = pg.rate_at(now)
             pg.hot = r >= HOT_SHARE * fair or (pg.hot and r >= 0.5 * HOT_SHARE * fair)
             pg.target = None
             if pg.hot:
                 hot.append(pg)
+            elif r < 0.5 * HOT_SHARE * fair:
+                del self.candidates[key]
         if not hot:
             return 0
         hot.sort(key=_group_order)
@@ -562,7 +598,7 @@ cdef class CacheAwarePolicy(Policy):
         try:
             g = self.gate(ready, now)
             gkey = hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
-            pg = self.note(gkey, now)
+            pg = self.note(gkey, now, len(ready))
             if now - self.last_rebalance >= REBALANCE_SECS:
                 self.rebalance(ready, now)
             matched = self.tree.match(buf, n, &best, &depth)
@@ -633,6 +669,10 @@ cdef class CacheAwarePolicy(Policy):
 
 def _group_order(PrefixGroup pg):
     return pg.key
+
+
+def _group_last(PrefixGroup pg):
+    return pg.last
 
 
 def group_key(str text):
