@@ -9,6 +9,7 @@ FAST_MODULES = [
     "worker",
     "exchange",
     "upstream",
+    "fetch",
     "server",
     "routing_text",
     "radix",

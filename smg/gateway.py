@@ -206,6 +206,7 @@ class ControlPlane:
         self.metrics_server: Optional[asyncio.AbstractServer] = None
         self.discovery = None
         self.shutting_down = False
+        self._last_sweep = 0.0
         r, a = self.routes, self.admin
         self.handlers = {
             "/health": r.health, "/liveness": r.health, "/readiness": r.readiness, "/v1/models": r.models,
@@ -252,11 +253,12 @@ class ControlPlane:
                 continue
             self.registrar.register(w)
 
-    def tick(self, now: float, sweep_pools: bool) -> None:
+    def tick(self, now: float) -> None:
         self.metrics_core.tick(now)
-        if sweep_pools:
+        if now - self._last_sweep >= 1.0:
+            self._last_sweep = now
             for w in self.registry.all():
-                w.pool.sweep(now)
+                w.control_pool.sweep(now)
 
     def refresh_date(self) -> None:
         self.metrics_core.date_header = date_header()
@@ -273,6 +275,7 @@ class ControlPlane:
             task.cancel()
         for w in self.registry.all():
             w.pool.close()
+            w.control_pool.close()
 
 
 class Gateway:
@@ -305,7 +308,7 @@ class Gateway:
         now = monotonic()
         try:
             self.data.tick(now)
-            self.control.tick(now, sweep_pools=False)
+            self.control.tick(now)
             if now - self._last_date >= 1.0:
                 self._last_date = now
                 self.control.refresh_date()

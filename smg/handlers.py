@@ -13,7 +13,7 @@ import orjson
 
 from smg import __version__
 from smg._fast.server import Response, error_response, json_response, text_response
-from smg._fast.upstream import fetch
+from smg._fast.fetch import fetch
 from smg._fast.worker import DECODE, PREFILL, READY, REGULAR, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class GatewayRoutes:
             return error_response(503, "no_available_workers", "No available workers")
         headers = [("authorization", f"Bearer {w.api_key}")] if w.api_key else None
         try:
-            res = await fetch(w.pool, "GET", path, headers=headers, timeout=self.gw.cfg.request_timeout_secs)
+            res = await fetch(w.control_pool, "GET", path, headers=headers, timeout=self.gw.cfg.request_timeout_secs)
         except asyncio.TimeoutError:
             return error_response(504, "request_timeout", f"Worker {w.url} did not answer {path} in time")
         except OSError as e:
@@ -100,7 +100,7 @@ class GatewayRoutes:
         async def one(w: Worker):
             headers = [("authorization", f"Bearer {w.api_key}")] if w.api_key else None
             try:
-                res = await fetch(w.pool, method, path, body=b"" if method == "POST" else None,
+                res = await fetch(w.control_pool, method, path, body=b"" if method == "POST" else None,
                                   headers=headers, timeout=timeout)
                 return w, res, None
             except (OSError, asyncio.TimeoutError) as e:

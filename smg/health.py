@@ -18,7 +18,7 @@ import asyncio
 import logging
 import random
 
-from smg._fast.upstream import fetch
+from smg._fast.fetch import fetch
 from smg._fast.worker import DRAINING, FAILED, NOT_READY, PENDING, READY, TYPE_NAMES, Worker
 from smg.config import Config
 from smg.workers import Registry
@@ -53,7 +53,7 @@ class HealthChecker:
     async def probe(self, w: Worker) -> bool:
         headers = [("authorization", f"Bearer {w.api_key}")] if w.api_key else None
         try:
-            res = await fetch(w.pool, "GET", self.cfg.health_check_endpoint, headers=headers,
+            res = await fetch(w.control_pool, "GET", self.cfg.health_check_endpoint, headers=headers,
                               timeout=self.cfg.health_check_timeout_secs)
             ok = 200 <= res.status < 300
         except (OSError, asyncio.TimeoutError):

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import orjson
 
-from smg._fast.upstream import fetch
+from smg._fast.fetch import fetch
 from smg._fast.worker import Worker
 from smg.config import Config
 from smg.workers import Registry
@@ -26,7 +26,7 @@ class RegistrationFailed(Exception):
 async def get_json(w: Worker, path: str, timeout: float) -> tuple[int, Any]:
     """GET a worker path; (status, parsed JSON or None). Transport errors raise."""
     headers = [("authorization", f"Bearer {w.api_key}")] if w.api_key else None
-    res = await fetch(w.pool, "GET", path, headers=headers, timeout=timeout)
+    res = await fetch(w.control_pool, "GET", path, headers=headers, timeout=timeout)
     body = None
     if 200 <= res.status < 300 and res.body:
         try:

@@ -285,7 +285,7 @@ class Supervisor:
     def _tick(self) -> None:
         now = monotonic()
         try:
-            self.control.tick(now, sweep_pools=True)
+            self.control.tick(now)
             if now - self._last_date >= 1.0:
                 self._last_date = now
                 self.control.refresh_date()

@@ -98,6 +98,8 @@ class Registry:
                    dict(labels or {}), api_key)
         w.pool = UpstreamPool(w.host, w.port, self.cfg.upstream_pool_idle_timeout_secs, self.loop,
                               self.cfg.worker_connect_timeout_secs, self.cfg.max_connections_per_worker)
+        w.control_pool = UpstreamPool(w.host, w.port, self.cfg.upstream_pool_idle_timeout_secs, self.loop,
+                                      self.cfg.worker_connect_timeout_secs)
         w.cb_enabled = not self.cfg.disable_circuit_breaker
         w.cb_failure_threshold = self.cfg.cb_failure_threshold
         w.cb_success_threshold = self.cfg.cb_success_threshold
@@ -176,6 +178,7 @@ class Registry:
             w.state = DRAINING
         self.router.remove_worker(w)
         w.pool.close()
+        w.control_pool.close()
         for key in [k for k in self.cb_transitions if k[0] == w.url]:
             del self.cb_transitions[key]
         log.log(self.info_level, "Removed worker: %s (%s)", w.url, reason)

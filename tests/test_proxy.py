@@ -1,6 +1,7 @@
 """Forwarding: streaming, disconnects, upstream failures, keep-alive, auth."""
 
 import json
+import re
 import socket
 import time
 
@@ -306,6 +307,18 @@ def test_request_on_a_connection_the_worker_just_closed_is_sent_again(fake_worke
     assert w.stats.connections >= 5  # each reused connection was closed on it
     # with a budget of one send, the race is the request's failure
     g2 = gateway(["--worker-urls", w.url, "--disable-retries", "--disable-health-check"], wait_workers=1)
-    # the registration probes left an idle connection: the first request reuses it
-    assert g2.post("/generate", {"text": "reuses a connection"}).status == 502
+    assert g2.post("/generate", {"text": "opens a connection"}).status == 200
+    assert g2.post("/generate", {"text": "reuses it"}).status == 502
     assert g2.post("/generate", {"text": "on a fresh one"}).status == 200
+
+
+def test_probes_and_proxied_requests_use_separate_connections(fake_workers, gateway):
+    """The control plane's probes have their own pool: a proxied request never
+    reuses a connection a probe left behind (whose keep-alive state the proxy
+    knows nothing of)."""
+    (w,) = fake_workers(1)
+    g = gateway(["--worker-urls", w.url], wait_workers=1)
+    gauge = re.compile(r'smg_worker_upstream_connections\{worker="%s"\} (\S+)' % re.escape(w.url))
+    assert float(gauge.search(g.metrics()).group(1)) == 0.0  # registration probes did not touch it
+    assert g.post("/generate", {"text": "hi"}).status == 200
+    assert float(gauge.search(g.metrics()).group(1)) == 1.0

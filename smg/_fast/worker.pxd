@@ -38,7 +38,8 @@ cdef class Worker:
     cdef public bytes auth_header       # "authorization: Bearer k\r\n" from api_key, or None
     cdef public bytes url_header        # "x-smg-routed-worker-id: url\r\n"
     cdef readonly unsigned long long url_hash   # stable across processes and hosts (placement)
-    cdef public object pool             # smg._fast.upstream.UpstreamPool
+    cdef public object pool             # smg._fast.upstream.UpstreamPool: the proxy's connections
+    cdef public object control_pool     # the control plane's (probes, health checks, fan-out)
     cdef public object info             # dict of what registration learned
 
     # load: requests in flight through this gateway, and all ever routed

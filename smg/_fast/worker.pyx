@@ -103,6 +103,7 @@ cdef class Worker:
         cdef bytes url_bytes = self.url.encode("utf-8")
         self.url_hash = fnv1a(<const unsigned char*>PyBytes_AS_STRING(url_bytes), PyBytes_GET_SIZE(url_bytes))
         self.pool = None
+        self.control_pool = None
         self.info = {}
         self.inflight = 0
         self.routed = 0
