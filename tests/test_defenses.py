@@ -291,3 +291,19 @@ def test_running_out_of_file_descriptors_sheds_idle_connections(fake_workers):
         finally:
             for s in idle:
                 s.close()
+
+
+def test_a_broken_stream_to_an_http10_client_just_ends(fake_workers, gateway):
+    """An HTTP/1.0 client gets the stream unframed: no chunk can be added to
+    it, so it ends with the connection."""
+    (w,) = fake_workers(1, stream_chunks=6, drop_after_chunks=2)
+    g = gateway(["--worker-urls", w.url], wait_workers=1)
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    try:
+        s.sendall(post_raw("/generate", b'{"text": "hi", "stream": true}', version="1.0"))
+        out = read_until_close(s)
+    finally:
+        s.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert body.count(b"data: ") == 2 and b"[DONE]" not in body and not body.endswith(b"0\r\n\r\n")

@@ -599,7 +599,7 @@ cdef class PDCall(Exchange):
         self.prefill.stop()
         self.decode.stop()
         self.req.keep_alive = False
-        end_stream_with_error(self.conn, self.relayed, self.wrap, 502, "upstream_error", why)
+        end_stream_with_error(self.conn, self.req, self.relayed, self.wrap, 502, "upstream_error", why)
         self.complete("stream_error")
         return 0
 
@@ -647,7 +647,7 @@ cdef class PDCall(Exchange):
         self.stop_all()
         if self.head_sent:
             self.req.keep_alive = False
-            end_stream_with_error(self.conn, self.relayed, self.wrap, 504, "request_timeout",
+            end_stream_with_error(self.conn, self.req, self.relayed, self.wrap, 504, "request_timeout",
                                   f"No complete response within {self.settings.request_timeout:g} s")
             self.complete("stream_error")
         else:

@@ -11,8 +11,8 @@ cdef bint failure_status(int status) noexcept
 cdef bytes relay_head(ResponseParser p, ClientConnection conn, Request req, Worker w, bint decoded,
                       bint* wrap, long long content_length=*)
 cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n)
-cdef bint end_stream_with_error(ClientConnection conn, ResponseParser p, bint wrapped, int status, str code,
-                                str message)
+cdef bint end_stream_with_error(ClientConnection conn, Request req, ResponseParser p, bint wrapped, int status,
+                                str code, str message)
 cdef WorkerGroup resolve_group(Router router, ClientConnection conn, Request req, str model, int worker_type)
 cdef object parse_body(ClientConnection conn, Request req, int endpoint)
 cdef bytes routing_key(Request req)

@@ -89,14 +89,16 @@ cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n):
     return b"%x\r\n" % n + data[off:off + n] + b"\r\n"
 
 
-cdef bint end_stream_with_error(ClientConnection conn, ResponseParser p, bint wrapped, int status, str code,
-                                str message):
+cdef bint end_stream_with_error(ClientConnection conn, Request req, ResponseParser p, bint wrapped, int status,
+                                str code, str message):
     """End an event stream that broke off (the worker failed, the request
     timed out) the way clients understand: an error event, `data: [DONE]`,
     then the end of the chunked body. `wrapped`: the gateway frames the
     chunks itself. False when the stream cannot take them: not SSE, not
-    chunked to the client, or cut inside one of the worker's chunks."""
-    if p is None or p.content_type is None or not p.content_type.startswith(b"text/event-stream"):
+    chunked to the client (HTTP/1.0 gets the body unframed), or cut inside
+    one of the worker's chunks."""
+    if req.http_minor == 0 or p is None or p.content_type is None \
+            or not p.content_type.startswith(b"text/event-stream"):
         return False
     if not wrapped and not (p.chunked and p.between_chunks()):
         return False
@@ -421,7 +423,7 @@ cdef class ProxyCall(Exchange):
             _log.warning("worker %s dropped a response mid-stream: %s", self.worker.url, exc)
             self.release_worker(-1)
             self.req.keep_alive = False
-            end_stream_with_error(self.conn, self.relayed, self.chunk_wrap, 502, "upstream_error",
+            end_stream_with_error(self.conn, self.req, self.relayed, self.chunk_wrap, 502, "upstream_error",
                                   f"Worker {self.worker.url} failed mid-stream: {exc}")
             self.complete("stream_error")
             return 0
@@ -527,7 +529,7 @@ cdef class ProxyCall(Exchange):
             self.release_worker(0)
         if self.head_sent:
             self.req.keep_alive = False
-            end_stream_with_error(self.conn, self.relayed, self.chunk_wrap, 504, "request_timeout",
+            end_stream_with_error(self.conn, self.req, self.relayed, self.chunk_wrap, 504, "request_timeout",
                                   f"No complete response within {self.settings.request_timeout:g} s")
             self.complete("stream_error")
         else:
