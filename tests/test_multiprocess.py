@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import socket
-import time
 
 from helpers import post_raw, read_until_close, request, wait_for
 
