@@ -4,7 +4,7 @@ Error bodies follow the reference's admin shape: {"error": msg, "code": CODE}.""
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
 from smg._fast.server import Response, json_response
 from smg._fast.worker import DECODE, PREFILL, REGULAR
@@ -12,7 +12,9 @@ from smg.handlers import decode_json_body
 from smg.workers import WORKER_TYPES, DuplicateWorker
 
 if TYPE_CHECKING:
-    from smg.gateway import ControlPlane
+    from smg.config import Config
+    from smg.registration import Registrar
+    from smg.workers import Registry
 
 
 def _admin_error(status: int, code: str, message: str) -> Response:
@@ -20,19 +22,26 @@ def _admin_error(status: int, code: str, message: str) -> Response:
 
 
 class AdminRoutes:
-    def __init__(self, gw: ControlPlane):
-        self.gw = gw
+    """`inflight_source`, where the data plane runs in other processes: their
+    in-flight counts per worker id (GET /workers shows the host's load)."""
+
+    def __init__(self, cfg: Config, registry: Registry, registrar: Registrar,
+                 inflight_source: Optional[Callable[[], Awaitable[dict]]] = None):
+        self.cfg = cfg
+        self.registry = registry
+        self.registrar = registrar
+        self.inflight_source = inflight_source
 
     def _with_host_loads(self, respond):
         """With --workers N the requests in flight are counted in the
         data-plane processes: fetch them before answering."""
-        source = self.gw.inflight_source
+        source = self.inflight_source
         if source is None:
             return respond()
 
         async def later() -> Response:
             inflight = await source()
-            for w in self.gw.registry.all():
+            for w in self.registry.all():
                 w.inflight = inflight.get(w.id, 0)
             return respond()
 
@@ -42,7 +51,7 @@ class AdminRoutes:
         return self._with_host_loads(self._list_workers)
 
     def _list_workers(self) -> Response:
-        registry = self.gw.registry
+        registry = self.registry
         workers = registry.all()
         return json_response({
             "workers": [registry.info(w) for w in workers],
@@ -61,15 +70,15 @@ class AdminRoutes:
             uuid.UUID(worker_id)
         except ValueError:
             return _admin_error(400, "BAD_REQUEST", f"Invalid worker_id '{worker_id}' (expected UUID)")
-        w = self.gw.registry.get(worker_id)
+        w = self.registry.get(worker_id)
         if w is None:
             return _admin_error(404, "WORKER_NOT_FOUND", f"Worker {worker_id} not found")
         if req.method == b"DELETE":
-            self.gw.registrar.cancel(w)
-            self.gw.registry.drain(w, "admin request")
+            self.registrar.cancel(w)
+            self.registry.drain(w, "admin request")
             return json_response({"status": "accepted", "worker_id": w.id,
                                   "message": "Worker removal queued for background processing"}, 202)
-        return self._with_host_loads(lambda: json_response(self.gw.registry.info(w)))
+        return self._with_host_loads(lambda: json_response(self.registry.info(w)))
 
     def add_worker(self, req) -> Response:
         body, err = decode_json_body(req)
@@ -83,7 +92,7 @@ class AdminRoutes:
             return _admin_error(400, "BAD_REQUEST",
                                 f"Invalid value for field 'worker_type': {wtype_name!r} (regular, prefill or decode)")
         wtype = WORKER_TYPES[wtype_name]
-        pd = self.gw.cfg.pd_disaggregation
+        pd = self.cfg.pd_disaggregation
         if pd and wtype == REGULAR:
             return _admin_error(400, "BAD_REQUEST", "In --pd-disaggregation mode worker_type must be prefill or decode")
         if not pd and wtype != REGULAR:
@@ -103,12 +112,12 @@ class AdminRoutes:
         if model_id is not None and not isinstance(model_id, str):
             return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'model_id': expected a string")
         try:
-            w = self.gw.registry.add(url, wtype, bootstrap_port, labels, api_key, source="api")
+            w = self.registry.add(url, wtype, bootstrap_port, labels, api_key, source="api")
         except DuplicateWorker as e:
             return _admin_error(409, "WORKER_ALREADY_EXISTS", str(e))
         except ValueError as e:
             return _admin_error(400, "BAD_REQUEST", f"Invalid value for field 'url': {e}")
-        self.gw.registrar.register(w, model_id)
+        self.registrar.register(w, model_id)
         location = f"/workers/{w.id}"
         return json_response({"status": "accepted", "worker_id": w.id, "url": w.url, "location": location,
                               "message": "Worker addition queued for background processing"}, 202,

@@ -40,7 +40,7 @@ from smg.admin import AdminRoutes
 from smg.config import Config
 from smg.handlers import GatewayRoutes
 from smg.health import HealthChecker
-from smg.metrics import MetricsEndpoint, SnapshotSource, dataplane_snapshot
+from smg.metrics import GatewayCollector, MetricsEndpoint, SnapshotSource, dataplane_snapshot
 from smg.registration import Registrar
 from smg.workers import Registry
 
@@ -197,10 +197,10 @@ class ControlPlane:
         self.registrar = Registrar(cfg, registry, loop)
         self.health = HealthChecker(cfg, registry, loop)
         self.metric_sources: list[Callable[[], Iterator]] = []
-        self.metrics = MetricsEndpoint(self, snapshot_source, processes)
-        self.inflight_source = inflight_source
-        self.routes = GatewayRoutes(self)
-        self.admin = AdminRoutes(self)
+        self.metrics = MetricsEndpoint(GatewayCollector(registry, self.health, self.metric_sources),
+                                       snapshot_source, processes)
+        self.routes = GatewayRoutes(cfg, registry, lambda: self.shutting_down)
+        self.admin = AdminRoutes(cfg, registry, self.registrar, inflight_source)
         self.metrics_core = ServerCore(loop, max_payload=1 << 20, header_timeout=30.0, idle_timeout=90.0)
         self.metrics_core.add_route(Route("/metrics", ["GET"], handler=self.metrics.handle))
         self.metrics_server: Optional[asyncio.AbstractServer] = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import orjson
 
@@ -17,12 +17,17 @@ from smg._fast.fetch import fetch
 from smg._fast.worker import DECODE, PREFILL, READY, REGULAR, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
-    from smg.gateway import ControlPlane
+    from smg.config import Config
+    from smg.workers import Registry
 
 
 class GatewayRoutes:
-    def __init__(self, gw: ControlPlane):
-        self.gw = gw
+    """`shutting_down`: whether the gateway is stopping (readiness turns false)."""
+
+    def __init__(self, cfg: Config, registry: Registry, shutting_down: Callable[[], bool]):
+        self.cfg = cfg
+        self.registry = registry
+        self.shutting_down = shutting_down
         self._rr = itertools.count()
 
     # --- probes ---
@@ -31,21 +36,21 @@ class GatewayRoutes:
         return text_response("OK")
 
     def readiness(self, req) -> Response:
-        gw = self.gw
-        if gw.shutting_down:
+        registry = self.registry
+        if self.shutting_down():
             return json_response({"status": "not ready", "reason": "shutting down"}, 503)
-        if gw.cfg.pd_disaggregation:
-            prefill = gw.registry.ready(PREFILL)
-            decode = gw.registry.ready(DECODE)
-            total = len(gw.registry.of_type(PREFILL)) + len(gw.registry.of_type(DECODE))
+        if self.cfg.pd_disaggregation:
+            prefill = registry.ready(PREFILL)
+            decode = registry.ready(DECODE)
+            total = len(registry.of_type(PREFILL)) + len(registry.of_type(DECODE))
             if prefill and decode:
                 return json_response({"status": "ready", "healthy_workers": len(prefill) + len(decode),
                                       "total_workers": total, "prefill_workers": len(prefill),
                                       "decode_workers": len(decode)})
             return json_response({"status": "not ready", "reason": "insufficient healthy workers",
                                   "prefill_workers": len(prefill), "decode_workers": len(decode)}, 503)
-        healthy = gw.registry.ready(REGULAR)
-        total = len(gw.registry.of_type(REGULAR))
+        healthy = registry.ready(REGULAR)
+        total = len(registry.of_type(REGULAR))
         if healthy:
             return json_response({"status": "ready", "healthy_workers": len(healthy), "total_workers": total})
         return json_response({"status": "not ready", "reason": "insufficient healthy workers"}, 503)
@@ -54,9 +59,9 @@ class GatewayRoutes:
 
     def models(self, req) -> Response:
         seen: dict[str, None] = {}
-        types = (DECODE, PREFILL) if self.gw.cfg.pd_disaggregation else (REGULAR,)
+        types = (DECODE, PREFILL) if self.cfg.pd_disaggregation else (REGULAR,)
         for t in types:
-            for w in self.gw.registry.of_type(t):
+            for w in self.registry.of_type(t):
                 if w.model_id != "unknown" or w.state == READY:
                     seen.setdefault(w.model_id, None)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "self_hosted"} for m in seen]
@@ -65,8 +70,8 @@ class GatewayRoutes:
     # --- forwarded to one worker ---
 
     def _pick_ready(self) -> Optional[Worker]:
-        t = DECODE if self.gw.cfg.pd_disaggregation else REGULAR
-        ready = self.gw.registry.ready(t)
+        t = DECODE if self.cfg.pd_disaggregation else REGULAR
+        ready = self.registry.ready(t)
         if not ready:
             return None
         return ready[next(self._rr) % len(ready)]
@@ -77,7 +82,7 @@ class GatewayRoutes:
             return error_response(503, "no_available_workers", "No available workers")
         headers = [("authorization", f"Bearer {w.api_key}")] if w.api_key else None
         try:
-            res = await fetch(w.control_pool, "GET", path, headers=headers, timeout=self.gw.cfg.request_timeout_secs)
+            res = await fetch(w.control_pool, "GET", path, headers=headers, timeout=self.cfg.request_timeout_secs)
         except asyncio.TimeoutError:
             return error_response(504, "request_timeout", f"Worker {w.url} did not answer {path} in time")
         except OSError as e:
@@ -109,8 +114,8 @@ class GatewayRoutes:
         return await asyncio.gather(*(one(w) for w in workers))
 
     async def flush_cache(self, req) -> Response:
-        workers = [w for w in self.gw.registry.all() if w.state == READY]
-        results = await self._fan_out("POST", "/flush_cache", workers, self.gw.cfg.request_timeout_secs)
+        workers = [w for w in self.registry.all() if w.state == READY]
+        results = await self._fan_out("POST", "/flush_cache", workers, self.cfg.request_timeout_secs)
         failed = []
         for w, res, err in results:
             if err is not None:
@@ -131,8 +136,8 @@ class GatewayRoutes:
         return json_response(body, 200 if not failed else 206)
 
     async def get_loads(self, req) -> Response:
-        workers = [w for w in self.gw.registry.all() if w.state == READY]
-        results = await self._fan_out("GET", "/v1/loads", workers, self.gw.cfg.health_check_timeout_secs)
+        workers = [w for w in self.registry.all() if w.state == READY]
+        results = await self._fan_out("GET", "/v1/loads", workers, self.cfg.health_check_timeout_secs)
         loads = []
         for w, res, _ in results:
             entries = []

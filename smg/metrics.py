@@ -20,7 +20,9 @@ from smg._fast.server import BUCKETS, Response
 from smg._fast.worker import DRAINING, READY, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
-    from smg.gateway import ControlPlane, DataPlane
+    from smg.gateway import DataPlane
+    from smg.health import HealthChecker
+    from smg.workers import Registry
 
 _BUCKET_LABELS = [f"{b:g}" for b in BUCKETS] + ["+Inf"]
 _CB_NAMES = ("closed", "open", "half_open")
@@ -137,10 +139,13 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
 
 
 class GatewayCollector:
-    """Renders a data-plane snapshot and the control plane's own state."""
+    """Renders a data-plane snapshot and the control plane's own state: the
+    worker set, the health checks' counts and other sources (discovery)."""
 
-    def __init__(self, cp: ControlPlane):
-        self.cp = cp
+    def __init__(self, registry: Registry, health: HealthChecker, metric_sources: list[Callable[[], Iterator]]):
+        self.registry = registry
+        self.health = health
+        self.metric_sources = metric_sources
         self.snapshot: dict = {}
         self.processes: Optional[list[dict]] = None   # per data-plane process, with --workers N
 
@@ -151,7 +156,7 @@ class GatewayCollector:
         yield from self._cache_aware(snap)
         if self.processes is not None:
             yield from self._processes(self.processes)
-        for source in self.cp.metric_sources:
+        for source in self.metric_sources:
             yield from source()
 
     def _http(self, snap: dict) -> Iterator[Metric]:
@@ -188,11 +193,10 @@ class GatewayCollector:
         yield rejected
 
     def _workers(self, snap: dict) -> Iterator[Metric]:
-        cp = self.cp
         # series are labelled by URL: a draining worker and its successor at
         # the same address (a re-created pod) must not both report
         by_url: dict[str, Worker] = {}
-        for w in cp.registry.all():
+        for w in self.registry.all():
             if w.url not in by_url or by_url[w.url].state == DRAINING:
                 by_url[w.url] = w
         counters = snap["workers"]
@@ -261,7 +265,7 @@ class GatewayCollector:
         yield pool
         checks = CounterMetricFamily("smg_worker_health_checks", "Health check results by worker_type and result",
                                      labels=["worker_type", "result"])
-        for (wtype, result), n in cp.health.results.items():
+        for (wtype, result), n in self.health.results.items():
             checks.add_metric([wtype, result], n)
         yield checks
         retries = CounterMetricFamily("smg_worker_retries", "Total retry attempts by worker_type and endpoint",
@@ -319,9 +323,9 @@ class MetricsEndpoint:
     """GET /metrics. `snapshot_source` returns the data-plane snapshot to
     render: directly (one process) or as an awaitable (asks every process)."""
 
-    def __init__(self, cp: ControlPlane, snapshot_source: SnapshotSource,
+    def __init__(self, collector: GatewayCollector, snapshot_source: SnapshotSource,
                  processes: Optional[Callable[[], list[dict]]] = None):
-        self.collector = GatewayCollector(cp)
+        self.collector = collector
         self.snapshot_source = snapshot_source
         self.processes = processes
         self.registry = CollectorRegistry(auto_describe=False)
