@@ -10,6 +10,7 @@ FAST_MODULES = [
     "exchange",
     "upstream",
     "fetch",
+    "admission",
     "server",
     "routing_text",
     "radix",

@@ -34,7 +34,8 @@ from smg._fast.policies import (
 )
 from smg._fast.proxy import ProxyHandler, ProxySettings
 from smg._fast.routing_text import ENDPOINTS
-from smg._fast.server import Admission, Route, ServerCore
+from smg._fast.admission import Admission
+from smg._fast.server import Route, ServerCore
 from smg._fast.worker import DECODE, PREFILL, REGULAR
 from smg.admin import AdminRoutes
 from smg.config import Config

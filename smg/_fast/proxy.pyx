@@ -17,13 +17,15 @@ from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.exchange cimport Exchange, FAIL_CONNECT, FAIL_BEFORE_HEAD, FAIL_BODY
 from smg._fast.upstream cimport UpstreamPool, UpstreamConnection, ConnectWaiter
+from smg._fast.admission cimport Admission
 from smg._fast.server cimport ClientConnection, Request, RequestHandler, ServerCore
 from smg._fast.worker cimport Worker, TYPE_REGULAR
 from smg._fast.policies cimport Router, WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, invalid_field
 
 from smg._fast.routing_text import ENDPOINT_NAMES
-from smg._fast.server import error_body, queue_or_reject
+from smg._fast.admission import queue_or_reject
+from smg._fast.server import error_body
 from smg._fast.upstream import UpstreamClosed
 from smg._fast.worker import TYPE_NAMES
 
@@ -231,10 +233,12 @@ cdef class ProxiedRoute(RequestHandler):
     cdef int launch(self, ClientConnection conn, Request req, Exchange call) except -1:
         """Start the call now if admission control has a slot, else queue it
         (or answer 429)."""
-        if conn.core.admission.try_enter(req):
+        cdef Admission adm = conn.core.admission
+        if adm.try_enter():
+            req.admission = adm
             call.start()
         else:
-            queue_or_reject(conn, req, call.start_py)
+            queue_or_reject(adm, conn, req, call.start_py)
         return 0
 
 

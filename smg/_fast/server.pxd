@@ -1,4 +1,5 @@
 from smg._fast.exchange cimport Exchange
+from smg._fast.admission cimport Admission
 
 cdef enum:
     AUTH_NONE = 0
@@ -54,30 +55,6 @@ cdef class Request:
     cdef public Admission admission      # holds a slot of it until the response ends
 
     cdef bytes finish_body(self)
-
-
-cdef class Admission:
-    """--max-concurrent-requests with a FIFO queue (--queue-size,
-    --queue-timeout-secs) in front of the proxied routes."""
-    cdef public long limit               # <= 0: unlimited
-    cdef public long active
-    cdef public long queue_size
-    cdef public double queue_timeout
-    cdef object waiting                  # deque of Waiter
-    cdef public long long rejected_full
-    cdef public long long rejected_timeout
-
-    cdef bint try_enter(self, Request req)
-    cdef bint enqueue(self, Waiter waiter)
-    cdef int leave(self) except -1
-
-
-cdef class Waiter(Exchange):
-    """A request waiting for an admission slot."""
-    cdef ClientConnection conn
-    cdef Request req
-    cdef object start                    # callable: starts the request once admitted
-    cdef bint cancelled
 
 
 cdef class RequestHandler:

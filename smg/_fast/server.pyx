@@ -16,6 +16,7 @@ import orjson
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from smg._fast.clock cimport monotonic
 from smg._fast.exchange cimport Exchange
+from smg._fast.admission cimport Admission
 
 _log = logging.getLogger("smg.server")
 
@@ -213,99 +214,6 @@ cdef class Request:
 
     def __repr__(self):
         return f"<Request {self.method.decode()} {self.path}>"
-
-
-cdef class Admission:
-
-    def __init__(self, long limit=-1, long queue_size=100, double queue_timeout=60.0):
-        self.limit = limit
-        self.active = 0
-        self.queue_size = queue_size
-        self.queue_timeout = queue_timeout
-        self.waiting = deque()
-        self.rejected_full = 0
-        self.rejected_timeout = 0
-
-    @property
-    def queue_depth(self):
-        return sum(1 for w in self.waiting if not (<Waiter>w).cancelled)
-
-    cdef bint try_enter(self, Request req):
-        if self.limit > 0 and self.active >= self.limit:
-            return False
-        self.active += 1
-        req.admission = self
-        return True
-
-    cdef bint enqueue(self, Waiter waiter):
-        while self.waiting and (<Waiter>self.waiting[0]).cancelled:
-            self.waiting.popleft()
-        if len(self.waiting) >= self.queue_size:
-            self.rejected_full += 1
-            return False
-        self.waiting.append(waiter)
-        return True
-
-    cdef int leave(self) except -1:
-        cdef Waiter w
-        self.active -= 1
-        while self.waiting and (self.limit <= 0 or self.active < self.limit):
-            w = <Waiter>self.waiting.popleft()
-            if w.cancelled or w.conn.closed or w.conn.active is not w.req:
-                continue
-            self.active += 1
-            w.req.admission = self
-            w.cancelled = True
-            w.conn.exchange = None
-            try:
-                w.start()
-            except Exception:
-                _log.exception("starting a queued request failed")
-                if w.conn.active is w.req and w.conn.exchange is None:
-                    w.conn.respond_error(w.req, 500, "internal_error", "internal error")
-        return 0
-
-
-cdef class Waiter(Exchange):
-
-    def __init__(self, ClientConnection conn, Request req, start, double timeout):
-        self.conn = conn
-        self.req = req
-        self.start = start
-        self.cancelled = False
-        self.deadline = monotonic() + timeout
-
-    cdef int client_lost(self) except -1:
-        self.cancelled = True
-        return 0
-
-    cdef int expired(self, double now) except -1:
-        if self.cancelled:
-            return 0
-        self.cancelled = True
-        (<ServerCore>self.conn.core).admission.rejected_timeout += 1
-        self.conn.respond(self.req, 429, error_body(429, "queue_timeout",
-                          "The request waited too long for a free slot (--queue-timeout-secs)"),
-                          b"application/json", b"x-smg-error-code: queue_timeout\r\nretry-after: 1\r\n",
-                          "queue_timeout")
-        return 0
-
-
-def queue_or_reject(ClientConnection conn, Request req, start):
-    """No admission slot is free (Admission.try_enter failed): queue the
-    request, to start() when a slot frees, or answer 429 when the queue is
-    full. Returns True when queued."""
-    cdef Admission adm = conn.core.admission
-    cdef Waiter waiter
-    waiter = Waiter(conn, req, start, adm.queue_timeout)
-    if adm.enqueue(waiter):
-        conn.exchange = waiter
-        return False
-    conn.respond(req, 429, error_body(429, "too_many_requests",
-                 "The gateway is at --max-concurrent-requests and its queue is full"),
-                 b"application/json", b"x-smg-error-code: too_many_requests\r\nretry-after: 1\r\n",
-                 "too_many_requests")
-    return False
 
 
 cdef class RequestHandler:
