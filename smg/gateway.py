@@ -258,11 +258,9 @@ class ControlPlane:
         self.metrics_core.tick(now)
         if now - self._last_sweep >= 1.0:
             self._last_sweep = now
+            self.metrics_core.date_header = date_header()
             for w in self.registry.all():
                 w.control_pool.sweep(now)
-
-    def refresh_date(self) -> None:
-        self.metrics_core.date_header = date_header()
 
     async def stop(self) -> None:
         self.shutting_down = True
@@ -292,7 +290,6 @@ class Gateway:
         self.data.add_control_routes(self.control.handlers.__getitem__)
         self.stopping = asyncio.Event()
         self._tick_handle: Optional[asyncio.TimerHandle] = None
-        self._last_date = 0.0
 
     async def start(self) -> None:
         await self.data.listen()
@@ -310,9 +307,6 @@ class Gateway:
         try:
             self.data.tick(now)
             self.control.tick(now)
-            if now - self._last_date >= 1.0:
-                self._last_date = now
-                self.control.refresh_date()
         except Exception:
             log.exception("housekeeping tick failed")
         if not self.stopping.is_set() or self.data.core.connections:

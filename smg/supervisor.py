@@ -142,7 +142,6 @@ class Supervisor:
         self.drain_changed = asyncio.Event()
         self.stopping = asyncio.Event()
         self._tick_handle: Optional[asyncio.TimerHandle] = None
-        self._last_date = 0.0
 
     # --- data-plane processes ---
 
@@ -286,9 +285,6 @@ class Supervisor:
         now = monotonic()
         try:
             self.control.tick(now)
-            if now - self._last_date >= 1.0:
-                self._last_date = now
-                self.control.refresh_date()
         except Exception:
             log.exception("housekeeping tick failed")
         if not self.stopping.is_set():

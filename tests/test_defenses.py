@@ -29,8 +29,8 @@ def head_only(path: str, extra: bytes = b"", length: int = BIG, method: bytes = 
             % (method, path.encode(), length, extra))
 
 
-def answer_to_head(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send only a request head (its body never comes); what comes back before the server closes."""
+def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send `data` on a new connection; what comes back before the server closes."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         s.sendall(data)
@@ -50,7 +50,7 @@ def test_requests_refused_on_their_headers_read_no_body(fake_workers, gateway):
          b"method_not_allowed"),
     ]
     for data, status, code in cases:
-        out = answer_to_head(g.port, data)  # returns: the gateway answered without waiting for 400 MB
+        out = exchange(g.port, data, timeout=5.0)  # returns: the gateway answered without waiting for 400 MB
         assert out.startswith(b"HTTP/1.1 " + status), out[:200]
         assert b"100 Continue" not in out and out.count(b"HTTP/1.1 ") == 1
         assert code in out and b"connection: close" in out
@@ -234,12 +234,8 @@ def test_admin_rejects_absurd_worker_urls(gateway):
 def test_a_broken_stream_ends_with_an_error_event(fake_workers, gateway):
     (w,) = fake_workers(1, stream_chunks=6, drop_after_chunks=2)
     g = gateway(["--worker-urls", w.url], wait_workers=1)
-    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
-    try:
-        s.sendall(post_raw("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}'))
-        out = read_until_close(s)
-    finally:
-        s.close()
+    chat = b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}'
+    out = exchange(g.port, post_raw("/v1/chat/completions", chat))
     assert out.startswith(b"HTTP/1.1 200")
     events = re.findall(rb"data: (.*?)\n\n", out)
     assert len(events) == 4, events  # two from the worker, the error, [DONE]
@@ -251,12 +247,7 @@ def test_a_broken_stream_ends_with_an_error_event(fake_workers, gateway):
 def test_a_stream_past_the_request_timeout_ends_with_an_error_event(fake_workers, gateway):
     (w,) = fake_workers(1, stream_chunks=10, stream_interval=1.0)
     g = gateway(["--request-timeout-secs", "1.5", "--worker-urls", w.url], wait_workers=1)
-    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
-    try:
-        s.sendall(post_raw("/generate", b'{"text": "slow", "stream": true}'))
-        out = read_until_close(s)
-    finally:
-        s.close()
+    out = exchange(g.port, post_raw("/generate", b'{"text": "slow", "stream": true}'))
     events = re.findall(rb"data: (.*?)\n\n", out)
     assert events[-1] == b"[DONE]" and b'"request_timeout"' in events[-2], events
     assert out.endswith(b"0\r\n\r\n")
@@ -298,12 +289,7 @@ def test_a_broken_stream_to_an_http10_client_just_ends(fake_workers, gateway):
     it, so it ends with the connection."""
     (w,) = fake_workers(1, stream_chunks=6, drop_after_chunks=2)
     g = gateway(["--worker-urls", w.url], wait_workers=1)
-    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
-    try:
-        s.sendall(post_raw("/generate", b'{"text": "hi", "stream": true}', version="1.0"))
-        out = read_until_close(s)
-    finally:
-        s.close()
+    out = exchange(g.port, post_raw("/generate", b'{"text": "hi", "stream": true}', version="1.0"))
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
     assert body.count(b"data: ") == 2 and b"[DONE]" not in body and not body.endswith(b"0\r\n\r\n")
