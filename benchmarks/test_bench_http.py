@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from smg._fast.http1 import ResponseParser
-from smg._fast.server import Response, Route, ServerCore
+from smg._fast.routes import Response, Route
+from smg._fast.server import ServerCore
 
 JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 211\r\n"
                  b"date: Thu, 26 Nov 2026 18:00:00 GMT\r\nserver: uvicorn\r\n\r\n" + b"x" * 211)

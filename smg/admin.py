@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
-from smg._fast.server import Response, json_response
+from smg._fast.routes import Response, json_response
 from smg._fast.worker import DECODE, PREFILL, REGULAR
 from smg.handlers import decode_json_body
 from smg.workers import WORKER_TYPES, DuplicateWorker

@@ -27,7 +27,8 @@ import uvloop
 
 from smg import logs
 from smg._fast.policies import Router
-from smg._fast.server import Request, Response, error_response, text_response
+from smg._fast.request import Request
+from smg._fast.routes import Response, error_response, text_response
 from smg.config import Config, PrefillSpec
 from smg.gateway import TICK_SECONDS, DataPlane, policy_factory, raise_fd_limit
 from smg.ipc import Channel

@@ -32,10 +32,12 @@ from smg._fast.policies import (
     RoundRobinPolicy,
     Router,
 )
-from smg._fast.proxy import ProxyHandler, ProxySettings
+from smg._fast.call import CallSettings
+from smg._fast.proxy import ProxyHandler
 from smg._fast.routing_text import ENDPOINTS
 from smg._fast.admission import Admission
-from smg._fast.server import Route, ServerCore
+from smg._fast.routes import Route
+from smg._fast.server import ServerCore
 from smg._fast.worker import DECODE, PREFILL, REGULAR
 from smg.admin import AdminRoutes
 from smg.config import Config
@@ -107,8 +109,9 @@ class DataPlane:
         self.loop = loop
         self.router = router
         self.registry = registry
-        self.proxy_settings = ProxySettings(
+        self.call_settings = CallSettings(
             router, loop,
+            admission=Admission(cfg.max_concurrent_requests, cfg.queue_size, cfg.queue_timeout_secs),
             max_attempts=cfg.max_attempts,
             backoff_initial=cfg.retry_initial_backoff_ms / 1000.0,
             backoff_max=cfg.retry_max_backoff_ms / 1000.0,
@@ -124,7 +127,6 @@ class DataPlane:
             api_key=cfg.api_key,
             admin_api_key=cfg.admin_api_key,
         )
-        self.core.admission = Admission(cfg.max_concurrent_requests, cfg.queue_size, cfg.queue_timeout_secs)
         self.core.max_connections = client_connection_limit()
         self.core.date_header = date_header()
         self.servers: list[asyncio.AbstractServer] = []
@@ -132,7 +134,7 @@ class DataPlane:
         self._last_eviction = monotonic()
         handler_class = PDHandler if cfg.pd_disaggregation else ProxyHandler
         for path, endpoint in ENDPOINTS.items():
-            self.core.add_route(Route(path, ["POST"], native=handler_class(self.proxy_settings, endpoint),
+            self.core.add_route(Route(path, ["POST"], native=handler_class(self.call_settings, endpoint),
                                       auth="serving", id_prefix=_ID_PREFIXES.get(path, b"req-")))
 
     def add_control_routes(self, handler_for: Callable[[str], Callable]) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import orjson
 
 from smg import __version__
-from smg._fast.server import Response, error_response, json_response, text_response
+from smg._fast.routes import Response, error_response, json_response, text_response
 from smg._fast.fetch import fetch
 from smg._fast.worker import DECODE, PREFILL, READY, REGULAR, TYPE_NAMES, Worker
 

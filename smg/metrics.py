@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Optional, Union
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from smg._fast.server import BUCKETS, Response
+from smg._fast.routes import BUCKETS, Response
 from smg._fast.worker import DRAINING, READY, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
         cache_aware.append([TYPE_NAMES[wtype], model, policy.tree.total_chars, shares,
                             {"hit": policy.hits, "miss": policy.misses, "spill": policy.spills,
                              "handover": policy.handovers, "rebalance": policy.rebalanced}])
-    adm = dp.core.admission
-    settings = dp.proxy_settings
+    adm = dp.call_settings.admission
+    settings = dp.call_settings
     return {
         "routes": routes,
         "requests": sum(sum(r["requests"].values()) for r in routes.values()),

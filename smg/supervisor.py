@@ -29,7 +29,7 @@ from typing import Optional
 import orjson
 
 from smg._fast.policies import Router
-from smg._fast.server import Request
+from smg._fast.request import Request
 from smg._fast.worker import Worker
 from smg.config import Config
 from smg.dataplane import ENV, config_to_json
@@ -213,7 +213,7 @@ class Supervisor:
                           resp.body)
         except Exception as e:
             log.error("handler for %s failed: %r", header["path"], e, exc_info=True)
-            from smg._fast.server import error_body
+            from smg._fast.routes import error_body
 
             channel.reply(header, {"status": 500, "content_type": "application/json",
                                    "headers": "x-smg-error-code: internal_error\r\n", "error_code": "internal_error"},

@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from smg._fast.http1 import ResponseParser, UpstreamProtocolError
 from smg._fast.pd import PDHandler, add_bootstrap, batch_size
 from smg._fast.policies import RoundRobinPolicy, Router
-from smg._fast.proxy import ProxyHandler, ProxySettings
+from smg._fast.call import CallSettings
+from smg._fast.proxy import ProxyHandler
 from smg._fast.routing_text import ENDPOINTS, invalid_field, routing_text
-from smg._fast.server import Response, Route, ServerCore
+from smg._fast.routes import Response, Route
+from smg._fast.server import ServerCore
 from smg._fast.upstream import UpstreamPool
 from smg._fast.worker import DECODE, PREFILL, READY, REGULAR, Worker
 
@@ -65,7 +67,7 @@ def make_core(pd=False):
         w.pool.close()
         w.state = READY
         router.add_worker(w)
-    proxy = ProxySettings(router, loop, max_attempts=1)
+    proxy = CallSettings(router, loop, max_attempts=1)
     cls = PDHandler if pd else ProxyHandler
     for path, ep in ENDPOINTS.items():
         core.add_route(Route(path, ["POST"], native=cls(proxy, ep), auth="serving"))

@@ -1,4 +1,4 @@
-from smg._fast.exchange cimport Exchange
+from smg._fast.flow cimport ResponseSource
 
 
 cdef class Admission:
@@ -17,11 +17,10 @@ cdef class Admission:
     cdef int leave(self) except -1
 
 
-cdef class Waiter(Exchange):
-    """A request waiting for an admission slot (the connection's exchange
-    meanwhile, so that its deadline and the client leaving reach it)."""
+cdef class Waiter(ResponseSource):
+    """A request waiting for an admission slot: its cycle's source
+    meanwhile, so that its deadline and the client leaving reach it."""
     cdef Admission admission
-    cdef object conn                     # smg._fast.server.ClientConnection
-    cdef object req                      # smg._fast.server.Request
+    cdef object cycle                    # smg._fast.cycle.RequestCycle
     cdef object start                    # callable: starts the request once admitted
     cdef bint cancelled

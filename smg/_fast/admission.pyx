@@ -2,13 +2,15 @@
 """Admission control for the proxied routes: at most
 --max-concurrent-requests at once, then a FIFO queue of --queue-size
 waiting at most --queue-timeout-secs, then 429. A request holds its slot
-(req.admission) until its response ends; the server calls leave()."""
+(the cycle's admission) until its response ends, when the cycle calls
+leave()."""
 
 import logging
 from collections import deque
 
 from smg._fast.clock cimport monotonic
-from smg._fast.exchange cimport Exchange
+from smg._fast.cycle cimport RequestCycle
+from smg._fast.routes import error_response
 
 _log = logging.getLogger("smg.server")
 
@@ -50,27 +52,25 @@ cdef class Admission:
         self.active -= 1
         while self.waiting and (self.limit <= 0 or self.active < self.limit):
             w = <Waiter>self.waiting.popleft()
-            if w.cancelled or w.conn.closed or w.conn.active is not w.req:
+            if w.cancelled or w.cycle.done:
                 continue
             self.active += 1
-            w.req.admission = self
+            w.cycle.admission = self
             w.cancelled = True
-            w.conn.exchange = None
+            (<RequestCycle>w.cycle).hand_off(None)
             try:
                 w.start()
             except Exception:
                 _log.exception("starting a queued request failed")
-                if w.conn.active is w.req and w.conn.exchange is None:
-                    w.conn.respond_error(w.req, 500, "internal_error", "internal error")
+                w.cycle.respond_error(500, "internal_error", "internal error")
         return 0
 
 
-cdef class Waiter(Exchange):
+cdef class Waiter(ResponseSource):
 
-    def __init__(self, Admission admission, conn, req, start):
+    def __init__(self, Admission admission, cycle, start):
         self.admission = admission
-        self.conn = conn
-        self.req = req
+        self.cycle = cycle
         self.start = start
         self.cancelled = False
         self.deadline = monotonic() + admission.queue_timeout
@@ -80,32 +80,28 @@ cdef class Waiter(Exchange):
         return 0
 
     cdef int expired(self, double now) except -1:
-        from smg._fast.server import error_response
-
         if self.cancelled:
             return 0
         self.cancelled = True
         self.admission.rejected_timeout += 1
-        _answer(self.conn, self.req, error_response(
+        _answer(self.cycle, error_response(
             429, "queue_timeout", "The request waited too long for a free slot (--queue-timeout-secs)",
             headers=b"retry-after: 1\r\n"))
         return 0
 
 
-def queue_or_reject(Admission adm, conn, req, start):
+def queue_or_reject(Admission adm, cycle, start):
     """No admission slot is free (Admission.try_enter failed): queue the
     request, to start() when a slot frees, or answer 429 when the queue is
     full."""
-    from smg._fast.server import error_response
-
-    cdef Waiter waiter = Waiter(adm, conn, req, start)
+    cdef Waiter waiter = Waiter(adm, cycle, start)
     if adm.enqueue(waiter):
-        conn.exchange = waiter
+        (<RequestCycle>cycle).hand_off(waiter)
         return
-    _answer(conn, req, error_response(429, "too_many_requests",
+    _answer(cycle, error_response(429, "too_many_requests",
                                       "The gateway is at --max-concurrent-requests and its queue is full",
                                       headers=b"retry-after: 1\r\n"))
 
 
-cdef _answer(conn, req, resp):
-    conn.respond(req, resp.status, resp.body, resp.content_type, resp.headers, resp.error_code)
+cdef _answer(cycle, resp):
+    cycle.respond(resp.status, resp.body, resp.content_type, resp.headers, resp.error_code)

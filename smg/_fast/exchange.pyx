@@ -5,12 +5,6 @@ from smg._fast.exchange cimport FAIL_BEFORE_HEAD
 
 cdef class Exchange:
 
-    cdef int start(self) except -1:
-        return 0
-
-    def start_py(self):
-        self.start()
-
     cdef int upstream_ready(self, object conn) except -1:
         return 0
 
@@ -42,15 +36,3 @@ cdef class Exchange:
 
     cdef bint wants_decoded(self):
         return False
-
-    cdef int client_lost(self) except -1:
-        return 0
-
-    cdef int client_pause(self) except -1:
-        return 0
-
-    cdef int client_resume(self) except -1:
-        return 0
-
-    cdef int expired(self, double now) except -1:
-        return 0

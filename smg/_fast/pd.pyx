@@ -18,18 +18,14 @@ import orjson
 from cpython.bytes cimport PyBytes_GET_SIZE
 from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
-from smg._fast.exchange cimport Exchange, FAIL_CONNECT, FAIL_BEFORE_HEAD, FAIL_BODY
-from smg._fast.upstream cimport UpstreamPool, UpstreamConnection, ConnectWaiter
-from smg._fast.server cimport ClientConnection, Request
+from smg._fast.exchange cimport FAIL_CONNECT
+from smg._fast.cycle cimport RequestCycle
+from smg._fast.request cimport Request
 from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
-from smg._fast.proxy cimport (ProxiedRoute, ProxySettings, relay_head, wrap_chunk, upstream_status_line, retryable_status,
-                              failure_status, resolve_group, parse_body, routing_key, forwarded_head,
-                              end_stream_with_error)
-
-
-from smg._fast.upstream import UpstreamClosed
+from smg._fast.call cimport ClientCall, Leg, wrap_chunk, retryable_status, failure_status, forwarded_head
+from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, routing_key
 
 _log = logging.getLogger("smg.pd")
 
@@ -134,149 +130,29 @@ cdef object prefill_document(bytes body):
     return last
 
 
-cdef enum:
-    LEG_PREFILL = 0
-    LEG_DECODE = 1
-
-
-cdef class Leg(Exchange):
-    """One side of a PD request: a worker, its connection, its response."""
-    cdef PDCall call
-    cdef int role
-    cdef Worker worker
-    cdef UpstreamConnection up
-    cdef ConnectWaiter waiter
-    cdef bytes request
-    cdef bint decoded
-    cdef bint counted
-    cdef bint finished
-    cdef bint collecting
-    cdef int status
-    cdef list parts
-
-    def __init__(self, PDCall call, int role, Worker worker, bytes request, bint decoded):
-        self.call = call
-        self.role = role
-        self.worker = worker
-        self.request = request
-        self.decoded = decoded
-        self.counted = True
-        self.finished = False
-        self.collecting = False
-        self.status = 0
-        self.parts = []
-        worker.take_request()
-
-    cdef int begin(self) except -1:
-        self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
-        return 0
-
-    cdef int release(self, int outcome) except -1:
-        """outcome: 1 success, 0 failure, -1 none."""
-        if self.counted:
-            self.counted = False
-            self.worker.end_request(outcome)
-        return 0
-
-    cdef int stop(self) except -1:
-        """Abandon this side (the other failed, the client left, a retry)."""
-        self.finished = True
-        if self.up is not None:
-            self.up.abort()
-            self.up = None
-        if self.waiter is not None:
-            self.waiter.cancelled = True
-            self.waiter = None
-        self.release(-1)
-        return 0
-
-    cdef bint wants_decoded(self):
-        return self.decoded
-
-    cdef int upstream_ready(self, object c) except -1:
-        cdef UpstreamConnection conn = <UpstreamConnection>c
-        self.waiter = None
-        if self.finished:
-            (<UpstreamPool>conn.pool).release(conn)
-            return 0
-        self.up = conn
-        conn.attach(self, False)
-        conn.send(self.request)
-        return 0
-
-    cdef int upstream_response(self, object conn, ResponseParser p, bytes data, Py_ssize_t off,
-                               Py_ssize_t n) except -1:
-        self.status = p.status
-        if not self.finished:
-            self.call.leg_head(self, p, data, off, n)
-        return 0
-
-    cdef int upstream_body(self, object conn, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
-        if self.collecting:
-            self.parts.append(data[off:off + n])
-        elif not self.finished:
-            self.call.leg_body(self, data, off, n)
-        return 0
-
-    cdef int upstream_done(self, object conn) except -1:
-        self.up = None
-        if self.finished:
-            return 0
-        self.finished = True
-        self.release(-1)
-        self.call.leg_done(self)
-        return 0
-
-    cdef int upstream_failed(self, object c, object exc, int stage) except -1:
-        self.up = None
-        self.waiter = None
-        if self.finished:
-            return 0
-        self.finished = True
-        self.release(0)
-        self.call.leg_failed(self, exc, stage)
-        return 0
-
-    cdef int upstream_stale(self, object c) except -1:
-        # the keep-alive race: send this side again at once, as one more
-        # attempt of the call (every send counts against the retry budget)
-        self.up = None
-        if self.finished:
-            return 0
-        if self.call.can_retry():
-            self.call.attempts += 1
-            self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
-            return 0
-        return self.upstream_failed(c, UpstreamClosed("worker closed the connection before responding"),
-                                    FAIL_BEFORE_HEAD)
-
-
 cdef class PDHandler(ProxiedRoute):
 
-    cdef int handle(self, ClientConnection conn, Request req) except -1:
-        cdef object obj = parse_body(conn, req, self.endpoint)
+    cdef int handle(self, RequestCycle cycle) except -1:
+        cdef object obj = parse_body(cycle, self.endpoint)
         cdef WorkerGroup prefill, decode
         cdef str text = None
         if obj is None:
             return 0
         model = (<dict>obj).get("model") or None
-        prefill = resolve_group(self.settings.router, conn, req, model, TYPE_PREFILL)
+        prefill = resolve_group(self.settings.router, cycle, model, TYPE_PREFILL)
         if prefill is None:
             return 0
-        decode = resolve_group(self.settings.router, conn, req, model, TYPE_DECODE)
+        decode = resolve_group(self.settings.router, cycle, model, TYPE_DECODE)
         if decode is None:
             return 0
         if prefill.policy.needs_text or decode.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        self.launch(conn, req, PDCall(self, conn, req, <dict>obj, prefill, decode, text, routing_key(req)))
+        self.launch(PDCall(self, cycle, <dict>obj, prefill, decode, text, routing_key(cycle.req)))
         return 0
 
 
-cdef class PDCall(Exchange):
-    cdef PDHandler handler
-    cdef ProxySettings settings
-    cdef ClientConnection conn
-    cdef Request req
+cdef class PDCall(ClientCall):
+    """Two legs per attempt, prefill and decode; decode's leg is relayed."""
     cdef dict obj
     cdef WorkerGroup pgroup
     cdef WorkerGroup dgroup
@@ -289,28 +165,17 @@ cdef class PDCall(Exchange):
     cdef Leg decode
     cdef Worker failed_prefill
     cdef Worker failed_decode
-    cdef object retry_timer
-    cdef int attempts
-    cdef bint done
-    cdef bint head_sent
-    cdef bint wrap
-    cdef int status
     cdef bint prefill_finished
+    cdef bint decode_finished
     cdef object prefill_doc         # prefill's parsed body (logprobs mode)
     cdef list held                  # decode payload waiting for prefill (logprobs mode)
     cdef Py_ssize_t held_bytes
-    cdef bint decode_held_back      # decode's connection paused until prefill answers
     cdef bytes sse_rest             # an incomplete SSE event (logprobs streaming)
     cdef ResponseParser decode_head # kept until the head can be written (logprobs mode)
-    cdef ResponseParser relayed     # the parser of decode's answer, once relayed
-    cdef bint decode_finished
 
-    def __init__(self, PDHandler handler, ClientConnection conn, Request req, dict obj, WorkerGroup pgroup,
-                 WorkerGroup dgroup, str text, bytes key):
-        self.handler = handler
-        self.settings = handler.settings
-        self.conn = conn
-        self.req = req
+    def __init__(self, PDHandler handler, RequestCycle cycle, dict obj, WorkerGroup pgroup, WorkerGroup dgroup,
+                 str text, bytes key):
+        ClientCall.__init__(self, handler.settings, handler.endpoint_name, cycle, TYPE_DECODE)
         self.obj = obj
         self.pgroup = pgroup
         self.dgroup = dgroup
@@ -319,24 +184,13 @@ cdef class PDCall(Exchange):
         self.batch = batch_size(handler.endpoint, obj)
         self.logprobs = handler.endpoint == EP_GENERATE and obj.get("return_logprob") is True
         self.stream = obj.get("stream") is True
-        self.attempts = 0
-        self.done = False
-        self.head_sent = False
-        self.wrap = False
-        self.status = 0
-
-    cdef int start(self) except -1:
-        self.deadline = self.req.start + self.settings.request_timeout
-        self.conn.exchange = self
-        self.attempt()
-        return 0
 
     cdef int attempt(self) except -1:
         cdef double now = monotonic()
         cdef Worker pw, dw
-        cdef bytes body, head
+        cdef Leg prefill, decode
+        cdef bytes body, head, start, client_auth
         cdef Request req = self.req
-        self.retry_timer = None
         pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill)
         dw = self.dgroup.select(self.text, self.key, now, self.failed_decode)
         if pw is None or dw is None:
@@ -349,22 +203,33 @@ cdef class PDCall(Exchange):
         self.prefill_doc = None
         self.held = []
         self.held_bytes = 0
-        self.decode_held_back = False
+        self.held_back = False
         self.sse_rest = b""
         self.decode_head = None
         body = add_bootstrap(req.body, self.obj, pw.host, pw.bootstrap_port, self.batch)
         head = forwarded_head(req, PyBytes_GET_SIZE(body))
         start = b"POST " + req.url + b" HTTP/1.1\r\n"
         client_auth = b"authorization: " + req.authorization + b"\r\n" if req.authorization is not None else b""
-        self.prefill = Leg(self, LEG_PREFILL, pw,
-                           start + pw.host_header + (pw.auth_header or client_auth) + head + body, True)
-        self.decode = Leg(self, LEG_DECODE, dw,
-                          start + dw.host_header + (dw.auth_header or client_auth) + head + body,
-                          self.logprobs or req.http_minor == 0)
-        self.prefill.begin()
+        prefill = Leg(self, pw, start + pw.host_header + (pw.auth_header or client_auth) + head, body, True)
+        decode = Leg(self, dw, start + dw.host_header + (dw.auth_header or client_auth) + head, body,
+                     self.logprobs or req.http_minor == 0)
+        self.prefill = prefill
+        self.decode = decode
+        self.relaying = decode
+        prefill.begin()
         if not self.done:
-            self.decode.begin()
+            decode.begin()
         return 0
+
+    cdef int stop_legs(self, bint timed_out) except -1:
+        if self.prefill is not None:
+            self.prefill.stop(timed_out)
+        if self.decode is not None:
+            self.decode.stop(timed_out)
+        return 0
+
+    cdef str side(self, Leg leg):
+        return "prefill" if leg is self.prefill else "decode"
 
     # --- the legs report here ---
 
@@ -379,11 +244,10 @@ cdef class PDCall(Exchange):
             leg.collecting = True
             if n:
                 leg.parts.append(data[off:off + n])
-            other = self.decode if leg is self.prefill else self.prefill
             if leg is self.prefill and self.head_sent:
                 self.abort_client("prefill failed after decode began streaming")
             else:
-                (<Leg>other).stop()
+                (self.decode if leg is self.prefill else self.prefill).stop(False)
             return 0
         if leg is self.prefill:
             if self.logprobs:
@@ -392,43 +256,30 @@ cdef class PDCall(Exchange):
                     leg.parts.append(data[off:off + n])
             return 0
         # decode
-        self.status = status
-        self.relayed = p
         if self.logprobs:
+            self.status = status
             self.decode_head = p
             if n:
                 self.leg_body(leg, data, off, n)
             return 0
-        head = relay_head(p, self.conn, self.req, leg.worker, leg.decoded, &self.wrap)
-        self.head_sent = True
-        if n == 0:
-            self.conn.write(head)
-        elif self.wrap:
-            self.conn.write(head + wrap_chunk(data, off, n))
-        else:
-            self.conn.write(head + data[off:off + n])
+        self.relay(self.response_head(p, leg.worker, leg.decoded), data, off, n)
         return 0
 
     cdef int leg_body(self, Leg leg, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
         if leg is self.prefill or self.done:
             return 0  # prefill's body is not for the client
         if not self.logprobs:
-            if self.wrap:
-                self.conn.write(wrap_chunk(data, off, n))
-            elif off == 0 and n == PyBytes_GET_SIZE(data):
-                self.conn.write(data)
-            else:
-                self.conn.write(data[off:off + n])
+            self.relay(None, data, off, n)
             return 0
         self.held.append(data[off:off + n])
         self.held_bytes += n
         if self.stream and self.prefill_finished:
             self.flush_stream()
-        elif not self.prefill_finished and self.held_bytes > PD_HOLD_BYTES and leg.up is not None:
+        elif not self.prefill_finished and self.held_bytes > PD_HOLD_BYTES:
             # prefill has not answered yet: hold no more of decode's answer
             # (the decode worker waits, its connection unread)
-            leg.up.pause_reading()
-            self.decode_held_back = True
+            self.held_back = True
+            leg.pause_reading()
         return 0
 
     cdef int leg_done(self, Leg leg) except -1:
@@ -439,10 +290,10 @@ cdef class PDCall(Exchange):
             return 0
         if leg is self.prefill:
             self.prefill_finished = True
-            if self.decode_held_back:
-                self.decode_held_back = False
-                if self.decode.up is not None and not self.conn.write_paused:
-                    self.decode.up.resume_reading()
+            if self.held_back:
+                self.held_back = False
+                if not self.cycle.flow.write_paused:
+                    self.decode.resume_reading()
             if self.logprobs:
                 self.prefill_doc = prefill_document(b"".join(leg.parts))
                 leg.parts = []
@@ -456,9 +307,7 @@ cdef class PDCall(Exchange):
             return 0
         self.decode_finished = True
         if not self.logprobs:
-            if self.wrap:
-                self.conn.write(b"0\r\n\r\n")
-            self.complete(None)
+            self.end_relay()
         elif self.prefill_finished:
             if self.stream:
                 self.flush_stream()
@@ -468,16 +317,16 @@ cdef class PDCall(Exchange):
         return 0
 
     cdef int leg_failed(self, Leg leg, object exc, int stage) except -1:
-        other = self.decode if leg is self.prefill else self.prefill
-        side = "prefill" if leg is self.prefill else "decode"
-        if self.head_sent or self.done:
+        cdef str side = self.side(leg)
+        if self.done:
+            return 0
+        if self.head_sent:
             if leg is self.decode or not self.decode_finished:
                 self.abort_client(f"{side} worker {leg.worker.url} failed mid-response: {exc}")
             return 0
         if self.can_retry():
             self.retry_pair(leg, f"{side} worker {leg.worker.url}: {exc}")
             return 0
-        (<Leg>other).stop()
         code = "worker_unreachable" if stage == FAIL_CONNECT else "upstream_error"
         self.fail_to_client(502, code, f"The {side} worker {leg.worker.url} failed: {exc}")
         return 0
@@ -485,15 +334,12 @@ cdef class PDCall(Exchange):
     # --- logprob merging ---
 
     cdef int send_merged(self) except -1:
-        cdef bint wrap
         try:
             decoded = orjson.loads(b"".join(self.held))
             body = orjson.dumps(merge_logprobs(self.prefill_doc, decoded))
         except orjson.JSONDecodeError:
             body = b"".join(self.held)
-        head = relay_head(self.decode_head, self.conn, self.req, self.decode.worker, True, &wrap, len(body))
-        self.head_sent = True
-        self.conn.write(head + body)
+        self.cycle.write(self.response_head(self.decode_head, self.decode.worker, True, len(body)) + body)
         self.complete(None)
         return 0
 
@@ -502,12 +348,11 @@ cdef class PDCall(Exchange):
         cdef bytes data = self.sse_rest + b"".join(self.held)
         cdef list out = []
         cdef Py_ssize_t end
+        cdef bytes head = None
         self.held = []
         self.held_bytes = 0
         if not self.head_sent:
-            self.conn.write(relay_head(self.decode_head, self.conn, self.req, self.decode.worker, True, &self.wrap,
-                                       -2))
-            self.head_sent = True
+            head = self.response_head(self.decode_head, self.decode.worker, True, -2)
         while True:
             end = data.find(b"\n\n")
             if end < 0:
@@ -522,48 +367,33 @@ cdef class PDCall(Exchange):
                     pass
             out.append(event)
         self.sse_rest = data
-        if out:
-            payload = b"".join(out)
-            self.conn.write(wrap_chunk(payload, 0, len(payload)) if self.wrap else payload)
+        payload = b"".join(out)
+        self.relay(head, payload, 0, PyBytes_GET_SIZE(payload))
         return 0
 
     cdef int finish_stream(self) except -1:
         if self.sse_rest:
-            self.conn.write(wrap_chunk(self.sse_rest, 0, len(self.sse_rest)) if self.wrap else self.sse_rest)
+            self.relay(None, self.sse_rest, 0, PyBytes_GET_SIZE(self.sse_rest))
             self.sse_rest = b""
-        if self.wrap:
-            self.conn.write(b"0\r\n\r\n")
-        self.complete(None)
+        self.end_relay()
         return 0
 
-    # --- retries and endings ---
-
-    cdef bint can_retry(self):
-        return (not self.head_sent and not self.done and self.attempts < self.settings.max_attempts
-                and not self.conn.closed and monotonic() < self.deadline)
+    # --- retries and errors ---
 
     cdef int retry_pair(self, Leg failed, str why) except -1:
         if failed is self.prefill:
             self.failed_prefill = failed.worker
         else:
             self.failed_decode = failed.worker
-        failed.release(-1)  # its failure is on record already
-        self.prefill.stop()
-        self.decode.stop()
+        self.stop_legs(False)  # the failure is on record already
         _log.debug("PD request %s: %s; retrying with a new pair", self.req.request_id, why)
-        self.settings.count_retry(failed.worker.worker_type, self.handler.endpoint_name)
-        self.retry_timer = self.settings.loop.call_later(self.settings.backoff(self.attempts - 1), self.retry_now)
+        self.retry(failed.worker)
         return 0
 
-    def retry_now(self):
-        if not self.done:
-            self.attempt()
-
     cdef int report_error(self, Leg leg) except -1:
-        side = "prefill" if leg is self.prefill else "decode"
+        cdef str side = self.side(leg)
         detail = b"".join(leg.parts)[:1000].decode("utf-8", "replace")
-        self.prefill.stop()
-        self.decode.stop()
+        self.stop_legs(False)
         if self.head_sent:
             self.abort_client(f"{side} failed with {leg.status}")
             return 0
@@ -572,17 +402,12 @@ cdef class PDCall(Exchange):
                             f"The {side} worker {leg.worker.url} answered {leg.status}: {detail}")
         return 0
 
-    cdef int fail_to_client(self, int status, str code, str message) except -1:
-        if self.attempts > 1:
-            self.settings.count_exhausted(TYPE_DECODE, self.handler.endpoint_name)
-        self.done = True
-        self.drop_buffers()
-        self.conn.respond_error(self.req, status, code, message)
+    cdef int abort_client(self, str why) except -1:
+        _log.warning("PD request %s: %s", self.req.request_id, why)
+        self.break_stream(502, "upstream_error", why)
         return 0
 
     cdef int drop_buffers(self) except -1:
-        """The call is over: what it held of the workers' answers goes now,
-        not when the garbage collector finds the call and its legs."""
         self.held = []
         self.held_bytes = 0
         self.sse_rest = b""
@@ -592,67 +417,4 @@ cdef class PDCall(Exchange):
             self.prefill.parts = []
         if self.decode is not None:
             self.decode.parts = []
-        return 0
-
-    cdef int abort_client(self, str why) except -1:
-        _log.warning("PD request %s: %s", self.req.request_id, why)
-        self.prefill.stop()
-        self.decode.stop()
-        self.req.keep_alive = False
-        end_stream_with_error(self.conn, self.req, self.relayed, self.wrap, 502, "upstream_error", why)
-        self.complete("stream_error")
-        return 0
-
-    cdef int complete(self, str error_code) except -1:
-        if self.done:
-            return 0
-        self.done = True
-        self.drop_buffers()
-        self.conn.finish(self.req, self.status, error_code)
-        return 0
-
-    cdef int stop_all(self) except -1:
-        if self.retry_timer is not None:
-            self.retry_timer.cancel()
-            self.retry_timer = None
-        if self.prefill is not None:
-            self.prefill.stop()
-        if self.decode is not None:
-            self.decode.stop()
-        return 0
-
-    # --- client side ---
-
-    cdef int client_lost(self) except -1:
-        if self.done:
-            return 0
-        self.done = True
-        self.stop_all()
-        self.drop_buffers()
-        return 0
-
-    cdef int client_pause(self) except -1:
-        if self.decode is not None and self.decode.up is not None:
-            self.decode.up.pause_reading()
-        return 0
-
-    cdef int client_resume(self) except -1:
-        if self.decode is not None and self.decode.up is not None and not self.decode_held_back:
-            self.decode.up.resume_reading()
-        return 0
-
-    cdef int expired(self, double now) except -1:
-        if self.done:
-            return 0
-        self.stop_all()
-        if self.head_sent:
-            self.req.keep_alive = False
-            end_stream_with_error(self.conn, self.req, self.relayed, self.wrap, 504, "request_timeout",
-                                  f"No complete response within {self.settings.request_timeout:g} s")
-            self.complete("stream_error")
-        else:
-            self.done = True
-            self.drop_buffers()
-            self.conn.respond_error(self.req, 504, "request_timeout",
-                                    f"No response within {self.settings.request_timeout:g} s")
         return 0

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from smg._fast.selector import parse_selector_items
-from smg._fast.server import BUCKETS
+from smg._fast.routes import BUCKETS
 from smg._fast.worker import DECODE, DRAINING, PREFILL, REGULAR, Worker
 from smg.discovery.kubernetes import PodInfo, PodWatcher, Roles
 

@@ -1,0 +1,112 @@
+from smg._fast.exchange cimport Exchange
+from smg._fast.flow cimport ResponseSource
+from smg._fast.http1 cimport ResponseParser
+from smg._fast.cycle cimport RequestCycle
+from smg._fast.request cimport Request
+from smg._fast.upstream cimport UpstreamConnection, ConnectWaiter
+from smg._fast.worker cimport Worker
+from smg._fast.policies cimport Router
+from smg._fast.admission cimport Admission
+
+
+cdef class ClientCall
+
+
+cdef bint retryable_status(int status) noexcept
+cdef bint failure_status(int status) noexcept
+cdef bytes relay_head(ResponseParser p, RequestCycle cycle, Worker w, bint decoded, bint* wrap,
+                      long long content_length=*)
+cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n)
+cdef bint end_stream_with_error(RequestCycle cycle, ResponseParser p, bint wrapped, int status, str code,
+                                str message)
+cdef bytes forwarded_head(Request req, Py_ssize_t body_len)
+
+
+cdef class CallSettings:
+    """What all proxied calls share: the router, admission control, retry
+    and timeout settings, and the retry counters (read by smg.metrics)."""
+    cdef public Router router
+    cdef public Admission admission
+    cdef public object loop
+    cdef public int max_attempts
+    cdef public double backoff_initial
+    cdef public double backoff_max
+    cdef public double backoff_multiplier
+    cdef public double backoff_jitter
+    cdef public double request_timeout
+    cdef public dict retries
+    cdef public dict retries_exhausted
+
+    cdef double backoff(self, int retry_index)
+    cdef int count_retry(self, int worker_type, str endpoint) except -1
+    cdef int count_exhausted(self, int worker_type, str endpoint) except -1
+
+
+cdef class Leg(Exchange):
+    """One worker's part in a call: a connection from the worker's pool, the
+    request sent on it, the response reported to the call. The worker's
+    in-flight count is held from the send until the leg ends."""
+    cdef ClientCall call
+    cdef public Worker worker
+    cdef UpstreamConnection up
+    cdef ConnectWaiter waiter
+    cdef bytes head
+    cdef object body
+    cdef bint decoded                    # the call wants the payload without chunk framing
+    cdef bint counted
+    cdef bint finished
+    cdef bint collecting                 # keep the body (in parts) instead of reporting it
+    cdef int status
+    cdef list parts
+
+    cdef int begin(self) except -1
+    cdef int release(self, int outcome) except -1
+    cdef int stop(self, bint timed_out) except -1
+    cdef int pause_reading(self) except -1
+    cdef int resume_reading(self) except -1
+
+
+cdef class ClientCall(ResponseSource):
+    """A client's request proxied to workers, until its response ends: the
+    attempts and their retry budget, backoff and deadline, stopping every
+    leg however the call ends, and the writes that relay a response."""
+    cdef CallSettings settings
+    cdef str endpoint_name
+    cdef RequestCycle cycle
+    cdef Request req
+    cdef int worker_type                 # counted in the retry metrics
+    cdef int attempts                    # sends so far, all legs together
+    cdef bint done
+    cdef bint head_sent
+    cdef bint wrap                       # the gateway frames the client's chunks
+    cdef int status
+    cdef ResponseParser relayed          # the response head relayed to the client
+    cdef Leg relaying                    # the leg whose body goes to the client
+    cdef bint held_back                  # the relaying leg is not read for the call's own reason
+    cdef object retry_timer
+    cdef int error_status                # what the client gets if no attempt succeeds
+    cdef str error_code
+    cdef str error_message
+
+    cdef int start(self) except -1
+    cdef int attempt(self) except -1
+    cdef int stop_legs(self, bint timed_out) except -1
+    cdef int drop_buffers(self) except -1
+    cdef int end_call(self) except -1
+
+    cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1
+    cdef int leg_body(self, Leg leg, bytes data, Py_ssize_t off, Py_ssize_t n) except -1
+    cdef int leg_done(self, Leg leg) except -1
+    cdef int leg_failed(self, Leg leg, object exc, int stage) except -1
+    cdef int resend(self, Leg leg, object conn) except -1
+
+    cdef bint can_retry(self)
+    cdef int retry(self, Worker failed) except -1
+    cdef int note_error(self, int status, str code, str message) except -1
+
+    cdef bytes response_head(self, ResponseParser p, Worker w, bint decoded, long long content_length=*)
+    cdef int relay(self, bytes head, bytes data, Py_ssize_t off, Py_ssize_t n) except -1
+    cdef int end_relay(self) except -1
+    cdef int fail_to_client(self, int status, str code, str message) except -1
+    cdef int break_stream(self, int status, str code, str message) except -1
+    cdef int complete(self, str error_code) except -1

@@ -1,0 +1,446 @@
+# cython: language_level=3
+"""What every proxied call shares, regular or prefill/decode: a
+ClientCall is the source of its request's response. It sends Legs (one
+per worker it talks to), retries while nothing has reached the client
+(every send counts against --retry-max-retries, with backoff), enforces
+--request-timeout-secs, relays the response head and body with the
+framing the client needs, ends a broken event stream with an error event,
+and stops every leg however it ends. smg._fast.proxy and smg._fast.pd
+decide what the legs are and what their answers mean."""
+
+from cpython.bytes cimport PyBytes_GET_SIZE
+from smg._fast.clock cimport monotonic
+from smg._fast.exchange cimport FAIL_BEFORE_HEAD
+from smg._fast.upstream cimport UpstreamPool
+from smg._fast.policies cimport rand64
+from smg._fast.routes cimport error_body
+
+from smg._fast.upstream import UpstreamClosed
+from smg._fast.worker import TYPE_NAMES
+
+_TYPE_NAMES = TYPE_NAMES
+cdef dict _STATUS_LINES = {}
+
+
+cdef bytes upstream_status_line(ResponseParser p):
+    key = (p.status, p.reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (p.status, p.reason)
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[key] = line
+    return <bytes>line
+
+
+cdef bint retryable_status(int status) noexcept:
+    return status == 408 or status == 429 or status == 500 or status == 502 or status == 503 or status == 504
+
+
+cdef bint failure_status(int status) noexcept:
+    """Counts against the worker's circuit breaker."""
+    return status == 408 or status == 429 or status >= 500
+
+
+cdef bytes relay_head(ResponseParser p, RequestCycle cycle, Worker w, bint decoded, bint* wrap,
+                      long long content_length=-1):
+    """The head of the response relayed to the client. The upstream's framing
+    is kept when the body passes through unchanged (chunks included);
+    `decoded` bodies (payload only) and bodies that end with the connection
+    are re-chunked for HTTP/1.1 clients (*wrap set), and HTTP/1.0 clients
+    get the body unframed with the connection closed after it.
+    content_length >= 0 announces a body the caller rewrote, -2 a rewritten
+    body of unknown length (the upstream's Content-Length no longer holds)."""
+    cdef Request req = cycle.req
+    cdef list parts = [upstream_status_line(p), p.forward_headers]
+    wrap[0] = False
+    if content_length == -1 and p.content_length >= 0 and not p.chunked:
+        content_length = p.content_length
+    if content_length >= 0:
+        parts.append(b"content-length: %d\r\n" % content_length)
+    elif req.http_minor == 0:
+        req.keep_alive = False
+    elif p.chunked and not decoded:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    else:
+        parts.append(b"transfer-encoding: chunked\r\n")
+        wrap[0] = True
+    parts.append(w.url_header)
+    parts.append(b"x-request-id: ")
+    parts.append(req.request_id)
+    parts.append(b"\r\n")
+    parts.append(cycle.date_header())
+    if cycle.closes():
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n):
+    return b"%x\r\n" % n + data[off:off + n] + b"\r\n"
+
+
+cdef bint end_stream_with_error(RequestCycle cycle, ResponseParser p, bint wrapped, int status, str code,
+                                str message):
+    """End an event stream that broke off (the worker failed, the request
+    timed out) the way clients understand: an error event, `data: [DONE]`,
+    then the end of the chunked body. `wrapped`: the gateway frames the
+    chunks itself. False when the stream cannot take them: not SSE, not
+    chunked to the client (HTTP/1.0 gets the body unframed), or cut inside
+    one of the worker's chunks."""
+    if cycle.req.http_minor == 0 or p is None or p.content_type is None \
+            or not p.content_type.startswith(b"text/event-stream"):
+        return False
+    if not wrapped and not (p.chunked and p.between_chunks()):
+        return False
+    event = b"data: " + error_body(status, code, message) + b"\n\ndata: [DONE]\n\n"
+    cycle.write(b"%x\r\n" % len(event) + event + b"\r\n0\r\n\r\n")
+    return True
+
+
+cdef bytes forwarded_head(Request req, Py_ssize_t body_len):
+    """The request head lines after host and authorization, for any worker."""
+    cdef list lines = [b"content-type: application/json\r\ncontent-length: ", str(body_len).encode(),
+                       b"\r\nx-request-id: ", req.request_id, b"\r\n"]
+    if req.traceparent is not None:
+        lines.append(b"traceparent: " + req.traceparent + b"\r\n")
+    if req.tracestate is not None:
+        lines.append(b"tracestate: " + req.tracestate + b"\r\n")
+    if req.routing_key is not None:
+        lines.append(b"x-smg-routing-key: " + req.routing_key + b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+cdef class CallSettings:
+
+    def __init__(self, Router router, loop, Admission admission=None, int max_attempts=5,
+                 double backoff_initial=0.05, double backoff_max=30.0, double backoff_multiplier=1.5,
+                 double backoff_jitter=0.2, double request_timeout=1800.0):
+        self.router = router
+        self.loop = loop
+        self.admission = admission if admission is not None else Admission()
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.backoff_multiplier = backoff_multiplier
+        self.backoff_jitter = backoff_jitter
+        self.request_timeout = request_timeout
+        self.retries = {}
+        self.retries_exhausted = {}
+
+    cdef double backoff(self, int retry_index):
+        cdef double d = self.backoff_initial * (self.backoff_multiplier ** retry_index)
+        cdef double r
+        if d > self.backoff_max:
+            d = self.backoff_max
+        if self.backoff_jitter > 0:
+            r = (rand64() >> 11) * (1.0 / 9007199254740992.0)
+            d *= 1.0 + self.backoff_jitter * (2.0 * r - 1.0)
+        return d if d > 0 else 0.0
+
+    cdef int count_retry(self, int worker_type, str endpoint) except -1:
+        key = (_TYPE_NAMES[worker_type], endpoint)
+        self.retries[key] = self.retries.get(key, 0) + 1
+        return 0
+
+    cdef int count_exhausted(self, int worker_type, str endpoint) except -1:
+        key = (_TYPE_NAMES[worker_type], endpoint)
+        self.retries_exhausted[key] = self.retries_exhausted.get(key, 0) + 1
+        return 0
+
+
+cdef class Leg(Exchange):
+
+    def __init__(self, ClientCall call, Worker worker, bytes head, object body, bint decoded):
+        self.call = call
+        self.worker = worker
+        self.head = head
+        self.body = body
+        self.decoded = decoded
+        self.counted = True
+        self.finished = False
+        self.collecting = False
+        self.status = 0
+        self.parts = []
+        worker.take_request()
+
+    cdef int begin(self) except -1:
+        self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
+        return 0
+
+    cdef int release(self, int outcome) except -1:
+        """outcome: 1 success, 0 failure (told to the circuit breaker), -1 none."""
+        if self.counted:
+            self.counted = False
+            self.worker.end_request(outcome)
+        return 0
+
+    cdef int stop(self, bint timed_out) except -1:
+        """Abandon this leg. One the deadline stopped before its worker
+        answered counts as the worker's failure."""
+        self.finished = True
+        if self.up is not None:
+            self.up.discard()
+            self.up = None
+        if self.waiter is not None:
+            self.waiter.cancelled = True
+            self.waiter = None
+        self.release(0 if timed_out and self.status == 0 else -1)
+        return 0
+
+    cdef int pause_reading(self) except -1:
+        if self.up is not None:
+            self.up.pause_reading()
+        return 0
+
+    cdef int resume_reading(self) except -1:
+        if self.up is not None:
+            self.up.resume_reading()
+        return 0
+
+    cdef bint wants_decoded(self):
+        return self.decoded
+
+    cdef int upstream_ready(self, object c) except -1:
+        cdef UpstreamConnection conn = <UpstreamConnection>c
+        cdef ClientCall call = self.call
+        self.waiter = None
+        if self.finished:
+            (<UpstreamPool>conn.pool).release(conn)
+            return 0
+        self.up = conn
+        conn.attach(self, False)
+        conn.send2(self.head, self.body)
+        if call.relaying is self and (call.held_back or call.cycle.flow.write_paused):
+            conn.pause_reading()
+        return 0
+
+    cdef int upstream_response(self, object conn, ResponseParser p, bytes data, Py_ssize_t off,
+                               Py_ssize_t n) except -1:
+        self.status = p.status
+        if not self.finished:
+            self.call.leg_head(self, p, data, off, n)
+        return 0
+
+    cdef int upstream_body(self, object conn, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        if self.collecting:
+            self.parts.append(data[off:off + n])
+        elif not self.finished:
+            self.call.leg_body(self, data, off, n)
+        return 0
+
+    cdef int upstream_done(self, object conn) except -1:
+        self.up = None
+        if self.finished:
+            return 0
+        self.finished = True
+        self.release(-1)
+        self.call.leg_done(self)
+        return 0
+
+    cdef int upstream_failed(self, object c, object exc, int stage) except -1:
+        self.up = None
+        self.waiter = None
+        if self.finished:
+            return 0
+        self.finished = True
+        self.release(0)
+        self.call.leg_failed(self, exc, stage)
+        return 0
+
+    cdef int upstream_stale(self, object c) except -1:
+        self.up = None
+        if self.finished:
+            return 0
+        return self.call.resend(self, c)
+
+
+cdef class ClientCall(ResponseSource):
+
+    def __init__(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type):
+        self.settings = settings
+        self.endpoint_name = endpoint_name
+        self.cycle = cycle
+        self.req = cycle.req
+        self.worker_type = worker_type
+        self.attempts = 0
+        self.done = False
+        self.head_sent = False
+        self.wrap = False
+        self.status = 0
+        self.held_back = False
+        self.error_status = 503
+        self.error_code = "no_available_workers"
+        self.error_message = "No available workers"
+
+    def start_py(self):
+        self.start()
+
+    cdef int start(self) except -1:
+        """Begin (once admitted): the deadline runs from the request's arrival."""
+        self.deadline = self.req.start + self.settings.request_timeout
+        self.cycle.hand_off(self)
+        self.attempt()
+        return 0
+
+    cdef int attempt(self) except -1:
+        """Pick workers and send the legs (or fail_to_client)."""
+        return 0
+
+    cdef int stop_legs(self, bint timed_out) except -1:
+        return 0
+
+    cdef int drop_buffers(self) except -1:
+        """The call is over: what it holds of the workers' answers goes now,
+        not when the garbage collector finds the call and its legs."""
+        return 0
+
+    # --- what the legs report ---
+
+    cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        return 0
+
+    cdef int leg_body(self, Leg leg, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        return 0
+
+    cdef int leg_done(self, Leg leg) except -1:
+        return 0
+
+    cdef int leg_failed(self, Leg leg, object exc, int stage) except -1:
+        return 0
+
+    cdef int resend(self, Leg leg, object conn) except -1:
+        """The keep-alive race: the worker closed a reused connection as the
+        leg was sent. Send again at once, to the same worker, as one more
+        attempt: every send counts against the retry budget."""
+        if self.can_retry():
+            self.attempts += 1
+            self.settings.count_retry(leg.worker.worker_type, self.endpoint_name)
+            leg.waiter = (<UpstreamPool>leg.worker.pool).acquire(leg)
+            return 0
+        return leg.upstream_failed(conn, UpstreamClosed("worker closed the connection before responding"),
+                                   FAIL_BEFORE_HEAD)
+
+    # --- retries ---
+
+    cdef bint can_retry(self):
+        return (not self.head_sent and not self.done and self.attempts < self.settings.max_attempts
+                and not self.cycle.conn.closed and monotonic() < self.deadline)
+
+    cdef int note_error(self, int status, str code, str message) except -1:
+        """What the client gets if no further attempt succeeds."""
+        self.error_status = status
+        self.error_code = code
+        self.error_message = message
+        return 0
+
+    cdef int retry(self, Worker failed) except -1:
+        """Attempt again after the backoff (the caller stopped the legs)."""
+        self.settings.count_retry(failed.worker_type, self.endpoint_name)
+        self.retry_timer = self.settings.loop.call_later(self.settings.backoff(self.attempts - 1), self.retry_now)
+        return 0
+
+    def retry_now(self):
+        self.retry_timer = None
+        if not self.done:
+            self.attempt()
+
+    # --- relaying ---
+
+    cdef bytes response_head(self, ResponseParser p, Worker w, bint decoded, long long content_length=-1):
+        """The head relayed to the client (see relay_head); from here on the
+        call cannot be retried."""
+        self.status = p.status
+        self.relayed = p
+        self.head_sent = True
+        return relay_head(p, self.cycle, w, decoded, &self.wrap, content_length)
+
+    cdef int relay(self, bytes head, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        """Write `head` (None: none), then data[off:off + n] framed as the
+        client's response is."""
+        cdef bytes piece
+        if n == 0:
+            if head is not None:
+                self.cycle.write(head)
+            return 0
+        if self.wrap:
+            piece = wrap_chunk(data, off, n)
+        elif off == 0 and n == PyBytes_GET_SIZE(data):
+            piece = data
+        else:
+            piece = data[off:off + n]
+        self.cycle.write(head + piece if head is not None else piece)
+        return 0
+
+    cdef int end_relay(self) except -1:
+        if self.wrap:
+            self.cycle.write(b"0\r\n\r\n")
+        self.complete(None)
+        return 0
+
+    # --- ending ---
+
+    cdef int end_call(self) except -1:
+        self.done = True
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        self.stop_legs(False)
+        self.drop_buffers()
+        return 0
+
+    cdef int fail_to_client(self, int status, str code, str message) except -1:
+        """Answer with an error (nothing has reached the client yet)."""
+        if self.done:
+            return 0
+        if self.attempts > 1 or code == "upstream_error":
+            self.settings.count_exhausted(self.worker_type, self.endpoint_name)
+        self.end_call()
+        self.cycle.respond_error(status, code, message)
+        return 0
+
+    cdef int break_stream(self, int status, str code, str message) except -1:
+        """The response broke off after its head was relayed: an event stream
+        ends with an error event; any other body ends with the connection,
+        so the client sees it truncated instead of waiting forever."""
+        self.req.keep_alive = False
+        self.stop_legs(False)
+        end_stream_with_error(self.cycle, self.relayed, self.wrap, status, code, message)
+        self.complete("stream_error")
+        return 0
+
+    cdef int complete(self, str error_code) except -1:
+        if self.done:
+            return 0
+        self.end_call()
+        self.cycle.finish(self.status, error_code)
+        return 0
+
+    # --- the client's side ---
+
+    cdef int client_lost(self) except -1:
+        if not self.done:
+            self.end_call()
+        return 0
+
+    cdef int client_pause(self) except -1:
+        if self.relaying is not None:
+            self.relaying.pause_reading()
+        return 0
+
+    cdef int client_resume(self) except -1:
+        if self.relaying is not None and not self.held_back:
+            self.relaying.resume_reading()
+        return 0
+
+    cdef int expired(self, double now) except -1:
+        if self.done:
+            return 0
+        self.stop_legs(True)
+        if self.head_sent:
+            self.break_stream(504, "request_timeout",
+                              f"No complete response within {self.settings.request_timeout:g} s")
+        else:
+            self.fail_to_client(504, "request_timeout",
+                                f"No response from a worker within {self.settings.request_timeout:g} s")
+        return 0

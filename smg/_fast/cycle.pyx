@@ -1,0 +1,114 @@
+# cython: language_level=3
+"""One request's answer (RequestCycle): written in order on its client
+connection, either complete at once (respond) or relayed piece by piece
+(write, then finish). The cycle holds the request's admission slot and
+records the outcome in its route's metrics when it ends; a route that
+hands the answer to something else (a proxied call, the admission queue)
+registers it as the cycle's source, which the connection then keeps
+informed: the client leaving, back-pressure, the deadline."""
+
+from smg._fast.clock cimport monotonic
+from smg._fast.routes cimport Route, status_line, error_body
+
+
+cdef class Connection:
+
+    cdef bytes date_header(self):
+        return b""
+
+    cdef bint closes_after(self, Request req):
+        return True
+
+    cdef int response_done(self, RequestCycle cycle) except -1:
+        return 0
+
+    cpdef abort(self):
+        pass
+
+
+cdef class RequestCycle:
+
+    def __init__(self, Connection conn, Request req):
+        self.conn = conn
+        self.req = req
+        self.flow = conn.flow
+        self.done = False
+
+    cdef int write(self, bytes data) except -1:
+        if not self.conn.closed:
+            self.conn.transport.write(data)
+        return 0
+
+    cdef bint closes(self):
+        """The connection closes after this response."""
+        return self.conn.closes_after(self.req)
+
+    cdef bytes date_header(self):
+        return self.conn.date_header()
+
+    cpdef respond(self, int status, bytes body, bytes content_type, bytes extra_headers=b"",
+                  str error_code=None):
+        """Send a complete response and end the cycle."""
+        cdef Request req = self.req
+        cdef list parts
+        if self.done:
+            return
+        if not self.conn.closed:
+            parts = [status_line(status), b"content-type: ", content_type,
+                     b"\r\ncontent-length: ", str(len(body)).encode(),
+                     b"\r\nx-request-id: ", req.request_id if req.request_id is not None else b"",
+                     b"\r\n", extra_headers, self.conn.date_header()]
+            if self.conn.closes_after(req):
+                parts.append(b"connection: close\r\n")
+            parts.append(b"\r\n")
+            if req.method != b"HEAD":
+                parts.append(body)
+            self.conn.transport.write(b"".join(parts))
+        self.finish(status, error_code)
+
+    cpdef respond_error(self, int status, str code, str message, str error_type=None):
+        self.respond(status, error_body(status, code, message, error_type), b"application/json",
+                     b"x-smg-error-code: " + code.encode() + b"\r\n", code)
+
+    cpdef finish(self, int status, str error_code=None):
+        """The response has been written in full."""
+        if self.done:
+            return
+        self.end()
+        (<Route>self.req.route).record(self.req.method, status, error_code, monotonic() - self.req.start)
+        self.conn.response_done(self)
+
+    cdef int hand_off(self, ResponseSource source) except -1:
+        """`source` produces the response from now on (None: no longer)."""
+        self.source = source
+        self.flow.source = source
+        return 0
+
+    cdef int lost(self) except -1:
+        """The client went away before the response ended."""
+        cdef ResponseSource source = self.source
+        if self.done:
+            return 0
+        self.end()
+        if source is not None:
+            source.client_lost()
+        (<Route>self.req.route).record(self.req.method, 499, "client_closed_request", monotonic() - self.req.start)
+        return 0
+
+    cdef int end(self) except -1:
+        cdef Admission adm = self.admission
+        self.done = True
+        if self.flow.source is self.source:
+            self.flow.source = None
+        self.source = None
+        if adm is not None:
+            self.admission = None
+            adm.leave()
+        return 0
+
+
+cdef class RequestHandler:
+
+    cdef int handle(self, RequestCycle cycle) except -1:
+        cycle.respond_error(500, "internal_error", "route has no handler")
+        return 0

@@ -1,0 +1,196 @@
+# cython: language_level=3
+"""A client's request as the server parses it: the headers the gateway
+uses, sorted into slots with one dict lookup each, the body, and request
+ids (the client's when it sent a usable one, else made here)."""
+
+import os
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+
+# header slots: lowercase name -> slot; common spellings pre-seeded so most
+# headers need one dict lookup and no lower()
+DEF H_IGNORE = 0
+DEF H_AUTHORIZATION = 1
+DEF H_TRACEPARENT = 2
+DEF H_TRACESTATE = 3
+DEF H_ROUTING_KEY = 4
+DEF H_FORWARDED_FOR = 5
+DEF H_CONTENT_TYPE = 6
+DEF H_CONTENT_LENGTH = 7
+DEF H_EXPECT = 8
+DEF H_CONNECTION = 9
+DEF H_ID0 = 10   # x-request-id
+DEF H_ID1 = 11   # x-correlation-id
+DEF H_ID2 = 12   # x-trace-id
+DEF H_ID3 = 13   # request-id
+DEF H_TRANSFER_ENCODING = 14
+
+cdef dict _SLOTS = {}
+
+
+cdef _seed_slots():
+    names = {
+        "authorization": H_AUTHORIZATION, "traceparent": H_TRACEPARENT, "tracestate": H_TRACESTATE,
+        "x-smg-routing-key": H_ROUTING_KEY, "x-forwarded-for": H_FORWARDED_FOR,
+        "content-type": H_CONTENT_TYPE, "content-length": H_CONTENT_LENGTH, "expect": H_EXPECT,
+        "connection": H_CONNECTION, "x-request-id": H_ID0, "x-correlation-id": H_ID1,
+        "x-trace-id": H_ID2, "request-id": H_ID3, "transfer-encoding": H_TRANSFER_ENCODING,
+        "host": H_IGNORE, "user-agent": H_IGNORE, "accept": H_IGNORE, "accept-encoding": H_IGNORE,
+        "accept-language": H_IGNORE, "origin": H_IGNORE, "referer": H_IGNORE, "cookie": H_IGNORE,
+        "cache-control": H_IGNORE, "pragma": H_IGNORE, "te": H_IGNORE, "keep-alive": H_IGNORE,
+    }
+    for name, slot in names.items():
+        for spelling in (name, name.title(), name.upper()):
+            _SLOTS[spelling.encode()] = slot
+    _SLOTS[b"X-Request-ID"] = H_ID0
+    _SLOTS[b"X-Request-Id"] = H_ID0
+    _SLOTS[b"X-SMG-Routing-Key"] = H_ROUTING_KEY
+    _SLOTS[b"Content-type"] = H_CONTENT_TYPE
+
+_seed_slots()
+
+
+# --- request ids ---------------------------------------------------------
+
+cdef bytes _ALNUM = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+cdef unsigned long long _id_counter = 0
+cdef char _id_base[12]
+
+
+cdef _seed_ids():
+    cdef bytes raw = os.urandom(12)
+    for i in range(12):
+        _id_base[i] = _ALNUM[raw[i] % 62]
+
+_seed_ids()
+
+
+cdef bytes make_request_id(bytes prefix):
+    """prefix + 24 characters: 12 random per process, 12 from a counter."""
+    global _id_counter
+    cdef Py_ssize_t plen = len(prefix)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, plen + 24)
+    cdef char* p = PyBytes_AS_STRING(out)
+    cdef unsigned long long c
+    cdef int i
+    _id_counter += 1
+    # an odd multiplier is a bijection on 64-bit integers: unique, not sequential-looking
+    c = _id_counter * <unsigned long long>11400714819323198485ULL
+    for i in range(plen):
+        p[i] = prefix[i]
+    for i in range(12):
+        p[plen + i] = _id_base[i]
+    for i in range(11, -1, -1):
+        p[plen + 12 + i] = _ALNUM[c % 62]
+        c //= 62
+    return out
+
+
+# A client's request id is echoed and forwarded: a longer one, or one with
+# characters outside printable ASCII, is ignored and the gateway makes one.
+DEF MAX_REQUEST_ID = 128
+
+
+cdef inline bint valid_request_id(bytes value):
+    cdef Py_ssize_t i, n
+    cdef const unsigned char* p
+    if value is None:
+        return False
+    n = PyBytes_GET_SIZE(value)
+    if n == 0 or n > MAX_REQUEST_ID:
+        return False
+    p = <const unsigned char*>PyBytes_AS_STRING(value)
+    for i in range(n):
+        if p[i] < 0x21 or p[i] > 0x7e:
+            return False
+    return True
+
+
+cdef class Request:
+
+    def __cinit__(self):
+        self.url = b""
+        self.method = b"GET"
+        self.path = ""
+        self.query = b""
+        self.body = b""
+        self.body_parts = None
+        self.body_len = 0
+        self.keep_alive = True
+        self.http_minor = 1
+        self.header_bytes = 0
+        self.header_count = 0
+
+    cdef int set_header(self, bytes name, bytes value) except -1:
+        slot = _SLOTS.get(name)
+        if slot is None:
+            slot = _SLOTS.get(name.lower(), H_IGNORE)
+        if slot == H_IGNORE:
+            return 0
+        if slot == H_AUTHORIZATION:
+            self.authorization = value
+        elif slot == H_CONTENT_TYPE:
+            self.content_type = value
+        elif slot == H_CONTENT_LENGTH:
+            self.content_length = value
+        elif slot == H_ID0:
+            if value and self.id_x_request_id is None:
+                self.id_x_request_id = value
+        elif slot == H_ID1:
+            if value and self.id_x_correlation_id is None:
+                self.id_x_correlation_id = value
+        elif slot == H_ID2:
+            if value and self.id_x_trace_id is None:
+                self.id_x_trace_id = value
+        elif slot == H_ID3:
+            if value and self.id_request_id is None:
+                self.id_request_id = value
+        elif slot == H_TRACEPARENT:
+            self.traceparent = value
+        elif slot == H_TRACESTATE:
+            self.tracestate = value
+        elif slot == H_ROUTING_KEY:
+            self.routing_key = value
+        elif slot == H_FORWARDED_FOR:
+            self.forwarded_for = value
+        elif slot == H_EXPECT:
+            self.expect = value
+        elif slot == H_CONNECTION:
+            self.connection = value
+        elif slot == H_TRANSFER_ENCODING:
+            self.chunked = True
+        return 0
+
+    cdef int take_client_id(self) except -1:
+        """The client's request id, from the first usable of x-request-id,
+        x-correlation-id, x-trace-id, request-id."""
+        if valid_request_id(self.id_x_request_id):
+            self.request_id = self.id_x_request_id
+        elif valid_request_id(self.id_x_correlation_id):
+            self.request_id = self.id_x_correlation_id
+        elif valid_request_id(self.id_x_trace_id):
+            self.request_id = self.id_x_trace_id
+        elif valid_request_id(self.id_request_id):
+            self.request_id = self.id_request_id
+        self.id_from_client = self.request_id is not None
+        return 0
+
+    cdef int add_body(self, bytes data) except -1:
+        self.body_len += PyBytes_GET_SIZE(data)
+        if self.body_parts is not None:
+            self.body_parts.append(data)
+        elif self.body:
+            self.body_parts = [self.body, data]
+        else:
+            self.body = data
+        return 0
+
+    cdef bytes finish_body(self):
+        if self.body_parts is not None:
+            self.body = b"".join(self.body_parts)
+            self.body_parts = None
+        return self.body
+
+    def __repr__(self):
+        return f"<Request {self.method.decode()} {self.path}>"

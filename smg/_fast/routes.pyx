@@ -1,0 +1,127 @@
+# cython: language_level=3
+"""The routes the server answers and what they answer with: a Route (path,
+methods, auth level, handler, per-route metrics), the Response a Python
+handler returns, and the gateway's error shape."""
+
+from http import HTTPStatus
+
+import orjson
+
+# smg_http_request_duration_seconds buckets, as the reference exports them
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
+           45.0, 60.0, 90.0, 120.0, 180.0, 240.0, 300.0, 480.0, 900.0, 1200.0, 1800.0,
+           2700.0, 3600.0, 5400.0, 7200.0)
+cdef double _BOUNDS[N_BUCKETS]
+for _i, _b in enumerate(BUCKETS):
+    _BOUNDS[_i] = _b
+_BOUNDS[N_BUCKETS - 1] = 1e300
+
+cdef dict _STATUS_LINES = {}
+for _s in HTTPStatus:
+    _STATUS_LINES[_s.value] = f"HTTP/1.1 {_s.value} {_s.phrase}\r\n".encode()
+_STATUS_LINES[499] = b"HTTP/1.1 499 Client Closed Request\r\n"
+
+
+cdef bytes status_line(int status):
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} Status\r\n".encode()
+    return <bytes>line
+
+
+cpdef bytes error_body(int status, str code, str message, str error_type=None):
+    """The SMG error shape: {"error": {"type", "code", "message", "param"}}."""
+    if error_type is None:
+        error_type = "server_error" if status >= 500 else "invalid_request_error"
+    return orjson.dumps({"error": {"type": error_type, "code": code, "message": message, "param": None}})
+
+
+class Response:
+    """What a Python route handler returns."""
+    __slots__ = ("status", "body", "content_type", "headers", "error_code")
+
+    def __init__(self, int status=200, bytes body=b"", bytes content_type=b"application/json",
+                 bytes headers=b"", str error_code=None):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+        self.error_code = error_code
+
+
+def json_response(obj, int status=200, bytes headers=b""):
+    return Response(status, orjson.dumps(obj), b"application/json", headers)
+
+
+def text_response(str text, int status=200):
+    return Response(status, text.encode(), b"text/plain; charset=utf-8")
+
+
+def error_response(int status, str code, str message, str error_type=None, bytes headers=b""):
+    return Response(status, error_body(status, code, message, error_type), b"application/json",
+                    b"x-smg-error-code: " + code.encode() + b"\r\n" + headers, code)
+
+
+cdef class Histogram:
+
+    def __cinit__(self):
+        cdef int i
+        for i in range(N_BUCKETS):
+            self.counts[i] = 0
+        self.total = 0.0
+        self.count = 0
+
+    cdef void observe(self, double value) noexcept:
+        cdef int i = 0
+        while value > _BOUNDS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+    def snapshot(self):
+        """(cumulative bucket counts for BUCKETS + +Inf, sum, count)."""
+        cdef list out = []
+        cdef long long acc = 0
+        cdef int i
+        for i in range(N_BUCKETS):
+            acc += self.counts[i]
+            out.append(acc)
+        return out, self.total, self.count
+
+
+cdef dict _AUTH_LEVELS = {"none": AUTH_NONE, "serving": AUTH_DATA, "admin": AUTH_ADMIN}
+
+
+cdef class Route:
+
+    def __init__(self, str path, methods, handler=None, native=None, str auth="none",
+                 bytes id_prefix=b"req-"):
+        """auth: "none", "serving" (--api-key) or "admin" (--admin-api-key, else --api-key)."""
+        self.path = path
+        self.methods = frozenset(m.encode() if isinstance(m, str) else m for m in methods)
+        self.handler = handler
+        self.native = native
+        self.auth = _AUTH_LEVELS[auth]
+        self.id_prefix = id_prefix
+        self.allow_header = b"allow: " + b", ".join(sorted(self.methods)) + b"\r\n"
+        self.requests = {}
+        self.responses = {}
+        self.durations = {}
+
+    def __repr__(self):
+        return f"<Route {self.path}>"
+
+    cdef int count_request(self, bytes method) except -1:
+        self.requests[method] = self.requests.get(method, 0) + 1
+        return 0
+
+    cdef void record(self, bytes method, int status, str error_code, double seconds):
+        cdef Histogram h
+        key = (status, error_code)
+        self.responses[key] = self.responses.get(key, 0) + 1
+        h = self.durations.get(method)
+        if h is None:
+            h = Histogram()
+            self.durations[method] = h
+        h.observe(seconds)
