@@ -8,7 +8,13 @@ environment (both packages are named smg):
 
     python3 -m venv /tmp/ref && /tmp/ref/bin/pip install smg==1.13.0
 
-Without --reference (or $SMG_REFERENCE) only smg is measured. Load comes
+Without --reference (or $SMG_REFERENCE) only smg is measured. --baseline DIR
+also measures another checkout of smg, built in place (`python setup.py
+build_ext --inplace`), e.g. the commit before a change:
+
+    git worktree add /tmp/before HEAD~1 && (cd /tmp/before && ../main/.venv/bin/python setup.py build_ext --inplace)
+    .venv/bin/python benchmarks/load.py --baseline /tmp/before
+ Load comes
 from wrk (Debian package `wrk`); the two gateways are driven alternately,
 each after a warm-up, so that noise on this shared machine hits both.
 
@@ -148,14 +154,15 @@ def run_wrk(url: str, script: str, duration: int, connections: int, threads: int
 class Workers:
     """Fake workers in their own process (so their CPU is not the gateway's)."""
 
-    def __init__(self, count: int, role: str = "regular", stream_chunks: int = 8, parse: bool = True):
+    def __init__(self, count: int, role: str = "regular", stream_chunks: int = 8, parse: bool = True,
+                 extra: tuple[str, ...] = ()):
         self.port = free_port()
         while any(not _port_free(self.port + i) for i in range(count)):
             self.port = free_port()
         self.count = count
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smg.testing", "--port", str(self.port), "--count", str(count), "--role", role,
-             "--stream-chunks", str(stream_chunks), *([] if parse else ["--no-parse"])],
+             "--stream-chunks", str(stream_chunks), *([] if parse else ["--no-parse"]), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         self.urls = [f"http://127.0.0.1:{self.port + i}" for i in range(count)]
         for u in self.urls:
@@ -185,6 +192,10 @@ def _port_free(port: int) -> bool:
             return False
 
 
+# where `python -m smg` runs for each gateway name (its smg package is the one imported)
+CHECKOUTS = {"smg": ROOT}
+
+
 class GatewayProc:
     def __init__(self, name: str, command: list[str], args: list[str]):
         self.name = name
@@ -196,7 +207,7 @@ class GatewayProc:
         # both packages are named smg: never let this checkout leak into the reference
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         self.proc = subprocess.Popen(full, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=ROOT if name == "smg" else "/")
+                                     cwd=CHECKOUTS.get(name, "/"))
 
     def wait_ready(self, timeout: float = 60) -> None:
         def ready():
@@ -273,6 +284,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", default=os.environ.get("SMG_REFERENCE"),
                     help="the reference's smg executable (in its own venv); also $SMG_REFERENCE")
+    ap.add_argument("--baseline", help="another smg checkout, built in place, measured as 'baseline'")
     ap.add_argument("--duration", type=int, default=10, help="seconds measured per run")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32)
@@ -302,6 +314,9 @@ def main() -> None:
     scripts["chat-stream"] = ("/v1/chat/completions", os.path.join(tmp, "chat.lua"))
 
     gateways = [("smg", [sys.executable, "-m", "smg"])]
+    if args.baseline:
+        CHECKOUTS["baseline"] = os.path.abspath(args.baseline)
+        gateways.append(("baseline", [sys.executable, "-m", "smg"]))
     if args.reference:
         gateways.append(("reference", [args.reference, "launch"]))
 
@@ -340,18 +355,21 @@ def print_table(results: list[Result], args) -> None:
 
     print(f"\n{args.connections} connections, {args.duration} s per run, {args.workers} fake workers, "
           f"{args.rounds} round(s)\n")
-    print("| workload | gateway | req/s | p50 ms | p99 ms | errors | prefix affinity | worker load (min-max / mean) | ours/ref req/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
+    print("| workload | gateway | req/s | p50 ms | p99 ms | errors | prefix affinity | worker load (min-max / mean) "
+          "| ours/ref req/s | ours/baseline req/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for workload in dict.fromkeys(r.workload for r in results):
         ours = best("smg", workload)
         ref = best("reference", workload)
-        for r in (ours, ref):
+        base = best("baseline", workload)
+        for r in (ours, base, ref):
             if r is None:
                 continue
             ratio = f"{ours.rps / ref.rps:.2f}" if (r is ours and ref and ref.rps) else ""
+            vs_base = f"{ours.rps / base.rps:.2f}" if (r is ours and base and base.rps) else ""
             aff = f"{r.affinity:.3f}" if r.affinity is not None else ""
             print(f"| {workload} | {r.gateway} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {aff} "
-                  f"| {r.balance} | {ratio} |")
+                  f"| {r.balance} | {ratio} | {vs_base} |")
 
 
 if __name__ == "__main__":

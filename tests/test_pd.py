@@ -7,7 +7,7 @@ import time
 import socket
 
 import pytest
-from helpers import post_raw, raw_exchange, wait_for
+from helpers import post_raw, raw_exchange, request, wait_for
 from k8s_api import make_pod
 
 
@@ -243,3 +243,19 @@ def read_until_close_or_end(s) -> bytes:
             break
         data += chunk
     return data
+
+
+def test_worker_connections_are_reused_across_pd_requests(fake_workers, gateway):
+    """Decode may end before prefill's answer is fully read: the rest of it
+    is read and dropped, and the connection goes back to the pool instead
+    of being closed (a new connection per request would cost a handshake
+    on every prefill)."""
+    (p,) = fake_workers(1, role="prefill")
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d])
+    for i in range(60):
+        r = request(g.port, "POST", "/generate", {"text": f"hello {i}"})
+        assert r.status == 200
+    wait_for(lambda: p.stats.in_flight == 0, message="prefill idle")
+    assert p.stats.connections <= 4, p.stats.connections
+    assert d.stats.connections <= 4, d.stats.connections

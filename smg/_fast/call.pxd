@@ -11,6 +11,12 @@ from smg._fast.admission cimport Admission
 
 cdef class ClientCall
 
+cdef enum:
+    # how a leg ends when its call no longer needs it (Leg.end)
+    LEG_FINISH = 0        # a response under way may finish (its connection is reused), until the deadline
+    LEG_STOP = 1          # stop now
+    LEG_TIMED_OUT = 2     # stop now; a worker that has not answered counts as failed
+
 
 cdef bint retryable_status(int status) noexcept
 cdef bint failure_status(int status) noexcept
@@ -58,10 +64,12 @@ cdef class Leg(Exchange):
     cdef bint collecting                 # keep the body (in parts) instead of reporting it
     cdef int status
     cdef list parts
+    cdef object finish_timer             # LEG_FINISH: the deadline
 
     cdef int begin(self) except -1
     cdef int release(self, int outcome) except -1
-    cdef int stop(self, bint timed_out) except -1
+    cdef int end(self, int how) except -1
+    cdef int stop(self, int outcome) except -1
     cdef int pause_reading(self) except -1
     cdef int resume_reading(self) except -1
 
@@ -90,9 +98,9 @@ cdef class ClientCall(ResponseSource):
 
     cdef int start(self) except -1
     cdef int attempt(self) except -1
-    cdef int stop_legs(self, bint timed_out) except -1
+    cdef int end_legs(self, int how) except -1
     cdef int drop_buffers(self) except -1
-    cdef int end_call(self) except -1
+    cdef int end_call(self, int how) except -1
 
     cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1
     cdef int leg_body(self, Leg leg, bytes data, Py_ssize_t off, Py_ssize_t n) except -1

@@ -175,17 +175,39 @@ cdef class Leg(Exchange):
             self.worker.end_request(outcome)
         return 0
 
-    cdef int stop(self, bint timed_out) except -1:
-        """Abandon this leg. One the deadline stopped before its worker
-        answered counts as the worker's failure."""
+    cdef int end(self, int how) except -1:
+        """The call no longer needs this leg (see LEG_FINISH and the others)."""
+        cdef double left
+        if self.finished:
+            return 0
+        if how == LEG_FINISH and self.up is not None:
+            # e.g. prefill still sending when decode has ended: dropping the
+            # rest of its answer costs less than a new connection
+            self.collecting = False
+            self.parts = []
+            if self.finish_timer is None:
+                left = self.call.deadline - monotonic()
+                self.finish_timer = self.call.settings.loop.call_later(left if left > 0 else 0, self.give_up)
+            return 0
+        return self.stop(0 if how == LEG_TIMED_OUT and self.status == 0 else -1)
+
+    def give_up(self):
+        self.finish_timer = None
+        self.stop(-1)
+
+    cdef int stop(self, int outcome) except -1:
+        """Abandon this leg now; `outcome` goes to the worker (see release)."""
         self.finished = True
+        if self.finish_timer is not None:
+            self.finish_timer.cancel()
+            self.finish_timer = None
         if self.up is not None:
             self.up.discard()
             self.up = None
         if self.waiter is not None:
             self.waiter.cancelled = True
             self.waiter = None
-        self.release(0 if timed_out and self.status == 0 else -1)
+        self.release(outcome)
         return 0
 
     cdef int pause_reading(self) except -1:
@@ -233,8 +255,7 @@ cdef class Leg(Exchange):
         self.up = None
         if self.finished:
             return 0
-        self.finished = True
-        self.release(-1)
+        self.stop(-1)
         self.call.leg_done(self)
         return 0
 
@@ -243,8 +264,7 @@ cdef class Leg(Exchange):
         self.waiter = None
         if self.finished:
             return 0
-        self.finished = True
-        self.release(0)
+        self.stop(0)
         self.call.leg_failed(self, exc, stage)
         return 0
 
@@ -287,7 +307,8 @@ cdef class ClientCall(ResponseSource):
         """Pick workers and send the legs (or fail_to_client)."""
         return 0
 
-    cdef int stop_legs(self, bint timed_out) except -1:
+    cdef int end_legs(self, int how) except -1:
+        """Leg.end(how) for every leg of the current attempt."""
         return 0
 
     cdef int drop_buffers(self) except -1:
@@ -380,12 +401,12 @@ cdef class ClientCall(ResponseSource):
 
     # --- ending ---
 
-    cdef int end_call(self) except -1:
+    cdef int end_call(self, int how) except -1:
         self.done = True
         if self.retry_timer is not None:
             self.retry_timer.cancel()
             self.retry_timer = None
-        self.stop_legs(False)
+        self.end_legs(how)
         self.drop_buffers()
         return 0
 
@@ -395,7 +416,7 @@ cdef class ClientCall(ResponseSource):
             return 0
         if self.attempts > 1 or code == "upstream_error":
             self.settings.count_exhausted(self.worker_type, self.endpoint_name)
-        self.end_call()
+        self.end_call(LEG_STOP)
         self.cycle.respond_error(status, code, message)
         return 0
 
@@ -403,16 +424,19 @@ cdef class ClientCall(ResponseSource):
         """The response broke off after its head was relayed: an event stream
         ends with an error event; any other body ends with the connection,
         so the client sees it truncated instead of waiting forever."""
+        if self.done:
+            return 0
         self.req.keep_alive = False
-        self.stop_legs(False)
+        self.end_call(LEG_STOP)
         end_stream_with_error(self.cycle, self.relayed, self.wrap, status, code, message)
-        self.complete("stream_error")
+        self.cycle.finish(self.status, "stream_error")
         return 0
 
     cdef int complete(self, str error_code) except -1:
+        """The client's response is complete."""
         if self.done:
             return 0
-        self.end_call()
+        self.end_call(LEG_FINISH)
         self.cycle.finish(self.status, error_code)
         return 0
 
@@ -420,7 +444,7 @@ cdef class ClientCall(ResponseSource):
 
     cdef int client_lost(self) except -1:
         if not self.done:
-            self.end_call()
+            self.end_call(LEG_STOP)
         return 0
 
     cdef int client_pause(self) except -1:
@@ -436,7 +460,7 @@ cdef class ClientCall(ResponseSource):
     cdef int expired(self, double now) except -1:
         if self.done:
             return 0
-        self.stop_legs(True)
+        self.end_legs(LEG_TIMED_OUT)
         if self.head_sent:
             self.break_stream(504, "request_timeout",
                               f"No complete response within {self.settings.request_timeout:g} s")

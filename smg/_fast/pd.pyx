@@ -24,7 +24,7 @@ from smg._fast.request cimport Request
 from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
-from smg._fast.call cimport ClientCall, Leg, wrap_chunk, retryable_status, failure_status, forwarded_head
+from smg._fast.call cimport ClientCall, Leg, LEG_STOP, wrap_chunk, retryable_status, failure_status, forwarded_head
 from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, routing_key
 
 _log = logging.getLogger("smg.pd")
@@ -221,11 +221,11 @@ cdef class PDCall(ClientCall):
             decode.begin()
         return 0
 
-    cdef int stop_legs(self, bint timed_out) except -1:
+    cdef int end_legs(self, int how) except -1:
         if self.prefill is not None:
-            self.prefill.stop(timed_out)
+            self.prefill.end(how)
         if self.decode is not None:
-            self.decode.stop(timed_out)
+            self.decode.end(how)
         return 0
 
     cdef str side(self, Leg leg):
@@ -247,7 +247,7 @@ cdef class PDCall(ClientCall):
             if leg is self.prefill and self.head_sent:
                 self.abort_client("prefill failed after decode began streaming")
             else:
-                (self.decode if leg is self.prefill else self.prefill).stop(False)
+                (self.decode if leg is self.prefill else self.prefill).end(LEG_STOP)
             return 0
         if leg is self.prefill:
             if self.logprobs:
@@ -385,7 +385,7 @@ cdef class PDCall(ClientCall):
             self.failed_prefill = failed.worker
         else:
             self.failed_decode = failed.worker
-        self.stop_legs(False)  # the failure is on record already
+        self.end_legs(LEG_STOP)  # the failure is on record already
         _log.debug("PD request %s: %s; retrying with a new pair", self.req.request_id, why)
         self.retry(failed.worker)
         return 0
@@ -393,7 +393,7 @@ cdef class PDCall(ClientCall):
     cdef int report_error(self, Leg leg) except -1:
         cdef str side = self.side(leg)
         detail = b"".join(leg.parts)[:1000].decode("utf-8", "replace")
-        self.stop_legs(False)
+        self.end_legs(LEG_STOP)
         if self.head_sent:
             self.abort_client(f"{side} failed with {leg.status}")
             return 0

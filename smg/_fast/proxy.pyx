@@ -17,7 +17,7 @@ from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.exchange cimport FAIL_CONNECT
 from smg._fast.admission cimport Admission
-from smg._fast.call cimport Leg, retryable_status, failure_status, forwarded_head
+from smg._fast.call cimport Leg, LEG_STOP, retryable_status, failure_status, forwarded_head
 from smg._fast.worker cimport Worker, TYPE_REGULAR
 from smg._fast.routing_text cimport routing_text, invalid_field
 
@@ -167,16 +167,16 @@ cdef class ProxyCall(ClientCall):
         leg.begin()
         return 0
 
-    cdef int stop_legs(self, bint timed_out) except -1:
+    cdef int end_legs(self, int how) except -1:
         if self.relaying is not None:
-            self.relaying.stop(timed_out)
+            self.relaying.end(how)
         return 0
 
     cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
         cdef int status = p.status
         leg.worker.record_outcome(not failure_status(status), monotonic())
         if retryable_status(status) and self.can_retry():
-            leg.stop(False)
+            leg.end(LEG_STOP)
             self.failed_worker = leg.worker
             self.note_error(status, "upstream_error", f"worker answered {status}")
             self.retry(leg.worker)
