@@ -104,7 +104,7 @@ def test_pipelined_bodies_behind_a_pending_response_are_bounded(fake_workers, ga
 
     t = threading.Thread(target=send, daemon=True)
     t.start()
-    # while the stream is pending, the gateway stops reading at a few MB:
+    # while the stream is pending, the gateway stops reading at 128 KB:
     # the client's sends block, the gateway's memory stays flat
     wait_for(lambda: w.stats.generation_requests >= 1, message="the stream started")
     peak = 0

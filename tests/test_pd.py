@@ -33,6 +33,8 @@ def test_both_sides_get_the_same_room_and_the_prefill_address(fake_workers, gate
         assert meta["worker"] == d.name  # the client gets decode's answer
         rooms.add(meta["bootstrap_room"])
     assert len(rooms) == 5
+    # the client's answer is decode's: prefill's may still be under way
+    wait_for(lambda: len(p.stats.bootstrap) == 5, message="prefill got all 5")
     assert p.stats.bootstrap == d.stats.bootstrap
     for b in p.stats.bootstrap:
         assert b["bootstrap_host"] == "127.0.0.1" and b["bootstrap_port"] == 9100
@@ -61,6 +63,7 @@ def test_batch_requests_get_one_room_per_item(fake_workers, gateway):
     b = d.stats.bootstrap[-1]
     assert b["bootstrap_host"] == ["127.0.0.1"] * 3 and b["bootstrap_port"] == [9200] * 3
     assert len(set(b["bootstrap_room"])) == 3
+    wait_for(lambda: len(p.stats.bootstrap) == 1, message="prefill got the request")
     assert p.stats.bootstrap[-1] == b
     assert [item["meta_info"]["bootstrap_room"] for item in r.json()] == b["bootstrap_room"]
 
@@ -205,12 +208,13 @@ def test_discovered_pd_pods_serve_traffic(k8s, pod_workers, gateway):
         assert r.status == 200
     assert [b["bootstrap_port"] for b in dc.stats.bootstrap] == [8998] * 3
     assert all(b["bootstrap_host"] == pf.host for b in dc.stats.bootstrap)
+    wait_for(lambda: len(pf.stats.bootstrap) == 3, message="prefill got all 3")
     assert pf.stats.bootstrap == dc.stats.bootstrap
 
 
 def test_decode_held_for_logprobs_is_bounded(fake_workers, gateway):
     """With return_logprob, decode's stream waits for prefill's logprobs; the
-    gateway holds a few MB of it and stops reading the decode worker until
+    gateway holds 128 KB of it and stops reading the decode worker until
     prefill answers, instead of buffering the whole answer."""
     (p,) = fake_workers(1, role="prefill", response_delay=3.0)
     # each event carries the logprobs of every token so far: ~70 MB in all

@@ -10,6 +10,7 @@ from smg._fast.admission cimport Admission
 
 
 cdef class ClientCall
+cdef class Leg
 
 cdef enum:
     # how a leg ends when its call no longer needs it (Leg.end)
@@ -26,6 +27,7 @@ cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n)
 cdef bint end_stream_with_error(RequestCycle cycle, ResponseParser p, bint wrapped, int status, str code,
                                 str message)
 cdef bytes forwarded_head(Request req, Py_ssize_t body_len)
+cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint decoded)
 
 
 cdef class CallSettings:
@@ -96,6 +98,7 @@ cdef class ClientCall(ResponseSource):
     cdef str error_code
     cdef str error_message
 
+    cdef int setup(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type) except -1
     cdef int start(self) except -1
     cdef int attempt(self) except -1
     cdef int end_legs(self, int how) except -1

@@ -149,20 +149,25 @@ cdef class CallSettings:
         return 0
 
 
-cdef class Leg(Exchange):
+cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint decoded):
+    """A leg of `call` to `worker`, sending head + body; the worker counts it
+    in flight from now."""
+    cdef Leg leg = Leg.__new__(Leg)
+    leg.call = call
+    leg.worker = worker
+    leg.head = head
+    leg.body = body
+    leg.decoded = decoded
+    leg.counted = True
+    leg.finished = False
+    leg.collecting = False
+    leg.status = 0
+    leg.parts = []
+    worker.take_request()
+    return leg
 
-    def __init__(self, ClientCall call, Worker worker, bytes head, object body, bint decoded):
-        self.call = call
-        self.worker = worker
-        self.head = head
-        self.body = body
-        self.decoded = decoded
-        self.counted = True
-        self.finished = False
-        self.collecting = False
-        self.status = 0
-        self.parts = []
-        worker.take_request()
+
+cdef class Leg(Exchange):
 
     cdef int begin(self) except -1:
         self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
@@ -277,7 +282,9 @@ cdef class Leg(Exchange):
 
 cdef class ClientCall(ResponseSource):
 
-    def __init__(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type):
+    cdef int setup(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type) except -1:
+        """What a subclass's constructor sets first (calls are made per
+        request: no Python-level __init__ chain)."""
         self.settings = settings
         self.endpoint_name = endpoint_name
         self.cycle = cycle
@@ -292,6 +299,7 @@ cdef class ClientCall(ResponseSource):
         self.error_status = 503
         self.error_code = "no_available_workers"
         self.error_message = "No available workers"
+        return 0
 
     def start_py(self):
         self.start()

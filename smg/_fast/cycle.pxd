@@ -36,6 +36,9 @@ cdef class RequestCycle:
     cdef int end(self) except -1
 
 
+cdef RequestCycle new_cycle(Connection conn, Request req)
+
+
 cdef class RequestHandler:
     """A route served in Cython (the proxied routes); Python routes use plain callables."""
     cdef int handle(self, RequestCycle cycle) except -1

@@ -26,6 +26,17 @@ cdef class Connection:
         pass
 
 
+cdef RequestCycle new_cycle(Connection conn, Request req):
+    """A cycle for `req` on `conn` (without a Python-level __init__ call:
+    one is made per request)."""
+    cdef RequestCycle cycle = RequestCycle.__new__(RequestCycle)
+    cycle.conn = conn
+    cycle.req = req
+    cycle.flow = conn.flow
+    cycle.done = False
+    return cycle
+
+
 cdef class RequestCycle:
 
     def __init__(self, Connection conn, Request req):

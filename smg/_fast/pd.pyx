@@ -24,7 +24,7 @@ from smg._fast.request cimport Request
 from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
-from smg._fast.call cimport ClientCall, Leg, LEG_STOP, wrap_chunk, retryable_status, failure_status, forwarded_head
+from smg._fast.call cimport ClientCall, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status, forwarded_head
 from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, routing_key
 
 _log = logging.getLogger("smg.pd")
@@ -34,7 +34,7 @@ BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 # With return_logprob, decode's answer waits for prefill's logprobs: at most
 # this many bytes of it are held, then the decode connection is not read
 # until prefill has answered.
-DEF PD_HOLD_BYTES = 4194304
+DEF PD_HOLD_BYTES = 131072
 
 
 cpdef Py_ssize_t batch_size(int endpoint, dict body):
@@ -175,7 +175,7 @@ cdef class PDCall(ClientCall):
 
     def __init__(self, PDHandler handler, RequestCycle cycle, dict obj, WorkerGroup pgroup, WorkerGroup dgroup,
                  str text, bytes key):
-        ClientCall.__init__(self, handler.settings, handler.endpoint_name, cycle, TYPE_DECODE)
+        self.setup(handler.settings, handler.endpoint_name, cycle, TYPE_DECODE)
         self.obj = obj
         self.pgroup = pgroup
         self.dgroup = dgroup
@@ -210,9 +210,9 @@ cdef class PDCall(ClientCall):
         head = forwarded_head(req, PyBytes_GET_SIZE(body))
         start = b"POST " + req.url + b" HTTP/1.1\r\n"
         client_auth = b"authorization: " + req.authorization + b"\r\n" if req.authorization is not None else b""
-        prefill = Leg(self, pw, start + pw.host_header + (pw.auth_header or client_auth) + head, body, True)
-        decode = Leg(self, dw, start + dw.host_header + (dw.auth_header or client_auth) + head, body,
-                     self.logprobs or req.http_minor == 0)
+        prefill = new_leg(self, pw, start + pw.host_header + (pw.auth_header or client_auth) + head, body, True)
+        decode = new_leg(self, dw, start + dw.host_header + (dw.auth_header or client_auth) + head, body,
+                         self.logprobs or req.http_minor == 0)
         self.prefill = prefill
         self.decode = decode
         self.relaying = decode

@@ -17,7 +17,7 @@ from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.exchange cimport FAIL_CONNECT
 from smg._fast.admission cimport Admission
-from smg._fast.call cimport Leg, LEG_STOP, retryable_status, failure_status, forwarded_head
+from smg._fast.call cimport Leg, LEG_STOP, new_leg, retryable_status, failure_status, forwarded_head
 from smg._fast.worker cimport Worker, TYPE_REGULAR
 from smg._fast.routing_text cimport routing_text, invalid_field
 
@@ -123,8 +123,17 @@ cdef class ProxyHandler(ProxiedRoute):
             return 0
         if group.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        self.launch(ProxyCall(self, cycle, group, text, routing_key(cycle.req)))
+        self.launch(new_proxy_call(self, cycle, group, text, routing_key(cycle.req)))
         return 0
+
+
+cdef ProxyCall new_proxy_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key):
+    cdef ProxyCall call = ProxyCall.__new__(ProxyCall)
+    call.setup(handler.settings, handler.endpoint_name, cycle, group.worker_type)
+    call.group = group
+    call.text = text
+    call.key = key
+    return call
 
 
 cdef class ProxyCall(ClientCall):
@@ -137,12 +146,6 @@ cdef class ProxyCall(ClientCall):
     cdef bytes head_start
     cdef bytes head_common
     cdef bytes client_auth
-
-    def __init__(self, ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key):
-        ClientCall.__init__(self, handler.settings, handler.endpoint_name, cycle, group.worker_type)
-        self.group = group
-        self.text = text
-        self.key = key
 
     cdef int start(self) except -1:
         cdef Request req = self.req
@@ -161,8 +164,8 @@ cdef class ProxyCall(ClientCall):
         self.attempts += 1
         auth = w.auth_header if w.auth_header is not None else self.client_auth
         # an HTTP/1.0 client cannot take chunked bodies: relay the payload only
-        leg = Leg(self, w, self.head_start + w.host_header + auth + self.head_common, self.req.body,
-                  self.req.http_minor == 0)
+        leg = new_leg(self, w, self.head_start + w.host_header + auth + self.head_common, self.req.body,
+                      self.req.http_minor == 0)
         self.relaying = leg
         leg.begin()
         return 0

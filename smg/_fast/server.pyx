@@ -18,7 +18,7 @@ from smg._fast.clock cimport monotonic
 from smg._fast.flow cimport FlowControl, ResponseSource
 from smg._fast.request cimport Request, make_request_id
 from smg._fast.routes cimport Route, AUTH_NONE, AUTH_DATA, error_body
-from smg._fast.cycle cimport Connection, RequestCycle, RequestHandler
+from smg._fast.cycle cimport Connection, RequestCycle, RequestHandler, new_cycle
 
 from smg._fast.routes import Response
 
@@ -26,7 +26,7 @@ _log = logging.getLogger("smg.server")
 
 # While a response is pending, a connection's pipelined requests may hold at
 # most this many body bytes before the gateway stops reading it.
-DEF PIPELINE_BUFFER_BYTES = 4194304
+DEF PIPELINE_BUFFER_BYTES = 131072
 # After answering a request whose body it will not read, the gateway
 # half-closes and drops input until the client closes, at most this long:
 # closing with unread input would reset the connection, and the client
@@ -408,7 +408,7 @@ cdef class ClientConnection(Connection):
         """`req`'s turn: answer it, turning an unexpected error into a 500
         (or, once the response has begun, a closed connection) instead of a
         stuck client."""
-        cdef RequestCycle cycle = RequestCycle(self, req)
+        cdef RequestCycle cycle = new_cycle(self, req)
         self.active = cycle
         try:
             self.serve(cycle)
@@ -528,7 +528,7 @@ cdef class ClientConnection(Connection):
         req.refusal = None
         self.close_after = True
         self.error_status = 0
-        cycle = RequestCycle(self, req)
+        cycle = new_cycle(self, req)
         self.active = cycle
         cycle.respond_error(status, code, message)
         return 0
