@@ -233,3 +233,28 @@ def test_bootstrap_splicing(obj, host, port, trailing, endpoint):
     else:
         assert out["bootstrap_host"] == [host] * batch and out["bootstrap_port"] == [port] * batch
         assert len(out["bootstrap_room"]) == batch
+
+
+@pytest.mark.parametrize("pd", [False, True])
+def test_a_finished_call_is_freed_without_the_garbage_collector(pd):
+    """A call and its legs reference each other while the call runs; when it
+    ends, the references are dropped, so reference counting frees them and
+    nothing waits for a cyclic garbage collection (which would hold the
+    memory of every call made since the last one)."""
+    import gc
+
+    core, loop = make_core(pd)
+    gc.collect()
+    gc.disable()
+    try:
+        conn = core.protocol_factory()
+        t = FakeTransport()
+        conn.connection_made(t)
+        for _ in range(20):
+            conn.data_received(request_bytes(b"POST /generate HTTP/1.1\r\n", [], b'{"text": "hi"}'))
+        assert bytes(t.out).count(b"HTTP/1.1 5") == 20  # 502s, then 503s once the breaker opens
+        alive = [o for o in gc.get_objects() if type(o).__name__ in ("ProxyCall", "PDCall", "Leg", "RequestCycle")]
+        assert alive == []
+    finally:
+        gc.enable()
+        loop.close()

@@ -201,8 +201,11 @@ cdef class Leg(Exchange):
         self.stop(-1)
 
     cdef int stop(self, int outcome) except -1:
-        """Abandon this leg now; `outcome` goes to the worker (see release)."""
+        """Abandon this leg now; `outcome` goes to the worker (see release).
+        A finished leg lets go of its call: the call keeps its legs, and a
+        cycle between them would wait for the garbage collector."""
         self.finished = True
+        self.call = None
         if self.finish_timer is not None:
             self.finish_timer.cancel()
             self.finish_timer = None
@@ -244,40 +247,45 @@ cdef class Leg(Exchange):
 
     cdef int upstream_response(self, object conn, ResponseParser p, bytes data, Py_ssize_t off,
                                Py_ssize_t n) except -1:
+        cdef ClientCall call = self.call
         self.status = p.status
         if not self.finished:
-            self.call.leg_head(self, p, data, off, n)
+            call.leg_head(self, p, data, off, n)
         return 0
 
     cdef int upstream_body(self, object conn, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        cdef ClientCall call = self.call
         if self.collecting:
             self.parts.append(data[off:off + n])
         elif not self.finished:
-            self.call.leg_body(self, data, off, n)
+            call.leg_body(self, data, off, n)
         return 0
 
     cdef int upstream_done(self, object conn) except -1:
+        cdef ClientCall call = self.call
         self.up = None
         if self.finished:
             return 0
         self.stop(-1)
-        self.call.leg_done(self)
+        call.leg_done(self)
         return 0
 
     cdef int upstream_failed(self, object c, object exc, int stage) except -1:
+        cdef ClientCall call = self.call
         self.up = None
         self.waiter = None
         if self.finished:
             return 0
         self.stop(0)
-        self.call.leg_failed(self, exc, stage)
+        call.leg_failed(self, exc, stage)
         return 0
 
     cdef int upstream_stale(self, object c) except -1:
+        cdef ClientCall call = self.call
         self.up = None
         if self.finished:
             return 0
-        return self.call.resend(self, c)
+        return call.resend(self, c)
 
 
 cdef class ClientCall(ResponseSource):
