@@ -32,7 +32,7 @@ from smg._fast.policies import (
     RoundRobinPolicy,
     Router,
 )
-from smg._fast.call import CallSettings
+from smg._fast.call import CallSettings, stop_overdue_legs
 from smg._fast.proxy import ProxyHandler
 from smg._fast.routing_text import ENDPOINTS
 from smg._fast.admission import Admission
@@ -154,6 +154,7 @@ class DataPlane:
 
     def tick(self, now: float) -> None:
         self.core.tick(now)
+        stop_overdue_legs(now)
         if now - self._last_slow_tick >= 1.0:
             self._last_slow_tick = now
             self.core.date_header = date_header()

@@ -263,3 +263,20 @@ def test_worker_connections_are_reused_across_pd_requests(fake_workers, gateway)
     wait_for(lambda: p.stats.in_flight == 0, message="prefill idle")
     assert p.stats.connections <= 4, p.stats.connections
     assert d.stats.connections <= 4, d.stats.connections
+
+
+def test_a_prefill_answer_nobody_needs_is_read_until_the_deadline_at_most(fake_workers, gateway):
+    """Decode's answer has ended, prefill's goes on: the gateway keeps
+    reading (and dropping) it to reuse the connection, but stops at the
+    request's deadline; an answer that never ends holds nothing after it."""
+    (p,) = fake_workers(1, role="prefill", stream_chunks=1000, stream_interval=0.05)
+    (d,) = fake_workers(1, role="decode", stream_chunks=2)
+    g = pd_gateway(gateway, [p], [d], "--request-timeout-secs", "2")
+    t0 = time.monotonic()
+    r = g.post("/generate", {"text": "x", "stream": True})
+    assert r.status == 200 and b"data: [DONE]" in r.body
+    loads = lambda: {w["url"]: w["load"] for w in g.workers()}
+    assert loads()[p.url] == 1  # prefill still streams (50 s in all)
+    wait_for(lambda: loads()[p.url] == 0, timeout=10, message="the prefill leg stopped")
+    assert time.monotonic() - t0 >= 1.8
+    wait_for(lambda: p.stats.in_flight == 0, message="the prefill worker saw the connection close")

@@ -66,7 +66,7 @@ cdef class Leg(Exchange):
     cdef bint collecting                 # keep the body (in parts) instead of reporting it
     cdef int status
     cdef list parts
-    cdef object finish_timer             # LEG_FINISH: the deadline
+    cdef double finish_by                # LEG_FINISH: stopped if still running then
 
     cdef int begin(self) except -1
     cdef int release(self, int outcome) except -1

@@ -149,6 +149,28 @@ cdef class CallSettings:
         return 0
 
 
+# legs left to finish an answer their call no longer needs (Leg.end)
+cdef list _finishing = []
+
+
+def stop_overdue_legs(double now):
+    """Stop the legs left to finish whose deadline has passed (the data
+    plane's periodic tick); forget the ones that have finished."""
+    global _finishing
+    cdef Leg leg
+    cdef list keep = []
+    if not _finishing:
+        return
+    for leg in _finishing:
+        if leg.finished:
+            continue
+        if now >= leg.finish_by:
+            leg.stop(-1)
+        else:
+            keep.append(leg)
+    _finishing = keep
+
+
 cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint decoded):
     """A leg of `call` to `worker`, sending head + body; the worker counts it
     in flight from now."""
@@ -163,6 +185,7 @@ cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint d
     leg.collecting = False
     leg.status = 0
     leg.parts = []
+    leg.finish_by = 0
     worker.take_request()
     return leg
 
@@ -182,7 +205,6 @@ cdef class Leg(Exchange):
 
     cdef int end(self, int how) except -1:
         """The call no longer needs this leg (see LEG_FINISH and the others)."""
-        cdef double left
         if self.finished:
             return 0
         if how == LEG_FINISH and self.up is not None:
@@ -190,15 +212,11 @@ cdef class Leg(Exchange):
             # rest of its answer costs less than a new connection
             self.collecting = False
             self.parts = []
-            if self.finish_timer is None:
-                left = self.call.deadline - monotonic()
-                self.finish_timer = self.call.settings.loop.call_later(left if left > 0 else 0, self.give_up)
+            if self.finish_by == 0:
+                self.finish_by = self.call.deadline
+                _finishing.append(self)
             return 0
         return self.stop(0 if how == LEG_TIMED_OUT and self.status == 0 else -1)
-
-    def give_up(self):
-        self.finish_timer = None
-        self.stop(-1)
 
     cdef int stop(self, int outcome) except -1:
         """Abandon this leg now; `outcome` goes to the worker (see release).
@@ -206,9 +224,8 @@ cdef class Leg(Exchange):
         cycle between them would wait for the garbage collector."""
         self.finished = True
         self.call = None
-        if self.finish_timer is not None:
-            self.finish_timer.cancel()
-            self.finish_timer = None
+        self.head = None
+        self.body = None
         if self.up is not None:
             self.up.discard()
             self.up = None
