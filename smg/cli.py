@@ -14,6 +14,12 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 from smg.config import POLICIES, Config, PrefillSpec
+from smg.reference_flags import all_groups
+
+# the reference's policies that smg does not have yet (accepted by the
+# parser so that the error names them, instead of an argparse choice error)
+REFERENCE_POLICIES = ("passthrough", "least_load", "manual", "prefix_hash")
+PREFILL_ONLY_POLICIES = ("bucket",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.upstream_pool_idle_timeout_secs, help="close idle worker connections after this long")
 
     w = p.add_argument_group("workers")
-    w.add_argument("--worker-urls", nargs="*", default=[], metavar="URL")
+    w.add_argument("--worker-urls", nargs="*", action="extend", default=[], metavar="URL",
+                   help="workers to register at start-up (repeatable; values accumulate)")
     w.add_argument("--worker-startup-timeout-secs", type=_positive_float, default=d.worker_startup_timeout_secs)
     w.add_argument("--worker-startup-check-interval", type=_positive_float, default=d.worker_startup_check_interval)
     w.add_argument("--worker-connect-timeout-secs", type=_positive_float, default=d.worker_connect_timeout_secs,
@@ -110,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait for a removed worker's in-flight requests")
 
     r = p.add_argument_group("routing")
-    r.add_argument("--policy", choices=POLICIES, default=d.policy)
-    r.add_argument("--prefill-policy", choices=POLICIES, default=None)
-    r.add_argument("--decode-policy", choices=POLICIES, default=None)
-    r.add_argument("--cache-threshold", type=_non_negative_float, default=d.cache_threshold)
-    r.add_argument("--balance-abs-threshold", type=_non_negative_int, default=d.balance_abs_threshold)
-    r.add_argument("--balance-rel-threshold", type=_non_negative_float, default=d.balance_rel_threshold)
+    r.add_argument("--policy", choices=POLICIES + REFERENCE_POLICIES, default=d.policy, metavar="POLICY",
+                   help=f"one of {', '.join(POLICIES)}")
+    r.add_argument("--prefill-policy", choices=POLICIES + REFERENCE_POLICIES + PREFILL_ONLY_POLICIES, default=None,
+                   metavar="POLICY", help="the prefill workers' policy in PD mode (default: --policy)")
+    r.add_argument("--decode-policy", choices=POLICIES + REFERENCE_POLICIES, default=None, metavar="POLICY",
+                   help="the decode workers' policy in PD mode (default: --policy)")
+    r.add_argument("--cache-threshold", "--cache-match-threshold", type=_non_negative_float, default=d.cache_threshold)
+    r.add_argument("--balance-abs-threshold", "--spill-abs-threshold", type=_non_negative_int, default=d.balance_abs_threshold)
+    r.add_argument("--balance-rel-threshold", "--spill-rel-threshold", type=_non_negative_float, default=d.balance_rel_threshold)
     r.add_argument("--eviction-interval-secs", type=_positive_float, default=d.eviction_interval_secs)
     r.add_argument("--max-tree-size", type=_positive_int, default=d.max_tree_size)
 
@@ -126,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = p.add_argument_group("Kubernetes service discovery")
     k.add_argument("--service-discovery", action="store_true")
-    k.add_argument("--selector", nargs="+", default=[], metavar="SELECTOR")
+    k.add_argument("--selector", nargs="+", action="extend", default=[], metavar="SELECTOR")
     k.add_argument("--service-discovery-namespace", default=None)
     k.add_argument("--service-discovery-port", type=_port, default=d.service_discovery_port)
-    k.add_argument("--prefill-selector", nargs="+", default=[], metavar="SELECTOR")
-    k.add_argument("--decode-selector", nargs="+", default=[], metavar="SELECTOR")
+    k.add_argument("--prefill-selector", nargs="+", action="extend", default=[], metavar="SELECTOR")
+    k.add_argument("--decode-selector", nargs="+", action="extend", default=[], metavar="SELECTOR")
     k.add_argument("--model-id-from", default=None, metavar="namespace|label:KEY|annotation:KEY")
     k.add_argument("--bootstrap-port-annotation", default=d.bootstrap_port_annotation)
     k.add_argument("--worker-ports-annotation", default=d.worker_ports_annotation)
@@ -142,7 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--health-success-threshold", type=_positive_int, default=d.health_success_threshold)
     h.add_argument("--health-check-endpoint", default=d.health_check_endpoint)
     h.add_argument("--disable-health-check", action="store_true")
-    h.add_argument("--remove-unhealthy-workers", action="store_true")
+    recovery = h.add_mutually_exclusive_group()
+    recovery.add_argument("--remove-unhealthy-workers", "--worker-auto-recovery", dest="remove_unhealthy_workers",
+                          action="store_const", const=True, default=None,
+                          help="remove workers that keep failing health checks (default: on with "
+                               "--service-discovery, which registers them again when they recover; off otherwise)")
+    recovery.add_argument("--no-remove-unhealthy-workers", "--no-worker-auto-recovery",
+                          dest="remove_unhealthy_workers", action="store_const", const=False)
 
     c = p.add_argument_group("circuit breaker")
     c.add_argument("--cb-failure-threshold", type=_positive_int, default=d.cb_failure_threshold)
@@ -165,7 +181,57 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--log-level", choices=("debug", "info", "warn", "warning", "error"), default=d.log_level)
     o.add_argument("--log-json", action="store_true")
     o.add_argument("--log-dir", default=None)
+    _add_reference_flags(p)
     return p
+
+
+def _flag_dest(name: str) -> str:
+    return "ref_" + name.lstrip("-").replace("-", "_")
+
+
+def _add_reference_flags(p: argparse.ArgumentParser) -> None:
+    """The reference's flags smg does not implement: parsed with the
+    reference's arity, then refused (or accepted as no-ops) by
+    check_reference_flags."""
+    listed = {"not supported yet": p.add_argument_group("reference flags not supported yet (exit 2)"),
+              "no effect": p.add_argument_group("reference flags accepted with no effect")}
+    for kind, group in all_groups():
+        target = listed.get(kind, p)
+        for names, nargs in group.flags:
+            if kind == "not supported":
+                help_text = argparse.SUPPRESS
+            elif kind == "no effect":
+                help_text = f"no effect: {group.feature}"
+            else:
+                help_text = f"not supported yet: {group.feature}"
+            kwargs = {"dest": _flag_dest(names[0]), "default": None, "help": help_text}
+            if nargs == 0:
+                target.add_argument(*names, action="store_const", const=True, **kwargs)
+            elif nargs == 1:
+                target.add_argument(*names, action="append", **kwargs)
+            else:
+                target.add_argument(*names, nargs=nargs, action="extend", **kwargs)
+
+
+def check_reference_flags(values: dict) -> list[str]:
+    """Pop the reference-only flags from `values`; raise ValueError naming
+    the first one given whose feature smg lacks; return the notices for the
+    accepted no-op flags."""
+    notices = []
+    for kind, group in all_groups():
+        for names, _ in group.flags:
+            given = values.pop(_flag_dest(names[0]), None)
+            if given is None:
+                continue
+            if kind == "no effect":
+                allowed = (group.accepted or {}).get(names[0])
+                bad = [v for v in (given if isinstance(given, list) else []) if allowed and v not in allowed]
+                if not bad:
+                    notices.append(f"{names[0]} has no effect: {group.feature}")
+                    continue
+                raise ValueError(f"{names[0]} {bad[0]}: not supported (smg accepts {', '.join(allowed)})")
+            raise ValueError(f"{names[0]}: {kind}: {group.feature}")
+    return notices
 
 
 def _parse_prefill(items: list[list[str]]) -> list[PrefillSpec]:
@@ -188,10 +254,14 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
     args = parser.parse_args(argv)
     values = vars(args)
     try:
+        notices = check_reference_flags(values)
         values["prefill"] = _parse_prefill(values["prefill"])
         if values["log_level"] == "warning":
             values["log_level"] = "warn"
+        if values["remove_unhealthy_workers"] is None:
+            values["remove_unhealthy_workers"] = values["service_discovery"]
         cfg = Config(**values)
+        cfg.startup_notices = notices
         validate(cfg)
     except ValueError as e:
         parser.error(str(e))
@@ -201,6 +271,12 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
 def validate(cfg: Config) -> None:
     """Checks that need more than one flag, or the worker modules."""
     from smg._fast.worker import split_url
+
+    for flag, policy in (("--policy", cfg.policy), ("--prefill-policy", cfg.prefill_policy),
+                         ("--decode-policy", cfg.decode_policy)):
+        if policy in REFERENCE_POLICIES + PREFILL_ONLY_POLICIES:
+            raise ValueError(f"{flag} {policy}: the {policy} policy is not supported yet by smg "
+                             f"(smg has {', '.join(POLICIES)})")
 
     for url in cfg.worker_urls + cfg.decode + [p.url for p in cfg.prefill]:
         split_url(url)

@@ -98,6 +98,9 @@ class Config:
     log_json: bool = False
     log_dir: Optional[str] = None
 
+    # lines logged at start-up about reference flags accepted with no effect
+    startup_notices: list[str] = dataclasses.field(default_factory=list)
+
     @property
     def max_attempts(self) -> int:
         return 1 if self.disable_retries else max(1, self.retry_max_retries)

@@ -370,6 +370,8 @@ def raise_fd_limit() -> None:
 
 def run(cfg: Config) -> int:
     logs.setup(cfg.log_level, cfg.log_json, cfg.log_dir)
+    for notice in cfg.startup_notices:
+        log.info("%s", notice)
     raise_fd_limit()
     if cfg.service_discovery:
         from kubernetes.config import ConfigException

@@ -98,3 +98,94 @@ def test_launch_subcommand_spelling(fake_workers):
         g.wait_live()
         g.wait_ready_workers(1)
         assert request(g.port, "POST", "/generate", {"text": "hi"}).status == 200
+
+
+# --- the reference's whole flag list -------------------------------------------
+
+import os  # noqa: E402
+
+from smg.cli import build_parser  # noqa: E402
+from smg.reference_flags import all_groups  # noqa: E402
+
+REFERENCE_FLAGS = [line.strip() for line in open(os.path.join(os.path.dirname(__file__), "data",
+                                                               "reference_flags.txt"))
+                   if line.startswith("--")]
+REGISTRY = [(kind, group, names, nargs) for kind, group in all_groups() for names, nargs in group.flags]
+
+
+def test_every_reference_flag_parses():
+    """A launch line written for the reference never fails with
+    'unrecognized arguments': every option of its `smg launch --help`
+    (aliases included) is an option here."""
+    known = set(build_parser()._option_string_actions)
+    assert len(REFERENCE_FLAGS) > 200
+    assert [f for f in REFERENCE_FLAGS if f not in known] == []
+
+
+def _argv(flag, nargs, value="some-value"):
+    return [flag] if nargs == 0 else [flag, value]
+
+
+@pytest.mark.parametrize("kind, group, names, nargs",
+                         [r for r in REGISTRY if r[0] != "no effect"], ids=lambda r: str(r) if isinstance(r, str) else "")
+def test_a_reference_feature_smg_lacks_exits_2_naming_flag_and_feature(kind, group, names, nargs, capsys):
+    for flag in names:
+        with pytest.raises(SystemExit) as e:
+            # a flag after it is not swallowed: the error is about this one
+            config_from_args(_argv(flag, nargs) + ["--worker-urls", "http://127.0.0.1:8000"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"smg: error: {names[0]}: {kind}: {group.feature}", err
+
+
+@pytest.mark.parametrize("kind, group, names, nargs", [r for r in REGISTRY if r[0] == "no effect"])
+def test_reference_flags_for_machinery_smg_lacks_are_accepted_and_noted(kind, group, names, nargs):
+    value = (group.accepted or {}).get(names[0], ("some-value",))[0]
+    cfg = config_from_args(_argv(names[0], nargs, value))
+    assert cfg.startup_notices == [f"{names[0]} has no effect: {group.feature}"]
+
+
+def test_a_no_effect_flag_with_a_value_smg_cannot_honour_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        config_from_args(["--backend", "openai"])
+    assert e.value.code == 2
+    assert "--backend openai: not supported (smg accepts sglang, vllm)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, policy", [("--policy", "least_load"), ("--policy", "manual"),
+                                          ("--decode-policy", "prefix_hash"), ("--prefill-policy", "bucket")])
+def test_reference_policies_smg_lacks_exit_2_naming_them(flag, policy, capsys):
+    with pytest.raises(SystemExit) as e:
+        config_from_args([flag, policy])
+    assert e.value.code == 2
+    assert f"{flag} {policy}: the {policy} policy is not supported yet" in capsys.readouterr().err
+
+
+def test_list_flags_accumulate_when_repeated():
+    cfg = config_from_args(["--worker-urls", "http://a:1", "--worker-urls", "http://b:1", "http://c:1"])
+    assert cfg.worker_urls == ["http://a:1", "http://b:1", "http://c:1"]
+    cfg = config_from_args(["--service-discovery", "--selector", "app=x", "--selector", "tier=gpu"])
+    assert cfg.selector == ["app=x", "tier=gpu"]
+    cfg = config_from_args(["--service-discovery", "--pd-disaggregation", "--prefill-selector", "app=x",
+                            "--prefill-selector", "role=prefill", "--decode-selector", "app=x",
+                            "--decode-selector", "role=decode"])
+    assert cfg.prefill_selector == ["app=x", "role=prefill"] and cfg.decode_selector == ["app=x", "role=decode"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], False),
+    (["--service-discovery", "--selector", "a=b"], True),
+    (["--service-discovery", "--selector", "a=b", "--no-remove-unhealthy-workers"], False),
+    (["--service-discovery", "--selector", "a=b", "--no-worker-auto-recovery"], False),
+    (["--remove-unhealthy-workers"], True),
+    (["--worker-auto-recovery"], True),
+])
+def test_removing_unhealthy_workers_defaults_to_discovery(args, expected):
+    assert config_from_args(args).remove_unhealthy_workers is expected
+
+
+def test_no_effect_flags_are_logged_at_start_up(fake_workers, gateway):
+    (w,) = fake_workers(1)
+    g = gateway(["--worker-urls", w.url, "--disable-tokenizer-autoload", "--backend", "sglang"], wait_workers=1)
+    assert "--disable-tokenizer-autoload has no effect: smg never loads a tokenizer" in g.logs()
+    assert "--backend has no effect" in g.logs()

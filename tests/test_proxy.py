@@ -177,6 +177,10 @@ def test_api_key(fake_workers, gateway):
     assert g.get("/health").status == 200 and g.get("/liveness").status == 200
     assert g.get("/workers").status == 401
     assert g.get("/workers", headers={"authorization": "Bearer sekret"}).status == 200
+    # the scheme is case-insensitive (RFC 9110), as on the reference; other schemes are not a bearer token
+    for scheme, status in (("bearer", 200), ("BEARER", 200), ("Basic", 401), ("Bearersekret", 401)):
+        auth = f"{scheme} sekret" if scheme != "Bearersekret" else scheme
+        assert g.post("/generate", {"text": "hi"}, headers={"authorization": auth}).status == status, scheme
 
 
 def test_pipelined_requests_answered_in_order(fake_workers, gateway):

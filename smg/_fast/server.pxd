@@ -17,7 +17,7 @@ cdef class ServerCore:
     cdef public int max_pipeline
     cdef public double header_timeout
     cdef public double idle_timeout
-    cdef public bytes api_key            # b"Bearer <key>" or None
+    cdef public bytes api_key            # the serving key (--api-key) or None
     cdef public bytes admin_api_key
     cdef public set connections
     cdef public bytes date_header

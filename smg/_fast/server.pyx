@@ -53,9 +53,9 @@ cdef class ServerCore:
         self.max_pipeline = max_pipeline
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
-        self.api_key = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = api_key.encode() if api_key else None
         admin = admin_api_key or api_key
-        self.admin_api_key = f"Bearer {admin}".encode() if admin else None
+        self.admin_api_key = admin.encode() if admin else None
         self.connections = set()
         self.date_header = b""
         self.shutting_down = False
@@ -122,7 +122,7 @@ cdef class ServerCore:
                     b"application/json",
                     b"x-smg-error-code: invalid_api_key\r\nwww-authenticate: Bearer realm=\"data-plane\"\r\n",
                     "invalid_api_key")
-            elif not hmac.compare_digest(req.authorization, expected):
+            elif not hmac.compare_digest(bearer_token(req.authorization), expected):
                 req.refusal = (401, orjson.dumps({"error": {
                     "message": "Invalid API key", "type": "invalid_request_error", "param": None,
                     "code": "invalid_api_key"}}),
@@ -181,6 +181,14 @@ cdef class ServerCore:
             if conn.active is not None:
                 n += 1
         return n
+
+
+cdef bytes bearer_token(bytes authorization):
+    """The token of `Authorization: Bearer <token>` (the scheme in any case,
+    as HTTP defines it), or b"" for any other form."""
+    if len(authorization) > 7 and authorization[:7].lower() == b"bearer ":
+        return authorization[7:].strip()
+    return b""
 
 
 def _last_activity(ClientConnection conn):
