@@ -6,9 +6,10 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
+import orjson
+
 from smg._fast.routes import Response, json_response
 from smg._fast.worker import DECODE, PREFILL, REGULAR
-from smg.handlers import decode_json_body
 from smg.workers import WORKER_TYPES, DuplicateWorker
 
 if TYPE_CHECKING:
@@ -81,9 +82,12 @@ class AdminRoutes:
         return self._with_host_loads(lambda: json_response(self.registry.info(w)))
 
     def add_worker(self, req) -> Response:
-        body, err = decode_json_body(req)
-        if err is not None:
-            return err
+        try:
+            body = orjson.loads(req.body) if req.body else None
+        except orjson.JSONDecodeError as e:
+            return _admin_error(400, "BAD_REQUEST", f"Invalid JSON body: {e}")
+        if not isinstance(body, dict):
+            return _admin_error(400, "BAD_REQUEST", "The request body must be a JSON object")
         url = body.get("url")
         if not isinstance(url, str) or not url:
             return _admin_error(400, "BAD_REQUEST", "Missing required field 'url'")

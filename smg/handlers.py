@@ -130,6 +130,8 @@ class GatewayRoutes:
                         else f"Flushed cache on {flushed} of {len(workers)} workers"),
             "workers_flushed": flushed,
             "total_http_workers": len(workers),
+            "total_grpc_workers": 0,
+            "total_zmq_workers_skipped": 0,
             "total_workers": len(workers),
             "failed_workers": failed,
         }
@@ -153,14 +155,3 @@ class GatewayRoutes:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat()
         return json_response({"timestamp": now, "version": f"smg-{__version__}", "dp_rank_count": len(loads),
                               "loads": loads})
-
-
-def decode_json_body(req) -> tuple[Optional[dict], Optional[Response]]:
-    """The request body as a JSON object, or an error response."""
-    try:
-        body = orjson.loads(req.body) if req.body else None
-    except orjson.JSONDecodeError as e:
-        return None, error_response(400, "json_parse_error", f"Failed to parse the request body as JSON: {e}")
-    if not isinstance(body, dict):
-        return None, error_response(400, "invalid_request", "The request body must be a JSON object")
-    return body, None

@@ -105,12 +105,12 @@ def test_thousands_of_idle_and_abandoned_connections(fake_workers, gateway):
     (b'"a string"', "invalid_request"),
     (b"[" * 2000 + b"]" * 2000, "json_parse_error"),
     (b'{"text": ' + b'{"a":' * 1500 + b"1" + b"}" * 1500 + b"}", "json_parse_error"),
-    (b'{"text": 5}', "invalid_request"),
-    (b'{"text": ["a", 5]}', "invalid_request"),
-    (b'{"text": "x", "stream": "yes"}', "invalid_request"),
-    (b'{"input_ids": [[1, "a"]]}', "invalid_request"),
+    (b'{"text": 5}', "invalid_type"),
+    (b'{"text": ["a", 5]}', "invalid_type"),
+    (b'{"text": "x", "stream": "yes"}', "invalid_type"),
+    (b'{"input_ids": [[1, "a"]]}', "invalid_type"),
     (b'{"text": "\xff\xfe invalid utf-8"}', "json_parse_error"),
-    (b'{"model": 7, "text": "x"}', "invalid_request"),
+    (b'{"model": 7, "text": "x"}', "invalid_type"),
     (b"", "json_parse_error"),
 ])
 def test_wrong_json_bodies_get_4xx_in_the_smg_shape(fake_workers, gateway, body, code):
@@ -122,19 +122,22 @@ def test_wrong_json_bodies_get_4xx_in_the_smg_shape(fake_workers, gateway, body,
     assert w.stats.generation_requests == 0
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", {"messages": "hi"}),
-    ("/v1/chat/completions", {"messages": [1, 2]}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}),
-    ("/v1/completions", {"model": "m"}),
-    ("/v1/embeddings", {"input": 3}),
-    ("/v1/rerank", {"query": ["q"], "documents": []}),
+@pytest.mark.parametrize("path, body, code, param", [
+    ("/v1/chat/completions", {"messages": "hi"}, "invalid_type", "messages"),
+    ("/v1/chat/completions", {"messages": [1, 2]}, "invalid_type", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "invalid_type", "messages"),
+    ("/v1/chat/completions", {"model": "m"}, "missing_required_parameter", "messages"),
+    ("/v1/completions", {"model": "m"}, "missing_required_parameter", "prompt"),
+    ("/v1/embeddings", {"input": 3}, "invalid_type", "input"),
+    ("/v1/rerank", {"query": ["q"], "documents": []}, "invalid_type", "query"),
 ])
-def test_wrong_types_on_other_routes(fake_workers, gateway, path, body):
+def test_wrong_types_on_other_routes(fake_workers, gateway, path, body, code, param):
+    """OpenAI's codes, with the parameter named (as the reference does)."""
     (w,) = fake_workers(1)
     g = gateway(["--worker-urls", w.url], wait_workers=1)
     r = g.post(path, body)
-    assert r.status == 400 and r.json()["error"]["code"] == "invalid_request"
+    err = r.json()["error"]
+    assert r.status == 400 and (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error")
 
 
 # --- overload ---------------------------------------------------------------

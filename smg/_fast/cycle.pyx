@@ -77,8 +77,8 @@ cdef class RequestCycle:
             self.conn.transport.write(b"".join(parts))
         self.finish(status, error_code)
 
-    cpdef respond_error(self, int status, str code, str message, str error_type=None):
-        self.respond(status, error_body(status, code, message, error_type), b"application/json",
+    cpdef respond_error(self, int status, str code, str message, str error_type=None, str param=None):
+        self.respond(status, error_body(status, code, message, error_type, param), b"application/json",
                      b"x-smg-error-code: " + code.encode() + b"\r\n", code)
 
     cpdef finish(self, int status, str error_code=None):

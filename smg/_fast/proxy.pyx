@@ -70,13 +70,14 @@ cdef object parse_body(RequestCycle cycle, int endpoint):
     if type(obj) is not dict:
         cycle.respond_error(400, "invalid_request", "The request body must be a JSON object")
         return None
+    cdef tuple why
     model = (<dict>obj).get("model")
     if model is not None and type(model) is not str:
-        cycle.respond_error(400, "invalid_request", "'model' must be a string")
+        cycle.respond_error(400, "invalid_type", "'model' must be a string", None, "model")
         return None
     why = invalid_field(endpoint, <dict>obj)
     if why is not None:
-        cycle.respond_error(400, "invalid_request", why)
+        cycle.respond_error(400, why[0], why[2], None, why[1])
         return None
     return obj
 

@@ -32,4 +32,4 @@ cdef class Route:
 
 
 cdef bytes status_line(int status)
-cpdef bytes error_body(int status, str code, str message, str error_type=*)
+cpdef bytes error_body(int status, str code, str message, str error_type=*, str param=*)

@@ -29,11 +29,11 @@ cdef bytes status_line(int status):
     return <bytes>line
 
 
-cpdef bytes error_body(int status, str code, str message, str error_type=None):
+cpdef bytes error_body(int status, str code, str message, str error_type=None, str param=None):
     """The SMG error shape: {"error": {"type", "code", "message", "param"}}."""
     if error_type is None:
         error_type = "server_error" if status >= 500 else "invalid_request_error"
-    return orjson.dumps({"error": {"type": error_type, "code": code, "message": message, "param": None}})
+    return orjson.dumps({"error": {"type": error_type, "code": code, "message": message, "param": param}})
 
 
 class Response:

@@ -7,4 +7,4 @@ cdef enum:
     EP_CLASSIFY = 5
 
 cpdef str routing_text(int endpoint, dict body)
-cpdef str invalid_field(int endpoint, dict body)
+cpdef tuple invalid_field(int endpoint, dict body)

@@ -129,24 +129,73 @@ cdef inline bint _is_int_list(object v):
     return True
 
 
-cpdef str invalid_field(int endpoint, dict body):
-    """Why the body's fields the gateway relies on have the wrong type, or
-    None. Only shapes are checked; the worker validates the rest."""
+cdef tuple _missing(str param):
+    return ("missing_required_parameter", param, f"'{param}' is required")
+
+
+cdef tuple _wrong(str param, str what):
+    return ("invalid_type", param, f"'{param}' must be {what}")
+
+
+cpdef tuple invalid_field(int endpoint, dict body):
+    """(error code, parameter, message) when a field the gateway relies on is
+    missing or of the wrong type, else None; the codes are OpenAI's
+    (missing_required_parameter, invalid_type). Only shapes are checked;
+    the worker validates the rest."""
     v = body.get("stream")
     if v is not None and type(v) is not bool:
-        return "'stream' must be a boolean"
+        return _wrong("stream", "a boolean")
     if endpoint == EP_GENERATE:
         text = body.get("text")
         if text is not None and type(text) is not str and not _is_str_list(text):
-            return "'text' must be a string or a list of strings"
+            return _wrong("text", "a string or a list of strings")
         ids = body.get("input_ids")
         if ids is not None and not _is_int_list(ids):
             if type(ids) is not list:
-                return "'input_ids' must be a list of integers or a list of such lists"
+                return _wrong("input_ids", "a list of integers or a list of such lists")
             for x in <list>ids:
                 if not _is_int_list(x):
-                    return "'input_ids' must be a list of integers or a list of such lists"
+                    return _wrong("input_ids", "a list of integers or a list of such lists")
         return None
+    if endpoint == EP_CHAT:
+        msgs = body.get("messages")
+        if msgs is None:
+            return _missing("messages")
+        if type(msgs) is not list:
+            return _wrong("messages", "a list of message objects")
+        for m in <list>msgs:
+            if type(m) is not dict:
+                return _wrong("messages", "a list of message objects")
+            content = (<dict>m).get("content")
+            if content is not None and type(content) is not str and type(content) is not list:
+                return _wrong("messages", "a list of messages whose 'content' is a string or a list of parts")
+        return None
+    if endpoint == EP_COMPLETIONS:
+        prompt = body.get("prompt")
+        if prompt is None:
+            return _missing("prompt")
+        if type(prompt) is not str and type(prompt) is not list:
+            return _wrong("prompt", "a string, a list of strings or a list of token ids")
+        return None
+    if endpoint == EP_EMBEDDINGS or endpoint == EP_CLASSIFY:
+        v = body.get("input")
+        if v is None:
+            v = body.get("text")
+        if v is None:
+            return _missing("input")
+        if type(v) is not str and type(v) is not list:
+            return _wrong("input", "a string or a list")
+        return None
+    if endpoint == EP_RERANK:
+        q = body.get("query")
+        if q is None:
+            return _missing("query")
+        if type(q) is not str:
+            return _wrong("query", "a string")
+        docs = body.get("documents")
+        if docs is not None and type(docs) is not list:
+            return _wrong("documents", "a list")
+    return None
     if endpoint == EP_CHAT:
         msgs = body.get("messages")
         if type(msgs) is not list:
