@@ -64,11 +64,15 @@ CONTROL_ROUTES = (
     ("/liveness", ("GET",), "none", False),
     ("/readiness", ("GET",), "none", False),
     ("/v1/models", ("GET",), "none", False),
+    ("/v1/models/", ("GET",), "none", True),
     ("/get_server_info", ("GET",), "none", False),
     ("/get_model_info", ("GET",), "none", False),
     ("/health_generate", ("GET",), "none", False),
     ("/flush_cache", ("POST",), "admin", False),
     ("/get_loads", ("GET",), "admin", False),
+    ("/start_profile", ("POST",), "admin", False),
+    ("/stop_profile", ("POST",), "admin", False),
+    ("/engine_metrics", ("GET",), "admin", False),
     ("/workers", ("GET", "POST"), "admin", False),
     ("/workers/", ("GET", "DELETE"), "admin", True),
 )
@@ -216,6 +220,8 @@ class ControlPlane:
             "/health": r.health, "/liveness": r.health, "/readiness": r.readiness, "/v1/models": r.models,
             "/get_server_info": r.server_info, "/get_model_info": r.model_info,
             "/health_generate": r.health_generate, "/flush_cache": r.flush_cache, "/get_loads": r.get_loads,
+            "/v1/models/": r.model, "/start_profile": r.start_profile, "/stop_profile": r.stop_profile,
+            "/engine_metrics": r.engine_metrics,
             "/workers": self._workers_root, "/workers/": a.worker_route,
         }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
+import logging
 from typing import TYPE_CHECKING, Callable, Optional
 
 import orjson
@@ -19,6 +20,8 @@ from smg._fast.worker import DECODE, PREFILL, READY, REGULAR, TYPE_NAMES, Worker
 if TYPE_CHECKING:
     from smg.config import Config
     from smg.workers import Registry
+
+log = logging.getLogger("smg.routes")
 
 
 class GatewayRoutes:
@@ -66,6 +69,14 @@ class GatewayRoutes:
                     seen.setdefault(w.model_id, None)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "self_hosted"} for m in seen]
         return json_response({"object": "list", "data": data})
+
+    def model(self, req) -> Response:
+        """GET /v1/models/{id}: one served model, OpenAI's shape."""
+        model_id = req.path[len("/v1/models/"):]
+        for item in orjson.loads(self.models(req).body)["data"]:
+            if item["id"] == model_id:
+                return json_response(item)
+        return error_response(404, "model_not_found", f"The model '{model_id}' does not exist")
 
     # --- forwarded to one worker ---
 
@@ -137,6 +148,60 @@ class GatewayRoutes:
         }
         return json_response(body, 200 if not failed else 206)
 
+    async def start_profile(self, req) -> Response:
+        return await self._profile("/start_profile")
+
+    async def stop_profile(self, req) -> Response:
+        return await self._profile("/stop_profile")
+
+    async def _profile(self, path: str) -> Response:
+        """Start or stop the engines' profilers on every ready worker."""
+        workers = [w for w in self.registry.all() if w.state == READY]
+        results = await self._fan_out("POST", path, workers, self.cfg.request_timeout_secs)
+        ok = [w.url for w, res, err in results if err is None and 200 <= res.status < 300]
+        failed = [w.url for w, res, err in results if not (err is None and 200 <= res.status < 300)]
+        for w, res, err in results:
+            if w.url in failed:
+                log.warning("%s on %s failed: %s", path, w.url, err or f"status {res.status}")
+        action = "started" if path == "/start_profile" else "stopped"
+        body = {
+            "status": "success" if not failed else ("partial_success" if ok else "failed"),
+            "message": f"Profiling {action} on {len(ok)} of {len(workers)} workers",
+            "workers_profiled": len(ok),
+            "total_workers": len(workers),
+            "successful": ok,
+            "failed": failed,
+        }
+        return json_response(body, 200 if not failed else (206 if ok else 502))
+
+    async def engine_metrics(self, req) -> Response:
+        """GET /engine_metrics: every ready worker's Prometheus metrics in one
+        exposition, each sample labelled with its worker."""
+        workers = [w for w in self.registry.all() if w.state == READY]
+        results = await self._fan_out("GET", "/metrics", workers, self.cfg.health_check_timeout_secs)
+        seen_meta: set[str] = set()
+        lines: list[str] = []
+        answered = 0
+        for w, res, err in results:
+            if err is not None or res.status != 200:
+                log.warning("/engine_metrics: %s did not serve /metrics: %s", w.url, err or f"status {res.status}")
+                continue
+            answered += 1
+            label = 'worker="' + w.url.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for line in res.body.decode("utf-8", "replace").splitlines():
+                if not line.strip():
+                    continue
+                if line.startswith("#"):
+                    if line not in seen_meta:
+                        seen_meta.add(line)
+                        lines.append(line)
+                    continue
+                lines.append(_add_label(line, label))
+        if workers and not answered:
+            return error_response(502, "upstream_error", "No worker served /metrics")
+        return Response(200, ("\n".join(lines) + "\n").encode() if lines else b"",
+                        b"text/plain; version=0.0.4; charset=utf-8")
+
     async def get_loads(self, req) -> Response:
         workers = [w for w in self.registry.all() if w.state == READY]
         results = await self._fan_out("GET", "/v1/loads", workers, self.cfg.health_check_timeout_secs)
@@ -155,3 +220,16 @@ class GatewayRoutes:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat()
         return json_response({"timestamp": now, "version": f"smg-{__version__}", "dp_rank_count": len(loads),
                               "loads": loads})
+
+
+def _add_label(sample: str, label: str) -> str:
+    """`name{a="b"} 1` -> `name{a="b",LABEL} 1`; `name 1` -> `name{LABEL} 1`."""
+    brace = sample.find("{")
+    space = sample.find(" ")
+    if brace != -1 and (space == -1 or brace < space):
+        close = sample.find("}", brace)
+        inner = sample[brace + 1:close]
+        return sample[:brace + 1] + (inner + "," if inner else "") + label + sample[close:]
+    if space == -1:
+        return sample
+    return sample[:space] + "{" + label + "}" + sample[space:]

@@ -451,6 +451,19 @@ class FakeWorker:
                 },
             )
             return True
+        if path == "/metrics":
+            body = (f'# HELP sglang:num_running_reqs The number of running requests.\n'
+                    f'# TYPE sglang:num_running_reqs gauge\n'
+                    f'sglang:num_running_reqs{{model_name="{cfg.model_id}"}} {self.stats.in_flight}\n'
+                    f'# HELP sglang:prompt_tokens_total Number of prefill tokens processed.\n'
+                    f'# TYPE sglang:prompt_tokens_total counter\n'
+                    f'sglang:prompt_tokens_total{{model_name="{cfg.model_id}"}} {self.stats.generation_requests}\n'
+                    ).encode()
+            proto._write(_head(200, "text/plain; version=0.0.4", len(body)) + body)
+            return True
+        if path in ("/start_profile", "/stop_profile"):
+            proto._write(_head(200, "text/plain", 0))
+            return True
         if path in ("/flush_cache", "/health_generate"):
             if path == "/flush_cache" and self._engine is not None:
                 self._engine.cache.blocks.clear()

@@ -41,11 +41,8 @@ BETTER = {
 }
 
 NOT_YET = {
-    "engine_metrics": "GET /engine_metrics",
     "messages": "POST /v1/messages (Anthropic API)",
     "responses": "POST /v1/responses",
-    "model_by_id": "GET /v1/models/{id}",
-    "start_profile": "POST /start_profile",
     "workers_patch_unknown": "PATCH /workers/{id}",
     "rerank": "the reference's rerank response and validation",
     "rerank_v1": "the reference's rerank response wrapper",

@@ -221,3 +221,33 @@ def test_request_ids_wait(two):
     g, _ = two
     g.post("/v1/completions", {"prompt": "x"})
     wait_for(lambda: 'path="/v1/completions",status_code="200"' in g.metrics(), message="completion counted")
+
+
+def test_one_model_by_id(two):
+    g, _ = two
+    r = g.get("/v1/models/fake-model")
+    assert r.status == 200 and r.json() == {"id": "fake-model", "object": "model", "created": 0,
+                                            "owned_by": "self_hosted"}
+    r = g.get("/v1/models/other")
+    assert r.status == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_profiling_fans_out_to_every_worker(two):
+    g, workers = two
+    for path in ("/start_profile", "/stop_profile"):
+        r = g.post(path, {})
+        assert r.status == 200, r
+        body = r.json()
+        assert body["workers_profiled"] == body["total_workers"] == 2 and body["failed"] == []
+        assert sorted(body["successful"]) == sorted(w.url for w in workers)
+        assert all(w.stats.requests.get(path) == 1 for w in workers)
+
+
+def test_engine_metrics_label_each_workers_samples(two):
+    g, workers = two
+    r = g.get("/engine_metrics")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.body.decode()
+    assert text.count("# TYPE sglang:num_running_reqs gauge") == 1
+    for w in workers:
+        assert f'sglang:num_running_reqs{{model_name="fake-model",worker="{w.url}"}} 0' in text
