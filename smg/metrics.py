@@ -75,6 +75,10 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
         "cb_transitions": [[url, old, new, n] for (url, old, new), n in dp.registry.cb_transitions.items()],
         "retries": [[t, e, n] for (t, e), n in settings.retries.items()],
         "retries_exhausted": [[t, e, n] for (t, e), n in settings.retries_exhausted.items()],
+        "router_requests": [[*key, n] for key, n in settings.routed.items()],
+        "router_errors": [[*key, n] for key, n in settings.errors.items()],
+        "router_upstream": [[*key, n] for key, n in settings.upstream.items()],
+        "router_durations": [[*key, *h.snapshot()[:2]] for key, h in settings.durations.items()],
         "cache_aware": cache_aware,
     }
 
@@ -86,7 +90,9 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
     routes: dict[str, dict] = {}
     workers: dict[str, dict] = {}
     cache_aware: dict[tuple, list] = {}
-    keyed: dict[str, dict[tuple, int]] = {"cb_transitions": {}, "retries": {}, "retries_exhausted": {}}
+    keyed: dict[str, dict[tuple, int]] = {"cb_transitions": {}, "retries": {}, "retries_exhausted": {},
+                                          "router_requests": {}, "router_errors": {}, "router_upstream": {}}
+    router_durations: dict[tuple, list] = {}
     out = {"requests": 0, "connections": 0, "connections_shed": 0,
            "admission": {"active": 0, "queue_depth": 0, "rejected_full": 0, "rejected_timeout": 0}}
     for snap in snapshots:
@@ -118,6 +124,10 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
         for name, rows in keyed.items():
             for *key, n in snap[name]:
                 rows[tuple(key)] = rows.get(tuple(key), 0) + n
+        for backend, model, endpoint, counts, total in snap["router_durations"]:
+            have = router_durations.get((backend, model, endpoint))
+            router_durations[(backend, model, endpoint)] = [list(counts), total] if have is None else \
+                [[a + b for a, b in zip(have[0], counts)], have[1] + total]
         for tname, model, total, shares, decisions in snap["cache_aware"]:
             have = cache_aware.get((tname, model))
             if have is None:
@@ -134,6 +144,7 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
     out["workers"] = workers
     for name, rows in keyed.items():
         out[name] = [[*key, n] for key, n in rows.items()]
+    out["router_durations"] = [[*key, counts, total] for key, (counts, total) in router_durations.items()]
     out["cache_aware"] = list(cache_aware.values())
     return out
 
@@ -177,6 +188,7 @@ class GatewayCollector:
         yield requests
         yield responses
         yield durations
+        yield from self._router(snap)
         yield GaugeMetricFamily("smg_http_connections_active", "Currently active HTTP connections",
                                 value=snap["connections"])
         yield CounterMetricFamily("smg_http_connections_shed", "Idle keep-alive connections closed at the "
@@ -191,6 +203,37 @@ class GatewayCollector:
         rejected.add_metric(["queue_full"], adm["rejected_full"])
         rejected.add_metric(["queue_timeout"], adm["rejected_timeout"])
         yield rejected
+
+    def _router(self, snap: dict) -> Iterator[Metric]:
+        """The reference's smg_router_* family (router_type and
+        connection_mode are always "http" here)."""
+        labels = ["router_type", "backend_type", "connection_mode", "model", "endpoint"]
+        requests = CounterMetricFamily(
+            "smg_router_requests", "Total routed requests by router_type, backend_type, connection_mode, model, "
+            "endpoint, streaming; model is the served model's id, unknown for a request that names no model, or "
+            "other for a model the gateway does not serve", labels=labels + ["streaming"])
+        for backend, model, endpoint, streaming, n in snap["router_requests"]:
+            requests.add_metric(["http", backend, "http", model, endpoint, streaming], n)
+        errors = CounterMetricFamily(
+            "smg_router_request_errors", "Router errors by router_type, backend_type, connection_mode, model, "
+            "endpoint, error_type", labels=labels + ["error_type"])
+        for backend, model, endpoint, error_type, n in snap["router_errors"]:
+            errors.add_metric(["http", backend, "http", model, endpoint, error_type], n)
+        upstream = CounterMetricFamily(
+            "smg_router_upstream_responses", "Upstream backend HTTP responses by router_type, status_code, "
+            "error_code", labels=["router_type", "status_code", "error_code"])
+        for status, code, n in snap["router_upstream"]:
+            upstream.add_metric(["http", str(status), code], n)
+        durations = HistogramMetricFamily(
+            "smg_router_request_duration_seconds", "Router request duration by router_type, backend_type, "
+            "connection_mode, model, endpoint", labels=labels)
+        for backend, model, endpoint, counts, total in snap["router_durations"]:
+            durations.add_metric(["http", backend, "http", model, endpoint], list(zip(_BUCKET_LABELS, counts)),
+                                 total)
+        yield requests
+        yield errors
+        yield upstream
+        yield durations
 
     def _workers(self, snap: dict) -> Iterator[Metric]:
         # series are labelled by URL: a draining worker and its successor at

@@ -8,6 +8,7 @@ metrics in step. Nothing else mutates the worker set."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Awaitable, Callable, Optional
@@ -238,10 +239,11 @@ class Registry:
     def info(self, w: Worker) -> dict:
         """WorkerInfo, as GET /workers shows it (the reference's shape)."""
         models = []
+        mi = w.info.get("model_info") or {}
         if w.model_id != "unknown" or w.info:
-            mi = w.info.get("model_info") or {}
             models.append({
                 "id": w.model_id,
+                "model_type": list(CAPABILITIES if mi.get("is_generation", True) else EMBEDDING_CAPABILITIES),
                 "hf_model_type": mi.get("model_type"),
                 "architectures": mi.get("architectures"),
                 "tokenizer_path": mi.get("tokenizer_path"),
@@ -255,11 +257,42 @@ class Registry:
             "connection_mode": "http",
             "runtime_type": w.info.get("runtime_type", "sglang"),
             "bootstrap_port": w.bootstrap_port,
-            "labels": dict(w.labels),
+            "labels": {**engine_labels(w.info.get("server_info") or {}, mi), **w.labels},
+            # the reference's defaults; smg's policies do not weigh workers
+            "priority": 50,
+            "cost": 1.0,
+            "max_connection_attempts": 20,
             "is_healthy": w.state == READY,
             "status": STATE_NAMES[w.state],
             "load": w.inflight,
+            "http2": False,
         }
+
+
+# what a worker serves, as the reference lists it in WorkerInfo.models[].model_type
+CAPABILITIES = ("chat", "completions", "responses", "tools")
+EMBEDDING_CAPABILITIES = ("embeddings",)
+SERVER_INFO_LABELS = ("model_path", "served_model_name", "tp_size", "dp_size", "max_running_requests", "version")
+MODEL_INFO_LABELS = ("model_path", "served_model_name", "tokenizer_path", "is_generation",
+                     "has_image_understanding", "model_type", "architectures")
+
+
+def engine_labels(server_info: dict, model_info: dict) -> dict[str, str]:
+    """The labels the reference derives from a worker's server and model info
+    (strings: JSON for lists, true/false for booleans)."""
+    out: dict[str, str] = {}
+    for source, keys in ((server_info, SERVER_INFO_LABELS), (model_info, MODEL_INFO_LABELS)):
+        for key in keys:
+            value = source.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                out[key] = "true" if value else "false"
+            elif isinstance(value, (list, dict)):
+                out[key] = json.dumps(value, separators=(",", ":"))
+            else:
+                out[key] = str(value)
+    return out
 
 
 def normalize_url(url: str) -> str:

@@ -78,6 +78,9 @@ def test_metrics_are_the_host_totals(fake_workers, gateway):
     assert re.search(rf'smg_http_requests_total\{{method="POST",path="/generate"\}} {n}\.0', text)
     assert re.search(rf'smg_http_responses_total\{{error_code="",path="/generate",status_code="200"\}} {n}\.0', text)
     assert re.search(rf'smg_http_request_duration_seconds_count\{{method="POST",path="/generate"\}} {n}\.0', text)
+    assert f'smg_router_requests_total{{backend_type="regular",connection_mode="http",endpoint="generate",' \
+           f'model="unknown",router_type="http",streaming="false"}} {n}.0' in text
+    assert f'smg_router_upstream_responses_total{{error_code="",router_type="http",status_code="200"}} {n}.0' in text
     assert "smg_dataplane_processes 2.0" in text
     per_process = process_requests(g)
     assert all(v > 0 for v in per_process.values()), per_process

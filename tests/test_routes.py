@@ -251,3 +251,35 @@ def test_engine_metrics_label_each_workers_samples(two):
     assert text.count("# TYPE sglang:num_running_reqs gauge") == 1
     for w in workers:
         assert f'sglang:num_running_reqs{{model_name="fake-model",worker="{w.url}"}} 0' in text
+
+
+def test_router_metrics_follow_the_reference(fake_workers, gateway):
+    """smg_router_*: routed requests by model label (the served model,
+    "unknown" when none is named, "other" when it is not served), errors by
+    type, upstream answers by status, durations."""
+    (w,) = fake_workers(1)
+    g = gateway(["--worker-urls", w.url, "--retry-max-retries", "2"], wait_workers=1)
+    assert g.post("/generate", {"text": "a"}).status == 200
+    assert g.post("/v1/chat/completions", {"model": "fake-model", "stream": True,
+                                           "messages": [{"role": "user", "content": "hi"}]}).status == 200
+    assert g.post("/v1/chat/completions", {"model": "nope", "messages": []}).status == 404
+    assert g.post("/v1/chat/completions", {"model": "fake-model"}).status == 400  # not routed
+    w.set(mode="reset")
+    assert g.post("/generate", {"text": "b"}).status == 502
+    w.set(mode="normal")
+    text = g.metrics()
+    common = 'connection_mode="http",'
+    for endpoint, model, streaming, n in (("generate", "unknown", "false", 2), ("chat", "fake-model", "true", 1),
+                                          ("chat", "other", "false", 1)):
+        assert (f'smg_router_requests_total{{backend_type="regular",{common}endpoint="{endpoint}",model="{model}",'
+                f'router_type="http",streaming="{streaming}"}} {n}.0') in text, (endpoint, model)
+    assert ('smg_router_request_errors_total{backend_type="regular",connection_mode="http",endpoint="chat",'
+            'error_type="no_workers",model="other",router_type="http"} 1.0') in text
+    assert ('smg_router_request_errors_total{backend_type="regular",connection_mode="http",endpoint="generate",'
+            'error_type="backend_error",model="unknown",router_type="http"} 1.0') in text
+    assert 'smg_router_upstream_responses_total{error_code="",router_type="http",status_code="200"} 2.0' in text
+    # each failed send (a resend after a keep-alive race is a retry, not an answer)
+    assert re.search(r'smg_router_upstream_responses_total\{error_code="upstream_error",router_type="http",'
+                     r'status_code="502"\} [12]\.0', text)
+    assert ('smg_router_request_duration_seconds_count{backend_type="regular",connection_mode="http",'
+            'endpoint="generate",model="unknown",router_type="http"} 2.0') in text

@@ -44,8 +44,16 @@ cdef class CallSettings:
     cdef public double request_timeout
     cdef public dict retries
     cdef public dict retries_exhausted
+    # smg_router_* (the reference's family), read by smg.metrics
+    cdef public dict routed              # (backend, model, endpoint, streaming) -> count
+    cdef public dict errors              # (backend, model, endpoint, error_type) -> count
+    cdef public dict upstream            # (status, error_code) -> count
+    cdef public dict durations           # (backend, model, endpoint) -> Histogram
 
     cdef double backoff(self, int retry_index)
+    cdef int count_routed(self, str backend, str model, str endpoint, bint streaming) except -1
+    cdef int count_error(self, str backend, str model, str endpoint, str error_type) except -1
+    cdef int count_upstream(self, int status, str error_code) except -1
     cdef int count_retry(self, int worker_type, str endpoint) except -1
     cdef int count_exhausted(self, int worker_type, str endpoint) except -1
 
@@ -85,6 +93,8 @@ cdef class ClientCall(ResponseSource):
     cdef RequestCycle cycle
     cdef Request req
     cdef int worker_type                 # counted in the retry metrics
+    cdef str backend                     # "regular" or "pd" (router metrics)
+    cdef str model_label                 # the served model, "unknown" (none named) or "other"
     cdef int attempts                    # sends so far, all legs together
     cdef bint done
     cdef bint head_sent
@@ -98,7 +108,9 @@ cdef class ClientCall(ResponseSource):
     cdef str error_code
     cdef str error_message
 
-    cdef int setup(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type) except -1
+    cdef int setup(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type,
+                   str backend, str model_label) except -1
+    cdef int record_end(self, str error_code) except -1
     cdef int start(self) except -1
     cdef int attempt(self) except -1
     cdef int end_legs(self, int how) except -1

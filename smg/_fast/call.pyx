@@ -10,10 +10,10 @@ decide what the legs are and what their answers mean."""
 
 from cpython.bytes cimport PyBytes_GET_SIZE
 from smg._fast.clock cimport monotonic
-from smg._fast.exchange cimport FAIL_BEFORE_HEAD
+from smg._fast.exchange cimport FAIL_BEFORE_HEAD, FAIL_CONNECT
 from smg._fast.upstream cimport UpstreamPool
 from smg._fast.policies cimport rand64
-from smg._fast.routes cimport error_body
+from smg._fast.routes cimport error_body, Histogram
 
 from smg._fast.upstream import UpstreamClosed
 from smg._fast.worker import TYPE_NAMES
@@ -127,6 +127,10 @@ cdef class CallSettings:
         self.request_timeout = request_timeout
         self.retries = {}
         self.retries_exhausted = {}
+        self.routed = {}
+        self.errors = {}
+        self.upstream = {}
+        self.durations = {}
 
     cdef double backoff(self, int retry_index):
         cdef double d = self.backoff_initial * (self.backoff_multiplier ** retry_index)
@@ -147,6 +151,30 @@ cdef class CallSettings:
         key = (_TYPE_NAMES[worker_type], endpoint)
         self.retries_exhausted[key] = self.retries_exhausted.get(key, 0) + 1
         return 0
+
+    cdef int count_routed(self, str backend, str model, str endpoint, bint streaming) except -1:
+        key = (backend, model, endpoint, "true" if streaming else "false")
+        self.routed[key] = self.routed.get(key, 0) + 1
+        return 0
+
+    cdef int count_error(self, str backend, str model, str endpoint, str error_type) except -1:
+        key = (backend, model, endpoint, error_type)
+        self.errors[key] = self.errors.get(key, 0) + 1
+        return 0
+
+    cdef int count_upstream(self, int status, str error_code) except -1:
+        key = (status, error_code)
+        self.upstream[key] = self.upstream.get(key, 0) + 1
+        return 0
+
+
+cdef str error_type_of(str code):
+    """smg_router_request_errors_total's error_type for an error code."""
+    if code == "request_timeout":
+        return "timeout"
+    if code == "no_available_workers":
+        return "no_workers"
+    return "backend_error"
 
 
 # legs left to finish an answer their call no longer needs (Leg.end)
@@ -267,6 +295,7 @@ cdef class Leg(Exchange):
         cdef ClientCall call = self.call
         self.status = p.status
         if not self.finished:
+            call.settings.count_upstream(p.status, "")
             call.leg_head(self, p, data, off, n)
         return 0
 
@@ -294,6 +323,8 @@ cdef class Leg(Exchange):
         if self.finished:
             return 0
         self.stop(0)
+        if self.status == 0:
+            call.settings.count_upstream(502, "worker_unreachable" if stage == FAIL_CONNECT else "upstream_error")
         call.leg_failed(self, exc, stage)
         return 0
 
@@ -307,10 +338,13 @@ cdef class Leg(Exchange):
 
 cdef class ClientCall(ResponseSource):
 
-    cdef int setup(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type) except -1:
+    cdef int setup(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type,
+                   str backend, str model_label) except -1:
         """What a subclass's constructor sets first (calls are made per
         request: no Python-level __init__ chain)."""
         self.settings = settings
+        self.backend = backend
+        self.model_label = model_label
         self.endpoint_name = endpoint_name
         self.cycle = cycle
         self.req = cycle.req
@@ -443,6 +477,19 @@ cdef class ClientCall(ResponseSource):
         self.drop_buffers()
         return 0
 
+    cdef int record_end(self, str error_code) except -1:
+        """The router metrics of a call that ends (error_code None: success)."""
+        cdef Histogram h
+        key = (self.backend, self.model_label, self.endpoint_name)
+        h = self.settings.durations.get(key)
+        if h is None:
+            h = Histogram()
+            self.settings.durations[key] = h
+        h.observe(monotonic() - self.req.start)
+        if error_code is not None:
+            self.settings.count_error(self.backend, self.model_label, self.endpoint_name, error_type_of(error_code))
+        return 0
+
     cdef int fail_to_client(self, int status, str code, str message) except -1:
         """Answer with an error (nothing has reached the client yet)."""
         if self.done:
@@ -450,6 +497,7 @@ cdef class ClientCall(ResponseSource):
         if self.attempts > 1 or code == "upstream_error":
             self.settings.count_exhausted(self.worker_type, self.endpoint_name)
         self.end_call(LEG_STOP)
+        self.record_end(code)
         self.cycle.respond_error(status, code, message)
         return 0
 
@@ -461,6 +509,7 @@ cdef class ClientCall(ResponseSource):
             return 0
         self.req.keep_alive = False
         self.end_call(LEG_STOP)
+        self.record_end(code)
         end_stream_with_error(self.cycle, self.relayed, self.wrap, status, code, message)
         self.cycle.finish(self.status, "stream_error")
         return 0
@@ -470,6 +519,7 @@ cdef class ClientCall(ResponseSource):
         if self.done:
             return 0
         self.end_call(LEG_FINISH)
+        self.record_end(None if self.status < 500 else "upstream_status")
         self.cycle.finish(self.status, error_code)
         return 0
 

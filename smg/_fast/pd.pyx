@@ -25,7 +25,7 @@ from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
 from smg._fast.call cimport ClientCall, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status, forwarded_head
-from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, routing_key
+from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, routing_key, model_label
 
 _log = logging.getLogger("smg.pd")
 
@@ -139,15 +139,19 @@ cdef class PDHandler(ProxiedRoute):
         if obj is None:
             return 0
         model = (<dict>obj).get("model") or None
+        label = model_label(self.settings.router, model, TYPE_DECODE)
+        self.settings.count_routed("pd", label, self.endpoint_name, (<dict>obj).get("stream") is True)
         prefill = resolve_group(self.settings.router, cycle, model, TYPE_PREFILL)
         if prefill is None:
+            self.no_group(cycle, "pd", label, TYPE_PREFILL)
             return 0
         decode = resolve_group(self.settings.router, cycle, model, TYPE_DECODE)
         if decode is None:
+            self.no_group(cycle, "pd", label, TYPE_DECODE)
             return 0
         if prefill.policy.needs_text or decode.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        self.launch(PDCall(self, cycle, <dict>obj, prefill, decode, text, routing_key(cycle.req)))
+        self.launch(PDCall(self, cycle, <dict>obj, prefill, decode, text, routing_key(cycle.req), label))
         return 0
 
 
@@ -174,8 +178,8 @@ cdef class PDCall(ClientCall):
     cdef ResponseParser decode_head # kept until the head can be written (logprobs mode)
 
     def __init__(self, PDHandler handler, RequestCycle cycle, dict obj, WorkerGroup pgroup, WorkerGroup dgroup,
-                 str text, bytes key):
-        self.setup(handler.settings, handler.endpoint_name, cycle, TYPE_DECODE)
+                 str text, bytes key, str label):
+        self.setup(handler.settings, handler.endpoint_name, cycle, TYPE_DECODE, "pd", label)
         self.obj = obj
         self.pgroup = pgroup
         self.dgroup = dgroup

@@ -7,6 +7,7 @@ from smg._fast.policies cimport Router, WorkerGroup
 cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int worker_type)
 cdef object parse_body(RequestCycle cycle, int endpoint)
 cdef bytes routing_key(Request req)
+cdef str model_label(Router router, object model, int worker_type)
 
 
 cdef class ProxiedRoute(RequestHandler):
@@ -16,3 +17,4 @@ cdef class ProxiedRoute(RequestHandler):
     cdef public str endpoint_name
 
     cdef int launch(self, ClientCall call) except -1
+    cdef int no_group(self, RequestCycle cycle, str backend, str label, int worker_type) except -1

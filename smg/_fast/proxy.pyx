@@ -91,6 +91,14 @@ cdef bytes routing_key(Request req):
     return req.forwarded_for
 
 
+cdef str model_label(Router router, object model, int worker_type):
+    """The router metrics' model label: the served model the request names,
+    "unknown" when it names none, "other" for one not served here."""
+    if model is None or type(model) is not str or not model:
+        return "unknown"
+    return <str>model if router.group(worker_type, <str>model) is not None else "other"
+
+
 cdef class ProxiedRoute(RequestHandler):
 
     def __init__(self, CallSettings settings, int endpoint):
@@ -109,6 +117,13 @@ cdef class ProxiedRoute(RequestHandler):
             queue_or_reject(adm, call.cycle, call.start_py)
         return 0
 
+    cdef int no_group(self, RequestCycle cycle, str backend, str label, int worker_type) except -1:
+        """resolve_group answered the client: count the error."""
+        kind = "invalid_request" if label == "unknown" and self.settings.router.groups_of(worker_type) \
+            else "no_workers"
+        self.settings.count_error(backend, label, self.endpoint_name, kind)
+        return 0
+
 
 cdef class ProxyHandler(ProxiedRoute):
 
@@ -119,18 +134,22 @@ cdef class ProxyHandler(ProxiedRoute):
         if obj is None:
             return 0
         model = (<dict>obj).get("model")
+        label = model_label(self.settings.router, model, TYPE_REGULAR)
+        self.settings.count_routed("regular", label, self.endpoint_name, (<dict>obj).get("stream") is True)
         group = resolve_group(self.settings.router, cycle, <str>model if model else None, TYPE_REGULAR)
         if group is None:
+            self.no_group(cycle, "regular", label, TYPE_REGULAR)
             return 0
         if group.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        self.launch(new_proxy_call(self, cycle, group, text, routing_key(cycle.req)))
+        self.launch(new_proxy_call(self, cycle, group, text, routing_key(cycle.req), label))
         return 0
 
 
-cdef ProxyCall new_proxy_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key):
+cdef ProxyCall new_proxy_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
+                              str label):
     cdef ProxyCall call = ProxyCall.__new__(ProxyCall)
-    call.setup(handler.settings, handler.endpoint_name, cycle, group.worker_type)
+    call.setup(handler.settings, handler.endpoint_name, cycle, group.worker_type, "regular", label)
     call.group = group
     call.text = text
     call.key = key
