@@ -283,3 +283,18 @@ def test_router_metrics_follow_the_reference(fake_workers, gateway):
                      r'status_code="502"\} [12]\.0', text)
     assert ('smg_router_request_duration_seconds_count{backend_type="regular",connection_mode="http",'
             'endpoint="generate",model="unknown",router_type="http"} 2.0') in text
+
+
+def test_worker_info_has_the_reference_fields(two):
+    """GET /workers: the reference's WorkerInfo, labels from the engine's
+    server and model info included (recorded from smg==1.13.0 on the same
+    fake worker)."""
+    g, workers = two
+    info = next(w for w in g.workers() if w["url"] == workers[0].url)
+    assert info["models"][0]["model_type"] == ["chat", "completions", "responses", "tools"]
+    assert info["labels"] == {
+        "dp_size": "1", "version": "0.0.0-fake", "tp_size": "1", "model_path": "fake-model",
+        "served_model_name": "fake-model", "architectures": '["FakeForCausalLM"]', "model_type": "fake",
+        "tokenizer_path": "fake-model", "is_generation": "true", "max_running_requests": "256",
+        "has_image_understanding": "false"}
+    assert (info["priority"], info["cost"], info["max_connection_attempts"], info["http2"]) == (50, 1.0, 20, False)
