@@ -55,6 +55,7 @@ _ID_PREFIXES = {
     "/v1/chat/completions": b"chatcmpl-",
     "/v1/completions": b"cmpl-",
     "/v1/embeddings": b"embd-",
+    "/v1/responses": b"resp_",
 }
 
 # Routes the control plane answers: (path, methods, auth, prefix match).

@@ -38,6 +38,7 @@ GENERATION_PATHS = frozenset(
         "/v1/embeddings",
         "/v1/rerank",
         "/rerank",
+        "/v1/responses",
         "/v1/classify",
     ]
 )
@@ -648,6 +649,18 @@ class FakeWorker:
                 "worker": self.name,
                 "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))],
                 "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            }
+        if path == "/v1/responses":
+            return {
+                "id": f"resp_{self._rid}",
+                "object": "response",
+                "created_at": int(time.time()),
+                "status": "completed",
+                "model": body.get("model", cfg.model_id),
+                "worker": self.name,
+                "output": [{"type": "message", "id": f"msg_{self._rid}", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": 1, "output_tokens": n, "total_tokens": n + 1},
             }
         if path in ("/v1/rerank", "/rerank"):
             docs = body.get("documents") or []

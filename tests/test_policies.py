@@ -344,3 +344,11 @@ def test_unique_prompts_do_not_grow_the_group_table_without_bound():
             first = first or w.id
             assert w.id == first  # the hot prefix stays put while the table is pruned
     assert p.tracked_groups <= 65536
+
+
+def test_responses_routing_text_is_instructions_then_input():
+    ep = ENDPOINTS["/v1/responses"]
+    assert routing_text(ep, {"instructions": "be brief", "input": "hello"}) == "be brief hello"
+    assert routing_text(ep, {"input": [{"role": "user", "content": "hi"},
+                                       {"role": "user", "content": [{"type": "input_text", "text": "x"}]}]}) == "hi x"
+    assert routing_text(ep, {"input": 5}) == ""

@@ -13,6 +13,7 @@ PROXIED = [
     ("/v1/rerank", {"model": "fake-model", "query": "q", "documents": ["a", "b"]}),
     ("/rerank", {"query": "q", "documents": ["a", "b"]}),
     ("/v1/classify", {"model": "fake-model", "input": "classify me"}),
+    ("/v1/responses", {"model": "fake-model", "instructions": "be brief", "input": "respond"}),
 ]
 
 

@@ -5,6 +5,7 @@ cdef enum:
     EP_EMBEDDINGS = 3
     EP_RERANK = 4
     EP_CLASSIFY = 5
+    EP_RESPONSES = 6
 
 cpdef str routing_text(int endpoint, dict body)
 cpdef tuple invalid_field(int endpoint, dict body)

@@ -11,6 +11,7 @@ ENDPOINTS = {
     "/v1/rerank": EP_RERANK,
     "/rerank": EP_RERANK,
     "/v1/classify": EP_CLASSIFY,
+    "/v1/responses": EP_RESPONSES,
 }
 ENDPOINT_NAMES = {
     EP_GENERATE: "generate",
@@ -19,6 +20,7 @@ ENDPOINT_NAMES = {
     EP_EMBEDDINGS: "embeddings",
     EP_RERANK: "rerank",
     EP_CLASSIFY: "classify",
+    EP_RESPONSES: "responses",
 }
 
 
@@ -63,7 +65,8 @@ cdef str _content_text(object content):
         for part in <list>content:
             if type(part) is dict:
                 t = (<dict>part).get("text")
-                if type(t) is str and (<dict>part).get("type", "text") == "text":
+                kind = (<dict>part).get("type", "text")
+                if type(t) is str and (kind == "text" or kind == "input_text"):
                     parts.append(t)
             elif type(part) is str:
                 parts.append(part)
@@ -108,7 +111,26 @@ cpdef str routing_text(int endpoint, dict body):
         return _join_texts(v)
     if endpoint == EP_RERANK:
         return _join_texts(body.get("query"))
+    if endpoint == EP_RESPONSES:
+        return _responses_text(body)
     return ""
+
+
+cdef str _responses_text(dict body):
+    """The Responses API: the instructions, then the input (a string, or a
+    list of message items whose content counts)."""
+    cdef list parts = []
+    instructions = body.get("instructions")
+    if type(instructions) is str and instructions:
+        parts.append(instructions)
+    items = body.get("input")
+    if type(items) is str:
+        parts.append(items)
+    elif type(items) is list:
+        t = _chat_text(items)
+        if t:
+            parts.append(t)
+    return " ".join(parts)
 
 
 cdef inline bint _is_str_list(object v):
@@ -186,6 +208,11 @@ cpdef tuple invalid_field(int endpoint, dict body):
         if type(v) is not str and type(v) is not list:
             return _wrong("input", "a string or a list")
         return None
+    if endpoint == EP_RESPONSES:
+        v = body.get("input")
+        if v is not None and type(v) is not str and type(v) is not list:
+            return _wrong("input", "a string or a list of input items")
+        return None
     if endpoint == EP_RERANK:
         q = body.get("query")
         if q is None:
@@ -222,6 +249,11 @@ cpdef tuple invalid_field(int endpoint, dict body):
             return "'input' is required"
         if type(v) is not str and type(v) is not list:
             return "'input' must be a string or a list"
+        return None
+    if endpoint == EP_RESPONSES:
+        v = body.get("input")
+        if v is not None and type(v) is not str and type(v) is not list:
+            return _wrong("input", "a string or a list of input items")
         return None
     if endpoint == EP_RERANK:
         q = body.get("query")
