@@ -18,7 +18,7 @@ from smg.reference_flags import all_groups
 
 # the reference's policies that smg does not have yet (accepted by the
 # parser so that the error names them, instead of an argparse choice error)
-REFERENCE_POLICIES = ("passthrough", "least_load", "manual", "prefix_hash")
+REFERENCE_POLICIES = ("passthrough", "least_load", "prefix_hash")
 PREFILL_ONLY_POLICIES = ("bucket",)
 
 
@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-threshold", "--cache-match-threshold", type=_non_negative_float, default=d.cache_threshold)
     r.add_argument("--balance-abs-threshold", "--spill-abs-threshold", type=_non_negative_int, default=d.balance_abs_threshold)
     r.add_argument("--balance-rel-threshold", "--spill-rel-threshold", type=_non_negative_float, default=d.balance_rel_threshold)
+    r.add_argument("--assignment-mode", choices=("random", "min_load", "min_group", "delegate"), default=None,
+                   help="manual policy: how a new routing key gets its worker (random, min_load: fewest in flight, "
+                        "min_group: fewest keys; delegate is random here) (default: random)")
+    r.add_argument("--max-idle-secs", "--sticky-key-idle-secs", type=_positive_float, default=d.max_idle_secs,
+                   help="manual policy: forget routing keys unused this long")
     r.add_argument("--eviction-interval-secs", type=_positive_float, default=d.eviction_interval_secs)
     r.add_argument("--max-tree-size", type=_positive_int, default=d.max_tree_size)
 

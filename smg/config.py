@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "consistent_hashing")
+POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "consistent_hashing", "manual")
 
 
 @dataclasses.dataclass
@@ -97,6 +97,10 @@ class Config:
     log_level: str = "info"
     log_json: bool = False
     log_dir: Optional[str] = None
+
+    # the manual policy (sticky routing keys)
+    assignment_mode: Optional[str] = None
+    max_idle_secs: float = 14400.0
 
     # lines logged at start-up about reference flags accepted with no effect
     startup_notices: list[str] = dataclasses.field(default_factory=list)

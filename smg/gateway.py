@@ -24,8 +24,10 @@ import uvloop
 from smg import logs
 from smg._fast.pd import PDHandler
 from smg._fast.policies import (
+    ASSIGNMENT_MODES,
     CacheAwarePolicy,
     ConsistentHashPolicy,
+    ManualPolicy,
     Policy,
     PowerOfTwoPolicy,
     RandomPolicy,
@@ -92,6 +94,9 @@ def policy_factory(cfg: Config) -> Callable[[int], Policy]:
             return PowerOfTwoPolicy()
         if name == "consistent_hashing":
             return ConsistentHashPolicy()
+        if name == "manual":
+            mode = ASSIGNMENT_MODES.get(cfg.assignment_mode or "random", ASSIGNMENT_MODES["random"])
+            return ManualPolicy(mode, cfg.max_idle_secs)
         if name == "cache_aware":
             return CacheAwarePolicy(cfg.cache_threshold, cfg.balance_abs_threshold, cfg.balance_rel_threshold,
                                     cfg.max_tree_size)

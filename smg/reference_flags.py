@@ -115,9 +115,8 @@ NOT_YET = (
     FlagGroup("multi-model routing (IGW mode) and model aliases", (
         _f("--enable-igw", nargs=0), _f("--model-alias"),
     )),
-    FlagGroup("sticky routing keys (the manual policy, sticky sessions, routing-key headers)", (
+    FlagGroup("sticky sessions on any policy and custom routing-key headers", (
         _f("--routing-key-override", "--sticky-sessions", nargs=0), _f("--routing-key-headers", nargs="*"),
-        _f("--max-idle-secs", "--sticky-key-idle-secs"), _f("--assignment-mode"),
     )),
     FlagGroup("the prefix_hash and bucket policies", (
         _f("--prefix-token-count"), _f("--prefix-hash-load-factor"), _f("--prefix-hash-balance-abs-threshold"),

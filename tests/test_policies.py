@@ -7,8 +7,10 @@ import random
 import pytest
 
 from smg._fast.policies import (
+    ASSIGNMENT_MODES,
     CacheAwarePolicy,
     ConsistentHashPolicy,
+    ManualPolicy,
     PowerOfTwoPolicy,
     RandomPolicy,
     RoundRobinPolicy,
@@ -352,3 +354,51 @@ def test_responses_routing_text_is_instructions_then_input():
     assert routing_text(ep, {"input": [{"role": "user", "content": "hi"},
                                        {"role": "user", "content": [{"type": "input_text", "text": "x"}]}]}) == "hi x"
     assert routing_text(ep, {"input": 5}) == ""
+
+
+# --- manual (sticky routing keys) ------------------------------------------------
+
+def test_manual_pins_each_key_to_one_worker_and_moves_it_only_when_it_must():
+    ws = workers(4)
+    policy = ManualPolicy()
+    assert policy.header_key_only
+    first = {k: policy.pick_py(ws, key=k, now=1.0) for k in (b"a", b"b", b"c", b"d", b"e", b"f")}
+    for _ in range(20):
+        assert all(policy.pick_py(ws, key=k, now=2.0) is w for k, w in first.items())
+    assert len({w.id for w in first.values()}) > 1  # random assignment spreads keys
+    victim = first[b"a"]
+    victim.state = 2  # not ready: its keys move, the others stay
+    moved = policy.pick_py(ws, key=b"a", now=3.0)
+    assert moved is not victim and policy.moved == 1
+    assert policy.pick_py(ws, key=b"a", now=4.0) is moved
+    assert all(policy.pick_py(ws, key=k, now=4.0) is w for k, w in first.items() if w is not victim)
+
+
+def test_manual_min_group_balances_keys_and_min_load_follows_load():
+    ws = workers(3)
+    policy = ManualPolicy(ASSIGNMENT_MODES["min_group"])
+    picks = [policy.pick_py(ws, key=b"k%d" % i, now=1.0) for i in range(9)]
+    assert collections.Counter(w.id for w in picks) == {"w0": 3, "w1": 3, "w2": 3}
+    ws[0].inflight, ws[1].inflight = 5, 1
+    policy = ManualPolicy(ASSIGNMENT_MODES["min_load"])
+    assert policy.pick_py(ws, key=b"new", now=1.0) is ws[2]
+
+
+def test_manual_forgets_idle_keys_and_removed_workers():
+    ws = workers(2)
+    policy = ManualPolicy(max_idle=100.0)
+    for i in range(10):
+        policy.pick_py(ws, key=b"k%d" % i, now=1.0)
+    policy.pick_py(ws, key=b"k0", now=50.0)
+    assert policy.pinned == 10
+    policy.pick_py(ws, key=b"fresh", now=120.0)  # a sweep: k1..k9 idle for 119 s
+    assert policy.pinned == 2
+    policy.worker_removed(policy.pick_py(ws, key=b"k0", now=121.0))
+    assert policy.pinned <= 1
+
+
+def test_manual_without_a_key_is_random():
+    ws = workers(3)
+    policy = ManualPolicy()
+    seen = collections.Counter(policy.pick_py(ws, now=1.0).id for _ in range(300))
+    assert set(seen) == {"w0", "w1", "w2"} and policy.pinned == 0

@@ -182,3 +182,17 @@ def test_inflight_returns_to_zero_however_requests_end(fake_workers, gateway):
     assert g.post("/generate", {"text": "x"}).status == 400
     wait_for(lambda: g.workers()[0]["load"] == 0, message="in-flight count back to zero")
     assert re.search(r'smg_worker_requests_active\{worker="[^"]+"\} 0\.0', g.metrics())
+
+
+def test_manual_policy_keeps_each_routing_key_on_one_worker(fake_workers, gateway):
+    workers = fake_workers(3)
+    g = gateway(["--policy", "manual", "--assignment-mode", "min_group", "--worker-urls",
+                 *[w.url for w in workers]], wait_workers=3)
+    for round_ in range(4):
+        for k in range(9):
+            r = g.post("/generate", {"text": f"[key{k}] turn {round_}"}, headers={"x-smg-routing-key": f"key{k}"})
+            assert r.status == 200
+    holders = {f"key{k}": [w.url for w in workers if w.stats.tags.get(f"key{k}")] for k in range(9)}
+    assert all(len(h) == 1 for h in holders.values()), holders
+    per_worker = [sum(1 for h in holders.values() if h == [w.url]) for w in workers]
+    assert per_worker == [3, 3, 3]  # min_group spreads the keys evenly

@@ -151,7 +151,9 @@ cdef class PDHandler(ProxiedRoute):
             return 0
         if prefill.policy.needs_text or decode.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        self.launch(PDCall(self, cycle, <dict>obj, prefill, decode, text, routing_key(cycle.req), label))
+        key = cycle.req.routing_key if prefill.policy.header_key_only or decode.policy.header_key_only \
+            else routing_key(cycle.req)
+        self.launch(PDCall(self, cycle, <dict>obj, prefill, decode, text, key, label))
         return 0
 
 

@@ -8,6 +8,7 @@ cdef uint64_t rand64() noexcept
 cdef class Policy:
     cdef public str name
     cdef public bint needs_text
+    cdef public bint header_key_only     # keyed by X-SMG-Routing-Key alone (no Authorization fallback)
     cdef Worker pick(self, list ready, str text, bytes key, double now)
     cpdef workers_changed(self, list workers)
     cpdef worker_removed(self, Worker worker)

@@ -162,6 +162,127 @@ def _point_key(p):
     return (p[0], p[1])
 
 
+# ManualPolicy assignment modes (--assignment-mode)
+cdef enum:
+    ASSIGN_RANDOM = 0
+    ASSIGN_MIN_LOAD = 1
+    ASSIGN_MIN_GROUP = 2
+ASSIGNMENT_MODES = {"random": ASSIGN_RANDOM, "min_load": ASSIGN_MIN_LOAD, "min_group": ASSIGN_MIN_GROUP}
+DEF MANUAL_MAX_KEYS = 1048576
+DEF MANUAL_SWEEP_SECS = 60.0
+
+
+cdef class ManualPolicy(Policy):
+    """Sticky routing by the X-SMG-Routing-Key header (the reference's
+    `manual` policy). A key's first request picks a worker by the
+    assignment mode (random, min_load: fewest in flight, min_group: fewest
+    keys) and pins the key to it; later requests with the key go there
+    while it can take them, else the key moves. Keys unused for `max_idle`
+    seconds are forgotten, and at most MANUAL_MAX_KEYS are kept (the
+    least recently used go first). Requests without a key go to a random
+    worker."""
+    cdef dict pins          # key -> [Worker, last used]
+    cdef dict keys_of       # Worker -> pinned keys (min_group)
+    cdef int mode
+    cdef double max_idle
+    cdef double last_sweep
+    cdef public long long moved     # keys re-pinned because their worker could not take them
+
+    def __init__(self, int mode=0, double max_idle=14400.0):
+        self.name = "manual"
+        self.needs_text = False
+        self.header_key_only = True
+        self.pins = {}
+        self.keys_of = {}
+        self.mode = mode
+        self.max_idle = max_idle
+        self.last_sweep = 0.0
+        self.moved = 0
+
+    @property
+    def pinned(self):
+        return len(self.pins)
+
+    cdef Worker assign(self, list ready, double now):
+        cdef Worker best = None, w
+        cdef Py_ssize_t n = len(ready), i, start
+        if self.mode == ASSIGN_RANDOM:
+            if n == 0:
+                return None
+            start = rand64() % n
+            for i in range(n):
+                w = <Worker>ready[(start + i) % n]
+                if w.routable(now):
+                    return w
+            return None
+        if self.mode == ASSIGN_MIN_LOAD:
+            return least_loaded(ready, now, None)
+        for w in ready:
+            if w.routable(now) and (best is None or self.keys_of.get(w, 0) < self.keys_of.get(best, 0)):
+                best = w
+        return best
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef list pin
+        cdef Worker w
+        if key is None:
+            return self.assign_random(ready, now)
+        if now - self.last_sweep >= MANUAL_SWEEP_SECS or len(self.pins) > MANUAL_MAX_KEYS:
+            self.sweep(now)
+        pin = self.pins.get(key)
+        if pin is not None:
+            w = <Worker>pin[0]
+            if w.routable(now):
+                pin[1] = now
+                return w
+            self.unpin(key, w)
+            self.moved += 1
+        w = self.assign(ready, now)
+        if w is not None:
+            self.pins[key] = [w, now]
+            self.keys_of[w] = self.keys_of.get(w, 0) + 1
+        return w
+
+    cdef Worker assign_random(self, list ready, double now):
+        cdef int mode = self.mode
+        cdef Worker w
+        self.mode = ASSIGN_RANDOM
+        w = self.assign(ready, now)
+        self.mode = mode
+        return w
+
+    cdef unpin(self, bytes key, Worker w):
+        del self.pins[key]
+        left = self.keys_of.get(w, 1) - 1
+        if left > 0:
+            self.keys_of[w] = left
+        else:
+            self.keys_of.pop(w, None)
+
+    cdef sweep(self, double now):
+        """Forget idle keys; over the cap, the least recently used too."""
+        self.last_sweep = now
+        for key, pin in list(self.pins.items()):
+            if now - <double>pin[1] > self.max_idle:
+                self.unpin(key, <Worker>pin[0])
+        if len(self.pins) > MANUAL_MAX_KEYS:
+            by_age = sorted(self.pins.items(), key=_last_used)
+            for key, pin in by_age[:len(self.pins) - MANUAL_MAX_KEYS * 9 // 10]:
+                self.unpin(key, <Worker>pin[0])
+
+    cpdef worker_removed(self, Worker worker):
+        for key, pin in list(self.pins.items()):
+            if pin[0] is worker:
+                self.unpin(key, worker)
+
+    def pick_py(self, list ready, str text=None, bytes key=None, double now=0.0):
+        return self.pick(ready, text, key, now)
+
+
+def _last_used(item):
+    return item[1][1]
+
+
 cdef class ConsistentHashPolicy(Policy):
     """A hash ring with 150 virtual nodes per worker. The key comes from
     X-SMG-Routing-Key, else Authorization, else X-Forwarded-For; a request

@@ -142,7 +142,9 @@ cdef class ProxyHandler(ProxiedRoute):
             return 0
         if group.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        self.launch(new_proxy_call(self, cycle, group, text, routing_key(cycle.req), label))
+        self.launch(new_proxy_call(self, cycle, group, text,
+                                   cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req),
+                                   label))
         return 0
 
 
