@@ -257,14 +257,14 @@ def test_worker_connections_are_reused_across_pd_requests(fake_workers, gateway)
     (p,) = fake_workers(1, role="prefill")
     (d,) = fake_workers(1, role="decode")
     g = pd_gateway(gateway, [p], [d])
-    for i in range(60):
+    for i in range(120):
         r = request(g.port, "POST", "/generate", {"text": f"hello {i}"})
         assert r.status == 200
     wait_for(lambda: p.stats.in_flight == 0, message="prefill idle")
     # a prefill leg still finishing when the next request starts needs a
     # second connection now and then; closing them would need one per request
-    assert p.stats.connections <= 15, p.stats.connections
-    assert d.stats.connections <= 15, d.stats.connections
+    assert p.stats.connections <= 20, p.stats.connections
+    assert d.stats.connections <= 20, d.stats.connections
 
 
 def test_a_prefill_answer_nobody_needs_is_read_until_the_deadline_at_most(fake_workers, gateway):
