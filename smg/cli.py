@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-urls", nargs="*", action="extend", default=[], metavar="URL",
                    help="workers to register at start-up (repeatable; values accumulate)")
     w.add_argument("--worker-startup-timeout-secs", type=_positive_float, default=d.worker_startup_timeout_secs)
+    w.add_argument("--worker-startup-delay", type=_non_negative_float, default=d.worker_startup_delay,
+                   help="grace period in seconds before a new worker's first startup check")
     w.add_argument("--worker-startup-check-interval", type=_positive_float, default=d.worker_startup_check_interval)
     w.add_argument("--worker-connect-timeout-secs", type=_positive_float, default=d.worker_connect_timeout_secs,
                    help="give up connecting to a worker after this long (the request is retried elsewhere)")

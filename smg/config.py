@@ -98,6 +98,9 @@ class Config:
     log_json: bool = False
     log_dir: Optional[str] = None
 
+    # grace period before a new worker's first health check
+    worker_startup_delay: float = 0.0
+
     # the manual policy (sticky routing keys)
     assignment_mode: Optional[str] = None
     max_idle_secs: float = 14400.0

@@ -136,7 +136,6 @@ NOT_YET = (
     FlagGroup("streamed request bodies", (
         _f("--max-buffered-request-bytes"), _f("--stream-body-stall-timeout-secs"),
     )),
-    FlagGroup("a startup delay before the first worker check", (_f("--worker-startup-delay"),)),
     FlagGroup("TLS and mTLS", (
         _f("--tls-cert-path"), _f("--tls-key-path"), _f("--client-cert-path"), _f("--client-key-path"),
         _f("--ca-cert-paths", nargs="*"),

@@ -92,6 +92,9 @@ class Registrar:
     async def _wait_healthy(self, w: Worker) -> None:
         deadline = self.loop.time() + self.cfg.worker_startup_timeout_secs
         interval = self.cfg.worker_startup_check_interval
+        if self.cfg.worker_startup_delay > 0:
+            # --worker-startup-delay: the engine is known to need this long
+            await asyncio.sleep(self.cfg.worker_startup_delay)
         delay = min(0.1, interval)
         last_error = "no answer"
         while True:

@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import re
 import socket
+import time
 
 import pytest
 from helpers import post_raw, raw_exchange, request, wait_for
@@ -97,8 +98,6 @@ def test_disable_health_check(fake_workers, gateway):
     g = gateway(["--worker-urls", w.url, "--disable-health-check", *FAST_HEALTH], wait_workers=1)
     before = w.stats.health_checks
     w.set(healthy=False)
-    import time
-
     time.sleep(1.0)  # several intervals: nothing may probe the worker
     assert w.stats.health_checks == before
     assert status_of(g, w.url) == "ready"
@@ -313,3 +312,12 @@ def test_pool_size_metric(fake_workers, gateway):
     ws = fake_workers(3)
     g = gateway(["--worker-urls", *[w.url for w in ws]], wait_workers=3)
     assert 'smg_worker_pool_size{connection_mode="http",model="fake-model",worker_type="regular"} 3.0' in g.metrics()
+
+
+def test_worker_startup_delay_postpones_the_first_check(fake_workers, gateway):
+    (w,) = fake_workers(1)
+    t0 = time.monotonic()
+    g = gateway(["--worker-urls", w.url, "--worker-startup-delay", "1.5"])
+    wait_for(lambda: status_of(g, w.url) == "ready", message="registered after the delay")
+    assert time.monotonic() - t0 >= 1.5
+    assert w.stats.health_checks >= 1
