@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--health-success-threshold", type=_positive_int, default=d.health_success_threshold)
     h.add_argument("--health-check-endpoint", default=d.health_check_endpoint)
     h.add_argument("--disable-health-check", action="store_true")
+    h.add_argument("--health-check-port", type=_port, default=None,
+                   help="also answer /health, /liveness and /readiness on this port, on a listener of its own")
     recovery = h.add_mutually_exclusive_group()
     recovery.add_argument("--remove-unhealthy-workers", "--worker-auto-recovery", dest="remove_unhealthy_workers",
                           action="store_const", const=True, default=None,
@@ -301,6 +303,9 @@ def validate(cfg: Config) -> None:
         raise ValueError("--worker-urls cannot be used with --pd-disaggregation; use --prefill and --decode")
     if cfg.prometheus_port == cfg.port and cfg.port != 0:
         raise ValueError(f"--prometheus-port must differ from --port ({cfg.port})")
+    if cfg.health_check_port is not None and cfg.health_check_port != 0 \
+            and cfg.health_check_port in (cfg.port, cfg.prometheus_port):
+        raise ValueError("--health-check-port must differ from --port and --prometheus-port")
     if cfg.service_discovery:
         from smg._fast.selector import parse_selector_items
 

@@ -98,6 +98,9 @@ class Config:
     log_json: bool = False
     log_dir: Optional[str] = None
 
+    # a listener of its own for /health, /liveness and /readiness
+    health_check_port: Optional[int] = None
+
     # grace period before a new worker's first health check
     worker_startup_delay: float = 0.0
 

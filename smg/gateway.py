@@ -218,6 +218,15 @@ class ControlPlane:
         self.metrics_core = ServerCore(loop, max_payload=1 << 20, header_timeout=30.0, idle_timeout=90.0)
         self.metrics_core.add_route(Route("/metrics", ["GET"], handler=self.metrics.handle))
         self.metrics_server: Optional[asyncio.AbstractServer] = None
+        # --health-check-port: the probe routes on a listener of their own, so
+        # that probes are answered however busy the main port is
+        self.probe_core: Optional[ServerCore] = None
+        self.probe_server: Optional[asyncio.AbstractServer] = None
+        if cfg.health_check_port is not None:
+            self.probe_core = ServerCore(loop, max_payload=1 << 16, header_timeout=30.0, idle_timeout=90.0)
+            for path, handler in (("/health", self.routes.health), ("/liveness", self.routes.health),
+                                  ("/readiness", self.routes.readiness)):
+                self.probe_core.add_route(Route(path, ["GET"], handler=handler))
         self.discovery = None
         self.shutting_down = False
         self._last_sweep = 0.0
@@ -249,6 +258,16 @@ class ControlPlane:
             ) from None
         for sock in self.metrics_server.sockets:
             log.info("metrics on http://%s/metrics", sock_address(sock))
+        if self.probe_core is not None:
+            self.probe_core.date_header = date_header()
+            try:
+                self.probe_server = await self.loop.create_server(
+                    self.probe_core.protocol_factory, cfg.host, cfg.health_check_port, backlog=128)
+            except OSError as e:
+                raise SystemExit(f"smg: error: cannot listen for health probes on {cfg.host}:"
+                                 f"{cfg.health_check_port}: {e}") from None
+            for sock in self.probe_server.sockets:
+                log.info("health probes (/health, /liveness, /readiness) on http://%s", sock_address(sock))
         self._add_static_workers()
         if cfg.service_discovery:
             from smg.discovery.reconcile import Discovery
@@ -271,9 +290,13 @@ class ControlPlane:
 
     def tick(self, now: float) -> None:
         self.metrics_core.tick(now)
+        if self.probe_core is not None:
+            self.probe_core.tick(now)
         if now - self._last_sweep >= 1.0:
             self._last_sweep = now
             self.metrics_core.date_header = date_header()
+            if self.probe_core is not None:
+                self.probe_core.date_header = self.metrics_core.date_header
             for w in self.registry.all():
                 w.control_pool.sweep(now)
 
@@ -282,6 +305,9 @@ class ControlPlane:
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.metrics_core.close_idle()
+        if self.probe_server is not None:
+            self.probe_server.close()
+            self.probe_core.close_idle()
         if self.discovery is not None:
             await self.discovery.stop()
         self.health.stop()

@@ -130,7 +130,6 @@ NOT_YET = (
     FlagGroup("CORS", (_f("--cors-allowed-origins", nargs="*"),)),
     FlagGroup("custom request-id headers", (_f("--request-id-headers", nargs="*"),)),
     FlagGroup("SSE keep-alive frames", (_f("--sse-keepalive-secs"),)),
-    FlagGroup("a separate health-check port", (_f("--health-check-port"),)),
     FlagGroup("custom Prometheus duration buckets", (_f("--prometheus-duration-buckets", nargs="+"),)),
     FlagGroup("a sliding failure window for the circuit breaker", (_f("--cb-window-duration-secs"),)),
     FlagGroup("streamed request bodies", (

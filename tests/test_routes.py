@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from helpers import wait_for
+from helpers import free_port, request, wait_for
 
 PROXIED = [
     ("/generate", {"text": "hello world", "sampling_params": {"max_new_tokens": 4}}),
@@ -299,3 +299,13 @@ def test_worker_info_has_the_reference_fields(two):
         "tokenizer_path": "fake-model", "is_generation": "true", "max_running_requests": "256",
         "has_image_understanding": "false"}
     assert (info["priority"], info["cost"], info["max_connection_attempts"], info["http2"]) == (50, 1.0, 20, False)
+
+
+def test_health_check_port_answers_the_probes_on_its_own_listener(fake_workers, gateway):
+    (w,) = fake_workers(1)
+    port = free_port()
+    g = gateway(["--worker-urls", w.url, "--health-check-port", str(port)], wait_workers=1)
+    for path in ("/health", "/liveness", "/readiness"):
+        assert request(port, "GET", path).status == 200, path
+    assert request(port, "POST", "/generate", {"text": "x"}).status == 404  # probes only
+    assert g.post("/generate", {"text": "x"}).status == 200
