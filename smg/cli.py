@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-size", type=_non_negative_int, default=d.queue_size,
                    help="requests waiting for a slot when --max-concurrent-requests is reached")
     s.add_argument("--queue-timeout-secs", type=_positive_float, default=d.queue_timeout_secs)
+    s.add_argument("--request-id-headers", nargs="*", action="extend", default=[], metavar="HEADER",
+                   help="headers a client's request id is taken from, in order (default: x-request-id, "
+                        "x-correlation-id, x-trace-id, request-id)")
     s.add_argument("--api-key", default=None, help="serving routes require 'Authorization: Bearer <key>'")
     s.add_argument("--admin-api-key", default=None, help="key for the admin routes (default: --api-key)")
     s.add_argument("--workers", type=_process_count, default=d.workers, metavar="N|auto",

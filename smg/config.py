@@ -98,6 +98,9 @@ class Config:
     log_json: bool = False
     log_dir: Optional[str] = None
 
+    # headers a client's request id is taken from, in order (empty: the defaults)
+    request_id_headers: list[str] = dataclasses.field(default_factory=list)
+
     # a listener of its own for /health, /liveness and /readiness
     health_check_port: Optional[int] = None
 

@@ -138,6 +138,7 @@ class DataPlane:
             admin_api_key=cfg.admin_api_key,
         )
         self.core.max_connections = client_connection_limit()
+        self.core.set_request_id_headers(cfg.request_id_headers)
         self.core.date_header = date_header()
         self.servers: list[asyncio.AbstractServer] = []
         self._last_slow_tick = 0.0

@@ -309,3 +309,16 @@ def test_health_check_port_answers_the_probes_on_its_own_listener(fake_workers, 
         assert request(port, "GET", path).status == 200, path
     assert request(port, "POST", "/generate", {"text": "x"}).status == 404  # probes only
     assert g.post("/generate", {"text": "x"}).status == 200
+
+
+def test_request_id_headers_choose_where_the_id_comes_from(fake_workers, gateway):
+    (w,) = fake_workers(1)
+    g = gateway(["--worker-urls", w.url, "--request-id-headers", "X-Amzn-Trace-Id", "x-my-id"], wait_workers=1)
+    r = g.post("/generate", {"text": "a"}, headers={"x-my-id": "mine-1", "x-amzn-trace-id": "amzn-1"})
+    assert r.headers["x-request-id"] == "amzn-1"  # the first configured header present wins
+    assert w.stats.last_headers["x-request-id"] == "amzn-1"
+    r = g.post("/generate", {"text": "a"}, headers={"x-my-id": "mine-2"})
+    assert r.headers["x-request-id"] == "mine-2"
+    # the defaults no longer count: an id is made
+    r = g.post("/generate", {"text": "a"}, headers={"x-request-id": "default-header"})
+    assert r.headers["x-request-id"] != "default-header" and r.headers["x-request-id"].startswith("gnt-")

@@ -162,10 +162,24 @@ cdef class Request:
             self.chunked = True
         return 0
 
+    cdef int set_custom_id(self, Py_ssize_t index, Py_ssize_t count, bytes value) except -1:
+        """The value of the index-th of --request-id-headers (of `count`)."""
+        if self.custom_ids is None:
+            self.custom_ids = [None] * count
+        if self.custom_ids[index] is None:
+            self.custom_ids[index] = value
+        return 0
+
     cdef int take_client_id(self) except -1:
-        """The client's request id, from the first usable of x-request-id,
+        """The client's request id: the first usable value of
+        --request-id-headers when they are set, else of x-request-id,
         x-correlation-id, x-trace-id, request-id."""
-        if valid_request_id(self.id_x_request_id):
+        if self.custom_ids is not None:
+            for value in self.custom_ids:
+                if valid_request_id(value):
+                    self.request_id = value
+                    break
+        elif valid_request_id(self.id_x_request_id):
             self.request_id = self.id_x_request_id
         elif valid_request_id(self.id_x_correlation_id):
             self.request_id = self.id_x_correlation_id

@@ -24,6 +24,7 @@ cdef class ServerCore:
     cdef public bint shutting_down
     cdef public long max_connections      # client connections at most (file descriptors); 0: no limit
     cdef public long long shed_total       # idle keep-alive connections closed to stay under it
+    cdef public dict id_headers            # --request-id-headers: lowercase name -> order; None: the defaults
     cdef double shed_logged_at
 
     cpdef Route resolve(self, str path)

@@ -62,6 +62,12 @@ cdef class ServerCore:
         self.max_connections = 0
         self.shed_total = 0
         self.shed_logged_at = -1e9
+        self.id_headers = None
+
+    def set_request_id_headers(self, names):
+        """Take request ids from these headers, in this order, instead of the
+        defaults (x-request-id, x-correlation-id, x-trace-id, request-id)."""
+        self.id_headers = {n.lower().encode(): i for i, n in enumerate(names)} if names else None
 
     def add_route(self, Route route, bint prefix=False):
         if prefix:
@@ -323,6 +329,10 @@ cdef class ClientConnection(Connection):
         req.header_count += 1
         if req.header_bytes > self.core.max_header_bytes or req.header_count > self.core.max_headers:
             self.fail_parse(431, "request_header_fields_too_large", "request headers too large")
+        if self.core.id_headers is not None:
+            index = self.core.id_headers.get(name.lower())
+            if index is not None:
+                req.set_custom_id(index, len(self.core.id_headers), value)
         req.set_header(name, value)
 
     def on_headers_complete(self):
@@ -334,6 +344,8 @@ cdef class ClientConnection(Connection):
         req.method = self.parser.get_method()
         req.http_minor = 0 if self.parser.get_http_version() == "1.0" else 1
         req.keep_alive = self.parser.should_keep_alive()
+        if self.core.id_headers is not None and req.custom_ids is None:
+            req.custom_ids = []  # none of --request-id-headers came: make an id
         req.take_client_id()
         if req.content_length is not None:
             try:
