@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-size", type=_non_negative_int, default=d.queue_size,
                    help="requests waiting for a slot when --max-concurrent-requests is reached")
     s.add_argument("--queue-timeout-secs", type=_positive_float, default=d.queue_timeout_secs)
+    s.add_argument("--cors-allowed-origins", nargs="*", action="extend", default=[], metavar="ORIGIN",
+                   help="origins a browser may call the gateway from, or '*' alone for any (default: none)")
     s.add_argument("--request-id-headers", nargs="*", action="extend", default=[], metavar="HEADER",
                    help="headers a client's request id is taken from, in order (default: x-request-id, "
                         "x-correlation-id, x-trace-id, request-id)")
@@ -306,6 +308,11 @@ def validate(cfg: Config) -> None:
         raise ValueError("--worker-urls cannot be used with --pd-disaggregation; use --prefill and --decode")
     if cfg.prometheus_port == cfg.port and cfg.port != 0:
         raise ValueError(f"--prometheus-port must differ from --port ({cfg.port})")
+    if "*" in cfg.cors_allowed_origins and len(cfg.cors_allowed_origins) > 1:
+        raise ValueError("--cors-allowed-origins: '*' stands alone (any origin), not with other origins")
+    for origin in cfg.cors_allowed_origins:
+        if origin != "*" and not (origin.startswith("http://") or origin.startswith("https://")):
+            raise ValueError(f"--cors-allowed-origins: {origin!r} is not an origin (http[s]://host[:port])")
     if cfg.health_check_port is not None and cfg.health_check_port != 0 \
             and cfg.health_check_port in (cfg.port, cfg.prometheus_port):
         raise ValueError("--health-check-port must differ from --port and --prometheus-port")

@@ -98,6 +98,9 @@ class Config:
     log_json: bool = False
     log_dir: Optional[str] = None
 
+    # origins browsers may call the gateway from ("*": any; empty: no CORS)
+    cors_allowed_origins: list[str] = dataclasses.field(default_factory=list)
+
     # headers a client's request id is taken from, in order (empty: the defaults)
     request_id_headers: list[str] = dataclasses.field(default_factory=list)
 

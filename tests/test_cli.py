@@ -27,6 +27,9 @@ from smg.cli import config_from_args
         (["--selector", "app=x"], "need --service-discovery"),
         (["--max-payload-size", "0"], "--max-payload-size"),
         (["--request-timeout-secs", "-1"], "--request-timeout-secs"),
+        (["--cors-allowed-origins", "*", "http://a.example"], "'*' stands alone"),
+        (["--cors-allowed-origins", "a.example"], "is not an origin"),
+        (["--health-check-port", "30000"], "--health-check-port must differ"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, fragment):

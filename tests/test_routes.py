@@ -322,3 +322,38 @@ def test_request_id_headers_choose_where_the_id_comes_from(fake_workers, gateway
     # the defaults no longer count: an id is made
     r = g.post("/generate", {"text": "a"}, headers={"x-request-id": "default-header"})
     assert r.headers["x-request-id"] != "default-header" and r.headers["x-request-id"].startswith("gnt-")
+
+
+def test_cors_for_allowed_origins_only(fake_workers, gateway):
+    (w,) = fake_workers(1)
+    g = gateway(["--api-key", "k", "--worker-urls", w.url, "--cors-allowed-origins", "http://app.example",
+                 "https://ui.example"])
+    wait_for(lambda: g.get("/readiness").status == 200, message="ready")
+    # a preflight needs no credentials and is answered by the gateway
+    r = request(g.port, "OPTIONS", "/v1/chat/completions", headers={
+        "origin": "http://app.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert r.status == 200
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert r.headers["access-control-allow-headers"] == "authorization, content-type"
+    assert w.stats.generation_requests == 0
+    # answers to an allowed origin carry the header, proxied or not
+    auth = {"authorization": "Bearer k", "origin": "https://ui.example"}
+    r = g.post("/generate", {"text": "a"}, headers=auth)
+    assert r.status == 200 and r.headers["access-control-allow-origin"] == "https://ui.example"
+    assert "x-request-id" in r.headers["access-control-expose-headers"]
+    r = g.post("/generate", {"text": "a"}, headers={"origin": "https://ui.example"})
+    assert r.status == 401 and r.headers["access-control-allow-origin"] == "https://ui.example"
+    # another origin gets nothing, and no preflight answer
+    r = g.post("/generate", {"text": "a"}, headers={"authorization": "Bearer k", "origin": "http://evil.example"})
+    assert r.status == 200 and "access-control-allow-origin" not in r.headers
+    r = request(g.port, "OPTIONS", "/generate", headers={"origin": "http://evil.example",
+                                                             "access-control-request-method": "POST"})
+    assert r.status == 405 and "access-control-allow-origin" not in r.headers
+
+
+def test_no_cors_headers_without_the_flag(two):
+    g, _ = two
+    r = g.post("/generate", {"text": "a"}, headers={"origin": "http://app.example"})
+    assert r.status == 200 and "access-control-allow-origin" not in r.headers

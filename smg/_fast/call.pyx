@@ -68,6 +68,8 @@ cdef bytes relay_head(ResponseParser p, RequestCycle cycle, Worker w, bint decod
     parts.append(b"x-request-id: ")
     parts.append(req.request_id)
     parts.append(b"\r\n")
+    if req.cors:
+        parts.append(req.cors)
     parts.append(cycle.date_header())
     if cycle.closes():
         parts.append(b"connection: close\r\n")

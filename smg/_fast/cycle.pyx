@@ -68,7 +68,7 @@ cdef class RequestCycle:
             parts = [status_line(status), b"content-type: ", content_type,
                      b"\r\ncontent-length: ", str(len(body)).encode(),
                      b"\r\nx-request-id: ", req.request_id if req.request_id is not None else b"",
-                     b"\r\n", extra_headers, self.conn.date_header()]
+                     b"\r\n", extra_headers, req.cors, self.conn.date_header()]
             if self.conn.closes_after(req):
                 parts.append(b"connection: close\r\n")
             parts.append(b"\r\n")

@@ -25,6 +25,10 @@ cdef class Request:
     cdef public bytes expect
     cdef public bytes connection
     cdef public bint chunked             # Transfer-Encoding present: a body follows
+    cdef public bytes origin             # CORS: the Origin header
+    cdef public bytes cors_method        # CORS preflight: Access-Control-Request-Method
+    cdef public bytes cors_headers       # CORS preflight: Access-Control-Request-Headers
+    cdef public bytes cors               # CORS response headers for this request (b"": none)
     # the answer of a request refused by route, method or auth:
     # (status, body, content type, headers, error code)
     cdef public tuple refusal

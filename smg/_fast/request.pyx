@@ -25,6 +25,9 @@ DEF H_ID1 = 11   # x-correlation-id
 DEF H_ID2 = 12   # x-trace-id
 DEF H_ID3 = 13   # request-id
 DEF H_TRANSFER_ENCODING = 14
+DEF H_ORIGIN = 15
+DEF H_CORS_METHOD = 16
+DEF H_CORS_HEADERS = 17
 
 cdef dict _SLOTS = {}
 
@@ -36,8 +39,10 @@ cdef _seed_slots():
         "content-type": H_CONTENT_TYPE, "content-length": H_CONTENT_LENGTH, "expect": H_EXPECT,
         "connection": H_CONNECTION, "x-request-id": H_ID0, "x-correlation-id": H_ID1,
         "x-trace-id": H_ID2, "request-id": H_ID3, "transfer-encoding": H_TRANSFER_ENCODING,
+        "origin": H_ORIGIN, "access-control-request-method": H_CORS_METHOD,
+        "access-control-request-headers": H_CORS_HEADERS,
         "host": H_IGNORE, "user-agent": H_IGNORE, "accept": H_IGNORE, "accept-encoding": H_IGNORE,
-        "accept-language": H_IGNORE, "origin": H_IGNORE, "referer": H_IGNORE, "cookie": H_IGNORE,
+        "accept-language": H_IGNORE, "referer": H_IGNORE, "cookie": H_IGNORE,
         "cache-control": H_IGNORE, "pragma": H_IGNORE, "te": H_IGNORE, "keep-alive": H_IGNORE,
     }
     for name, slot in names.items():
@@ -121,6 +126,7 @@ cdef class Request:
         self.http_minor = 1
         self.header_bytes = 0
         self.header_count = 0
+        self.cors = b""
 
     cdef int set_header(self, bytes name, bytes value) except -1:
         slot = _SLOTS.get(name)
@@ -160,6 +166,12 @@ cdef class Request:
             self.connection = value
         elif slot == H_TRANSFER_ENCODING:
             self.chunked = True
+        elif slot == H_ORIGIN:
+            self.origin = value
+        elif slot == H_CORS_METHOD:
+            self.cors_method = value
+        elif slot == H_CORS_HEADERS:
+            self.cors_headers = value
         return 0
 
     cdef int set_custom_id(self, Py_ssize_t index, Py_ssize_t count, bytes value) except -1:

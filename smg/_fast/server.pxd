@@ -25,10 +25,13 @@ cdef class ServerCore:
     cdef public long max_connections      # client connections at most (file descriptors); 0: no limit
     cdef public long long shed_total       # idle keep-alive connections closed to stay under it
     cdef public dict id_headers            # --request-id-headers: lowercase name -> order; None: the defaults
+    cdef public frozenset cors_origins     # --cors-allowed-origins (None: no CORS)
+    cdef public bint cors_any              # '*': any origin
     cdef double shed_logged_at
 
     cpdef Route resolve(self, str path)
     cdef int classify(self, Request req) except -1
+    cdef bint cors_allows(self, Request req)
 
 
 cdef class ClientConnection(Connection):

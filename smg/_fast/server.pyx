@@ -36,6 +36,10 @@ DEF LINGER_SECS = 5.0
 _TOO_MANY = error_body(503, "too_many_connections",
                        "The gateway is at its connection limit and no connection is idle")
 _TOO_LARGE = "Request body exceeded the payload limit (max_payload_size)"
+_CORS_EXPOSE = b"access-control-expose-headers: x-request-id, x-smg-error-code, retry-after\r\n"
+_CORS_ANY = b"access-control-allow-origin: *\r\n" + _CORS_EXPOSE
+_CORS_PREFLIGHT = (b"access-control-allow-methods: GET, POST, PUT, PATCH, DELETE, OPTIONS\r\n"
+                   b"access-control-max-age: 86400\r\n")
 
 
 cdef class ServerCore:
@@ -63,6 +67,29 @@ cdef class ServerCore:
         self.shed_total = 0
         self.shed_logged_at = -1e9
         self.id_headers = None
+        self.cors_origins = None
+        self.cors_any = False
+
+    def set_cors_origins(self, origins):
+        """Origins a browser may call the gateway from ('*' alone: any)."""
+        if not origins:
+            self.cors_origins = None
+            self.cors_any = False
+        else:
+            self.cors_any = list(origins) == ["*"]
+            self.cors_origins = frozenset(o.rstrip("/").encode() for o in origins)
+
+    cdef bint cors_allows(self, Request req):
+        """Sets req.cors when the request comes from an allowed origin."""
+        if self.cors_origins is None or req.origin is None:
+            return False
+        if self.cors_any:
+            req.cors = _CORS_ANY
+            return True
+        if req.origin in self.cors_origins:
+            req.cors = b"access-control-allow-origin: " + req.origin + b"\r\nvary: Origin\r\n" + _CORS_EXPOSE
+            return True
+        return False
 
     def set_request_id_headers(self, names):
         """Take request ids from these headers, in this order, instead of the
@@ -99,6 +126,17 @@ cdef class ServerCore:
             req.query = url[qpos + 1:]
             url = url[:qpos]
         req.path = url.decode("latin-1")
+        if self.cors_origins is not None and self.cors_allows(req) and req.method == b"OPTIONS" \
+                and req.cors_method is not None:
+            # a CORS preflight: answered here, before route, method and auth
+            # (browsers send no credentials with it)
+            req.route = self.not_found if self.resolve(req.path) is None else self.resolve(req.path)
+            if req.request_id is None:
+                req.request_id = make_request_id(b"req-")
+            req.refusal = (200, b"", b"text/plain", req.cors + _CORS_PREFLIGHT
+                           + b"access-control-allow-headers: "
+                           + (req.cors_headers if req.cors_headers is not None else b"*") + b"\r\n", None)
+            return 0
         route = self.resolve(req.path)
         if route is None:
             req.route = self.not_found
