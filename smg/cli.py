@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-size", type=_non_negative_int, default=d.queue_size,
                    help="requests waiting for a slot when --max-concurrent-requests is reached")
     s.add_argument("--queue-timeout-secs", type=_positive_float, default=d.queue_timeout_secs)
+    s.add_argument("--sse-keepalive-secs", type=_non_negative_float, default=d.sse_keepalive_secs,
+                   help="seconds of upstream silence after which an event stream gets a keep-alive comment "
+                        "(0: never)")
     s.add_argument("--cors-allowed-origins", nargs="*", action="extend", default=[], metavar="ORIGIN",
                    help="origins a browser may call the gateway from, or '*' alone for any (default: none)")
     s.add_argument("--request-id-headers", nargs="*", action="extend", default=[], metavar="HEADER",

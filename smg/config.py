@@ -98,6 +98,9 @@ class Config:
     log_json: bool = False
     log_dir: Optional[str] = None
 
+    # seconds of upstream silence before an SSE stream gets a keep-alive comment (0: never)
+    sse_keepalive_secs: float = 15.0
+
     # origins browsers may call the gateway from ("*": any; empty: no CORS)
     cors_allowed_origins: list[str] = dataclasses.field(default_factory=list)
 

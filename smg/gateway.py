@@ -128,6 +128,7 @@ class DataPlane:
             backoff_multiplier=cfg.retry_backoff_multiplier,
             backoff_jitter=cfg.retry_jitter_factor,
             request_timeout=cfg.request_timeout_secs,
+            sse_keepalive=cfg.sse_keepalive_secs,
         )
         self.core = ServerCore(
             loop,

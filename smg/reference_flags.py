@@ -127,7 +127,6 @@ NOT_YET = (
         _f("--prefill-max-inflight-requests-per-worker"), _f("--prefill-queue-size"),
         _f("--prefill-queue-timeout-secs"),
     )),
-    FlagGroup("SSE keep-alive frames", (_f("--sse-keepalive-secs"),)),
     FlagGroup("custom Prometheus duration buckets", (_f("--prometheus-duration-buckets", nargs="+"),)),
     FlagGroup("a sliding failure window for the circuit breaker", (_f("--cb-window-duration-secs"),)),
     FlagGroup("streamed request bodies", (

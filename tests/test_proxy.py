@@ -326,3 +326,26 @@ def test_probes_and_proxied_requests_use_separate_connections(fake_workers, gate
     assert float(gauge.search(g.metrics()).group(1)) == 0.0  # registration probes did not touch it
     assert g.post("/generate", {"text": "hi"}).status == 200
     assert float(gauge.search(g.metrics()).group(1)) == 1.0
+
+
+def test_a_silent_event_stream_gets_keep_alive_comments_between_events(fake_workers, gateway):
+    """--sse-keepalive-secs: while the worker is silent, the client gets an
+    SSE comment (which clients ignore) instead of nothing, so proxies with
+    idle timeouts keep the stream open; only between events."""
+    (w,) = fake_workers(1, stream_chunks=3, stream_interval=1.2)
+    g = gateway(["--worker-urls", w.url, "--sse-keepalive-secs", "0.3"], wait_workers=1)
+    r = g.post("/v1/chat/completions", {"model": "fake-model", "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]}, timeout=20)
+    assert r.status == 200
+    events = [e for e in r.body.decode().split("\n\n") if e]
+    assert events.count(": keep-alive") >= 2
+    data = [e for e in events if e.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and len(data) == 4
+    assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in data[:-1])
+
+
+def test_no_keep_alive_comments_when_off(fake_workers, gateway):
+    (w,) = fake_workers(1, stream_chunks=2, stream_interval=0.8)
+    g = gateway(["--worker-urls", w.url, "--sse-keepalive-secs", "0"], wait_workers=1)
+    r = g.post("/generate", {"text": "x", "stream": True}, timeout=20)
+    assert r.status == 200 and b"keep-alive" not in r.body

@@ -42,6 +42,7 @@ cdef class CallSettings:
     cdef public double backoff_multiplier
     cdef public double backoff_jitter
     cdef public double request_timeout
+    cdef public double sse_keepalive     # seconds of silence before a keep-alive comment (0: none)
     cdef public dict retries
     cdef public dict retries_exhausted
     # smg_router_* (the reference's family), read by smg.metrics
@@ -104,6 +105,9 @@ cdef class ClientCall(ResponseSource):
     cdef Leg relaying                    # the leg whose body goes to the client
     cdef bint held_back                  # the relaying leg is not read for the call's own reason
     cdef object retry_timer
+    cdef bint sse                        # relaying an event stream to an HTTP/1.1 client
+    cdef bint at_event_end               # what was relayed last ends an SSE event
+    cdef double last_write               # when the client was last written to
     cdef int error_status                # what the client gets if no attempt succeeds
     cdef str error_code
     cdef str error_message

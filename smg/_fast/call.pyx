@@ -8,7 +8,7 @@ framing the client needs, ends a broken event stream with an error event,
 and stops every leg however it ends. smg._fast.proxy and smg._fast.pd
 decide what the legs are and what their answers mean."""
 
-from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_GET_SIZE, PyBytes_AS_STRING
 from smg._fast.clock cimport monotonic
 from smg._fast.exchange cimport FAIL_BEFORE_HEAD, FAIL_CONNECT
 from smg._fast.upstream cimport UpstreamPool
@@ -20,6 +20,8 @@ from smg._fast.worker import TYPE_NAMES
 
 _TYPE_NAMES = TYPE_NAMES
 cdef dict _STATUS_LINES = {}
+# an SSE comment, as one chunk
+cdef bytes _SSE_KEEPALIVE = b"e\r\n: keep-alive\n\n\r\n"
 
 
 cdef bytes upstream_status_line(ResponseParser p):
@@ -117,7 +119,7 @@ cdef class CallSettings:
 
     def __init__(self, Router router, loop, Admission admission=None, int max_attempts=5,
                  double backoff_initial=0.05, double backoff_max=30.0, double backoff_multiplier=1.5,
-                 double backoff_jitter=0.2, double request_timeout=1800.0):
+                 double backoff_jitter=0.2, double request_timeout=1800.0, double sse_keepalive=15.0):
         self.router = router
         self.loop = loop
         self.admission = admission if admission is not None else Admission()
@@ -127,6 +129,7 @@ cdef class CallSettings:
         self.backoff_multiplier = backoff_multiplier
         self.backoff_jitter = backoff_jitter
         self.request_timeout = request_timeout
+        self.sse_keepalive = sse_keepalive
         self.retries = {}
         self.retries_exhausted = {}
         self.routed = {}
@@ -443,16 +446,29 @@ cdef class ClientCall(ResponseSource):
         self.status = p.status
         self.relayed = p
         self.head_sent = True
+        self.sse = (self.req.http_minor == 1 and p.content_type is not None
+                    and p.content_type.startswith(b"text/event-stream"))
+        self.at_event_end = True
+        self.last_write = monotonic()
         return relay_head(p, self.cycle, w, decoded, &self.wrap, content_length)
 
     cdef int relay(self, bytes head, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
         """Write `head` (None: none), then data[off:off + n] framed as the
         client's response is."""
         cdef bytes piece
+        cdef const char* end
         if n == 0:
             if head is not None:
                 self.cycle.write(head)
             return 0
+        if self.sse:
+            # an event ends with a blank line; relayed chunks end with CRLF too
+            end = PyBytes_AS_STRING(data) + off + n
+            if self.wrap:
+                self.at_event_end = n >= 2 and end[-1] == 10 and end[-2] == 10
+            else:
+                self.at_event_end = n >= 4 and end[-1] == 10 and end[-2] == 13 and end[-3] == 10 and end[-4] == 10
+            self.last_write = monotonic()
         if self.wrap:
             piece = wrap_chunk(data, off, n)
         elif off == 0 and n == PyBytes_GET_SIZE(data):
@@ -540,6 +556,19 @@ cdef class ClientCall(ResponseSource):
     cdef int client_resume(self) except -1:
         if self.relaying is not None and not self.held_back:
             self.relaying.resume_reading()
+        return 0
+
+    cdef int tick(self, double now) except -1:
+        """--sse-keepalive-secs: an event stream silent that long gets an SSE
+        comment, between two events, so that proxies with idle timeouts do
+        not cut it while the worker is busy."""
+        if (not self.sse or self.done or self.settings.sse_keepalive <= 0
+                or now - self.last_write < self.settings.sse_keepalive or not self.at_event_end):
+            return 0
+        if not self.wrap and not self.relayed.between_chunks():
+            return 0
+        self.cycle.write(_SSE_KEEPALIVE)
+        self.last_write = now
         return 0
 
     cdef int expired(self, double now) except -1:

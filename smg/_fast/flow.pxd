@@ -9,6 +9,8 @@ cdef class ResponseSource:
     cdef int client_pause(self) except -1
     cdef int client_resume(self) except -1
     cdef int expired(self, double now) except -1
+    # the connection's periodic tick while this source produces the response
+    cdef int tick(self, double now) except -1
 
 
 cdef class FlowControl:

@@ -20,6 +20,9 @@ cdef class ResponseSource:
     cdef int expired(self, double now) except -1:
         return 0
 
+    cdef int tick(self, double now) except -1:
+        return 0
+
 
 cdef class FlowControl:
 

@@ -600,8 +600,11 @@ cdef class ClientConnection(Connection):
             return 0
         if self.active is not None:
             source = self.active.source
-            if source is not None and source.deadline > 0 and now >= source.deadline:
-                source.expired(now)
+            if source is not None:
+                if source.deadline > 0 and now >= source.deadline:
+                    source.expired(now)
+                else:
+                    source.tick(now)
             return 0
         if self.head_started > 0.0:
             if self.core.header_timeout > 0 and now - self.head_started > self.core.header_timeout:
