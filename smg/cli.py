@@ -18,7 +18,7 @@ from smg.reference_flags import all_groups
 
 # the reference's policies that smg does not have yet (accepted by the
 # parser so that the error names them, instead of an argparse choice error)
-REFERENCE_POLICIES = ("passthrough", "least_load", "prefix_hash")
+REFERENCE_POLICIES = ("passthrough",)
 PREFILL_ONLY_POLICIES = ("bucket",)
 
 
@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-threshold", "--cache-match-threshold", type=_non_negative_float, default=d.cache_threshold)
     r.add_argument("--balance-abs-threshold", "--spill-abs-threshold", type=_non_negative_int, default=d.balance_abs_threshold)
     r.add_argument("--balance-rel-threshold", "--spill-rel-threshold", type=_non_negative_float, default=d.balance_rel_threshold)
+    r.add_argument("--prefix-token-count", type=_positive_int, default=d.prefix_token_count,
+                   help="prefix_hash: tokens of the prefix hashed (four characters a token: smg routes by text)")
+    r.add_argument("--prefix-hash-load-factor", type=_positive_float, default=d.prefix_hash_load_factor,
+                   help="prefix_hash: a worker above this multiple of the mean load is passed over")
+    r.add_argument("--prefix-hash-balance-abs-threshold", type=_non_negative_float,
+                   default=d.prefix_hash_balance_abs_threshold,
+                   help="prefix_hash: ... and above the mean by more than this many requests")
     r.add_argument("--assignment-mode", choices=("random", "min_load", "min_group", "delegate"), default=None,
                    help="manual policy: how a new routing key gets its worker (random, min_load: fewest in flight, "
                         "min_group: fewest keys; delegate is random here) (default: random)")
@@ -311,6 +318,8 @@ def validate(cfg: Config) -> None:
         raise ValueError("--worker-urls cannot be used with --pd-disaggregation; use --prefill and --decode")
     if cfg.prometheus_port == cfg.port and cfg.port != 0:
         raise ValueError(f"--prometheus-port must differ from --port ({cfg.port})")
+    if cfg.prefix_hash_load_factor < 1.0:
+        raise ValueError(f"--prefix-hash-load-factor must be at least 1.0, got {cfg.prefix_hash_load_factor}")
     if "*" in cfg.cors_allowed_origins and len(cfg.cors_allowed_origins) > 1:
         raise ValueError("--cors-allowed-origins: '*' stands alone (any origin), not with other origins")
     for origin in cfg.cors_allowed_origins:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "consistent_hashing", "manual")
+POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "consistent_hashing", "manual", "least_load",
+            "prefix_hash")
 
 
 @dataclasses.dataclass
@@ -112,6 +113,11 @@ class Config:
 
     # grace period before a new worker's first health check
     worker_startup_delay: float = 0.0
+
+    # the prefix_hash policy
+    prefix_token_count: int = 256
+    prefix_hash_load_factor: float = 1.25
+    prefix_hash_balance_abs_threshold: float = 10.0
 
     # the manual policy (sticky routing keys)
     assignment_mode: Optional[str] = None

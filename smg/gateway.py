@@ -27,9 +27,11 @@ from smg._fast.policies import (
     ASSIGNMENT_MODES,
     CacheAwarePolicy,
     ConsistentHashPolicy,
+    LeastLoadPolicy,
     ManualPolicy,
     Policy,
     PowerOfTwoPolicy,
+    PrefixHashPolicy,
     RandomPolicy,
     RoundRobinPolicy,
     Router,
@@ -94,6 +96,11 @@ def policy_factory(cfg: Config) -> Callable[[int], Policy]:
             return PowerOfTwoPolicy()
         if name == "consistent_hashing":
             return ConsistentHashPolicy()
+        if name == "least_load":
+            return LeastLoadPolicy()
+        if name == "prefix_hash":
+            return PrefixHashPolicy(cfg.prefix_token_count * 4, cfg.prefix_hash_load_factor,
+                                    cfg.prefix_hash_balance_abs_threshold)
         if name == "manual":
             mode = ASSIGNMENT_MODES.get(cfg.assignment_mode or "random", ASSIGNMENT_MODES["random"])
             return ManualPolicy(mode, cfg.max_idle_secs)

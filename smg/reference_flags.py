@@ -118,10 +118,7 @@ NOT_YET = (
     FlagGroup("sticky sessions on any policy and custom routing-key headers", (
         _f("--routing-key-override", "--sticky-sessions", nargs=0), _f("--routing-key-headers", nargs="*"),
     )),
-    FlagGroup("the prefix_hash and bucket policies", (
-        _f("--prefix-token-count"), _f("--prefix-hash-load-factor"), _f("--prefix-hash-balance-abs-threshold"),
-        _f("--bucket-adjust-interval-secs"),
-    )),
+    FlagGroup("the bucket policy", (_f("--bucket-adjust-interval-secs"),)),
     FlagGroup("data-parallel-aware scheduling", (_f("--dp-aware", nargs=0),)),
     FlagGroup("prefill admission limits", (
         _f("--prefill-max-inflight-requests-per-worker"), _f("--prefill-queue-size"),

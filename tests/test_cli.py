@@ -155,8 +155,8 @@ def test_a_no_effect_flag_with_a_value_smg_cannot_honour_exits_2(capsys):
     assert "--backend openai: not supported (smg accepts sglang, vllm)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, policy", [("--policy", "least_load"), ("--policy", "passthrough"),
-                                          ("--decode-policy", "prefix_hash"), ("--prefill-policy", "bucket")])
+@pytest.mark.parametrize("flag, policy", [("--policy", "passthrough"), ("--decode-policy", "passthrough"),
+                                          ("--prefill-policy", "bucket")])
 def test_reference_policies_smg_lacks_exit_2_naming_them(flag, policy, capsys):
     with pytest.raises(SystemExit) as e:
         config_from_args([flag, policy])

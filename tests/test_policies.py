@@ -10,8 +10,10 @@ from smg._fast.policies import (
     ASSIGNMENT_MODES,
     CacheAwarePolicy,
     ConsistentHashPolicy,
+    LeastLoadPolicy,
     ManualPolicy,
     PowerOfTwoPolicy,
+    PrefixHashPolicy,
     RandomPolicy,
     RoundRobinPolicy,
     WorkerGroup,
@@ -402,3 +404,30 @@ def test_manual_without_a_key_is_random():
     policy = ManualPolicy()
     seen = collections.Counter(policy.pick_py(ws, now=1.0).id for _ in range(300))
     assert set(seen) == {"w0", "w1", "w2"} and policy.pinned == 0
+
+
+def test_least_load_picks_the_fewest_in_flight_skipping_open_breakers():
+    ws = workers(3)
+    ws[0].inflight, ws[1].inflight, ws[2].inflight = 4, 1, 2
+    policy = LeastLoadPolicy()
+    assert policy.pick_py(ws) is ws[1]
+    ws[1].state = 2
+    assert policy.pick_py(ws) is ws[2]
+
+
+def test_prefix_hash_keeps_a_prefix_on_one_worker_unless_it_is_overloaded():
+    ws = workers(4)
+    policy = PrefixHashPolicy(prefix_chars=16, load_factor=1.25, abs_threshold=2)
+    # the same first 16 characters: the same worker, whatever follows
+    first = policy.pick_py(ws, text="shared-system-prompt one")
+    assert all(policy.pick_py(ws, text=f"shared-system-prompt {i}") is first for i in range(50))
+    spread = collections.Counter(policy.pick_py(ws, text=f"prefix number {i:04d} ...").id for i in range(400))
+    assert len(spread) == 4 and min(spread.values()) > 50, spread
+    # a fresh policy (another gateway) agrees
+    assert PrefixHashPolicy(prefix_chars=16).pick_py(ws, text="shared-system-prompt x") is first
+    # overloaded (above 1.25 x mean and mean + 2): the next choice
+    first.inflight = 10
+    moved = policy.pick_py(ws, text="shared-system-prompt one")
+    assert moved is not first
+    first.inflight = 2  # above 1.25 x the mean (0.5), but only 1.5 above it: not overloaded
+    assert policy.pick_py(ws, text="shared-system-prompt one") is first

@@ -196,3 +196,17 @@ def test_manual_policy_keeps_each_routing_key_on_one_worker(fake_workers, gatewa
     assert all(len(h) == 1 for h in holders.values()), holders
     per_worker = [sum(1 for h in holders.values() if h == [w.url]) for w in workers]
     assert per_worker == [3, 3, 3]  # min_group spreads the keys evenly
+
+
+def test_prefix_hash_policy_keeps_each_prefix_on_one_worker(fake_workers, gateway):
+    workers = fake_workers(3)
+    g = gateway(["--policy", "prefix_hash", "--prefix-token-count", "8", "--worker-urls",
+                 *[w.url for w in workers]], wait_workers=3)
+    for i in range(40):
+        tag = f"p{i % 8}"
+        # the first 32 characters (8 tokens x 4) are the tag and padding
+        r = g.post("/generate", {"text": f"[{tag}] " + "=" * 40 + f" question {i}"})
+        assert r.status == 200
+    holders = {f"p{k}": [w.url for w in workers if w.stats.tags.get(f"p{k}")] for k in range(8)}
+    assert all(len(h) == 1 for h in holders.values()), holders
+    assert len({h[0] for h in holders.values()}) >= 2  # prefixes spread over the workers

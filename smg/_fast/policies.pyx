@@ -162,6 +162,74 @@ def _point_key(p):
     return (p[0], p[1])
 
 
+cdef class LeastLoadPolicy(Policy):
+    """The routable worker with the fewest requests in flight (the gateway's
+    own count). The reference's least_load also weighs engine-reported KV
+    pressure and throughput, which HTTP workers do not push to smg."""
+
+    def __init__(self):
+        self.name = "least_load"
+        self.needs_text = False
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        return least_loaded(ready, now, None)
+
+
+cdef class PrefixHashPolicy(Policy):
+    """Requests whose routing texts share their first `prefix_chars`
+    characters go to the same worker: rendezvous hashing of that prefix over
+    the routable workers, walking to the next choice while a worker is
+    overloaded (in flight above `load_factor` times the mean AND above the
+    mean by more than `abs_threshold`). Stable across gateways: the same
+    prefix picks the same worker everywhere."""
+    cdef Py_ssize_t prefix_chars
+    cdef double load_factor
+    cdef double abs_threshold
+
+    def __init__(self, Py_ssize_t prefix_chars=1024, double load_factor=1.25, double abs_threshold=10.0):
+        self.name = "prefix_hash"
+        self.needs_text = True
+        self.prefix_chars = prefix_chars
+        self.load_factor = load_factor
+        self.abs_threshold = abs_threshold
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef uint64_t h, weight, best_weight = 0
+        cdef Worker best = None, w
+        cdef double total = 0.0, mean
+        cdef Py_ssize_t count = 0, n
+        cdef ucs4* buf
+        if text is None:
+            return least_loaded(ready, now, None)
+        n = PyUnicode_GET_LENGTH(text)
+        if n > self.prefix_chars:
+            n = self.prefix_chars
+        buf = to_ucs4(text)
+        try:
+            h = hash_code_points(buf, n)
+        finally:
+            PyMem_Free(buf)
+        for w in ready:
+            if w.routable(now):
+                total += w.inflight
+                count += 1
+        if count == 0:
+            return None
+        mean = total / count
+        for w in ready:
+            if not w.routable(now):
+                continue
+            if w.inflight > self.load_factor * mean and w.inflight - mean > self.abs_threshold:
+                continue
+            weight = weight_of(h, w)
+            if best is None or weight > best_weight:
+                best = w
+                best_weight = weight
+        if best is None:
+            best = least_loaded(ready, now, None)
+        return best
+
+
 # ManualPolicy assignment modes (--assignment-mode)
 cdef enum:
     ASSIGN_RANDOM = 0
