@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-threshold", "--cache-match-threshold", type=_non_negative_float, default=d.cache_threshold)
     r.add_argument("--balance-abs-threshold", "--spill-abs-threshold", type=_non_negative_int, default=d.balance_abs_threshold)
     r.add_argument("--balance-rel-threshold", "--spill-rel-threshold", type=_non_negative_float, default=d.balance_rel_threshold)
+    r.add_argument("--model-alias", action="append", default=[], metavar="ALIAS=MODEL",
+                   help="accept ALIAS as the name of the served MODEL (repeatable; the workers get MODEL)")
     r.add_argument("--prefix-token-count", type=_positive_int, default=d.prefix_token_count,
                    help="prefix_hash: tokens of the prefix hashed (four characters a token: smg routes by text)")
     r.add_argument("--prefix-hash-load-factor", type=_positive_float, default=d.prefix_hash_load_factor,
@@ -272,6 +274,18 @@ def _parse_prefill(items: list[list[str]]) -> list[PrefillSpec]:
     return out
 
 
+def _parse_aliases(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        alias, sep, model = item.partition("=")
+        if not sep or not alias.strip() or not model.strip():
+            raise ValueError(f"--model-alias takes ALIAS=MODEL, got {item!r}")
+        if alias.strip() in out and out[alias.strip()] != model.strip():
+            raise ValueError(f"--model-alias {alias.strip()!r} is given for two models")
+        out[alias.strip()] = model.strip()
+    return out
+
+
 def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
     """Parse and validate; exits with status 2 on any error."""
     parser = build_parser()
@@ -279,6 +293,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
     values = vars(args)
     try:
         notices = check_reference_flags(values)
+        values["model_alias"] = _parse_aliases(values["model_alias"])
         values["prefill"] = _parse_prefill(values["prefill"])
         if values["log_level"] == "warning":
             values["log_level"] = "warn"

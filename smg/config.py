@@ -114,6 +114,9 @@ class Config:
     # grace period before a new worker's first health check
     worker_startup_delay: float = 0.0
 
+    # --model-alias ALIAS=MODEL: a client-facing name for a served model
+    model_alias: dict[str, str] = dataclasses.field(default_factory=dict)
+
     # the prefix_hash policy
     prefix_token_count: int = 256
     prefix_hash_load_factor: float = 1.25

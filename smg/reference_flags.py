@@ -112,9 +112,6 @@ NOT_SUPPORTED = (
 )
 
 NOT_YET = (
-    FlagGroup("multi-model routing (IGW mode) and model aliases", (
-        _f("--enable-igw", nargs=0), _f("--model-alias"),
-    )),
     FlagGroup("sticky sessions on any policy and custom routing-key headers", (
         _f("--routing-key-override", "--sticky-sessions", nargs=0), _f("--routing-key-headers", nargs="*"),
     )),
@@ -142,6 +139,8 @@ NOT_YET = (
 NO_EFFECT = (
     FlagGroup("smg never loads a tokenizer", (_f("--disable-tokenizer-autoload", nargs=0),)),
     FlagGroup("smg does not poll worker loads", (_f("--disable-load-monitoring", nargs=0),)),
+    FlagGroup("smg always routes by the request's model when workers serve several (IGW mode is on)",
+              (_f("--enable-igw", nargs=0),)),
     FlagGroup("smg has no worker overload protection to switch off",
               (_f("--disable-worker-overload-protection", nargs=0),)),
     FlagGroup("smg has no control-plane job queue to size", (

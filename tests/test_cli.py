@@ -30,6 +30,8 @@ from smg.cli import config_from_args
         (["--cors-allowed-origins", "*", "http://a.example"], "'*' stands alone"),
         (["--cors-allowed-origins", "a.example"], "is not an origin"),
         (["--health-check-port", "30000"], "--health-check-port must differ"),
+        (["--model-alias", "gpt4"], "--model-alias takes ALIAS=MODEL"),
+        (["--model-alias", "a=m1", "--model-alias", "a=m2"], "given for two models"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, fragment):

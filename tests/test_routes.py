@@ -1,5 +1,6 @@
 """Every route the gateway serves, through the real gateway and fake workers."""
 
+import json
 import re
 
 import pytest
@@ -357,3 +358,18 @@ def test_no_cors_headers_without_the_flag(two):
     g, _ = two
     r = g.post("/generate", {"text": "a"}, headers={"origin": "http://app.example"})
     assert r.status == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_model_alias_routes_and_rewrites_the_model(fake_workers, gateway):
+    (w,) = fake_workers(1)
+    g = gateway(["--worker-urls", w.url, "--model-alias", "gpt-4o=fake-model", "--model-alias", "mini=fake-model"],
+                wait_workers=1)
+    for alias in ("gpt-4o", "mini"):
+        r = g.post("/v1/chat/completions", {"model": alias, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status == 200
+        assert json.loads(w.stats.last_body)["model"] == "fake-model"
+    raw = b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}'
+    assert g.post("/v1/chat/completions", raw).status == 200
+    assert w.stats.last_body == raw  # no alias: the client's bytes, unchanged
+    r = g.post("/v1/chat/completions", {"model": "other", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -43,6 +43,7 @@ cdef class CallSettings:
     cdef public double backoff_jitter
     cdef public double request_timeout
     cdef public double sse_keepalive     # seconds of silence before a keep-alive comment (0: none)
+    cdef public dict model_aliases       # --model-alias: client-facing name -> served model
     cdef public dict retries
     cdef public dict retries_exhausted
     # smg_router_* (the reference's family), read by smg.metrics

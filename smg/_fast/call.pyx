@@ -130,6 +130,7 @@ cdef class CallSettings:
         self.backoff_jitter = backoff_jitter
         self.request_timeout = request_timeout
         self.sse_keepalive = sse_keepalive
+        self.model_aliases = {}
         self.retries = {}
         self.retries_exhausted = {}
         self.routed = {}

@@ -25,7 +25,7 @@ from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
 from smg._fast.call cimport ClientCall, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status, forwarded_head
-from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, routing_key, model_label
+from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, resolve_alias, routing_key, model_label
 
 _log = logging.getLogger("smg.pd")
 
@@ -138,7 +138,7 @@ cdef class PDHandler(ProxiedRoute):
         cdef str text = None
         if obj is None:
             return 0
-        model = (<dict>obj).get("model") or None
+        model = resolve_alias(self.settings, cycle, <dict>obj) or None
         label = model_label(self.settings.router, model, TYPE_DECODE)
         self.settings.count_routed("pd", label, self.endpoint_name, (<dict>obj).get("stream") is True)
         prefill = resolve_group(self.settings.router, cycle, model, TYPE_PREFILL)

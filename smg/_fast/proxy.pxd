@@ -6,6 +6,7 @@ from smg._fast.policies cimport Router, WorkerGroup
 
 cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int worker_type)
 cdef object parse_body(RequestCycle cycle, int endpoint)
+cdef object resolve_alias(CallSettings settings, RequestCycle cycle, dict obj)
 cdef bytes routing_key(Request req)
 cdef str model_label(Router router, object model, int worker_type)
 

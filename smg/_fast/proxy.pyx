@@ -82,6 +82,20 @@ cdef object parse_body(RequestCycle cycle, int endpoint):
     return obj
 
 
+cdef object resolve_alias(CallSettings settings, RequestCycle cycle, dict obj):
+    """The request's model, with a --model-alias name replaced by the model
+    it stands for, in the body the workers get too (they know only that
+    name)."""
+    model = obj.get("model")
+    if settings.model_aliases and type(model) is str:
+        canonical = settings.model_aliases.get(model)
+        if canonical is not None:
+            obj["model"] = canonical
+            cycle.req.body = orjson.dumps(obj)
+            return canonical
+    return model
+
+
 cdef bytes routing_key(Request req):
     """consistent_hashing's key: X-SMG-Routing-Key, else Authorization, else X-Forwarded-For."""
     if req.routing_key is not None:
@@ -133,7 +147,7 @@ cdef class ProxyHandler(ProxiedRoute):
         cdef str text = None
         if obj is None:
             return 0
-        model = (<dict>obj).get("model")
+        model = resolve_alias(self.settings, cycle, <dict>obj)
         label = model_label(self.settings.router, model, TYPE_REGULAR)
         self.settings.count_routed("regular", label, self.endpoint_name, (<dict>obj).get("stream") is True)
         group = resolve_group(self.settings.router, cycle, <str>model if model else None, TYPE_REGULAR)
