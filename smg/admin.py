@@ -22,6 +22,16 @@ def _admin_error(status: int, code: str, message: str) -> Response:
     return json_response({"error": message, "code": code}, status)
 
 
+def _json_object(req) -> tuple[Optional[dict], Optional[Response]]:
+    try:
+        body = orjson.loads(req.body) if req.body else None
+    except orjson.JSONDecodeError as e:
+        return None, _admin_error(400, "BAD_REQUEST", f"Invalid JSON body: {e}")
+    if not isinstance(body, dict):
+        return None, _admin_error(400, "BAD_REQUEST", "The request body must be a JSON object")
+    return body, None
+
+
 class AdminRoutes:
     """`inflight_source`, where the data plane runs in other processes: their
     in-flight counts per worker id (GET /workers shows the host's load)."""
@@ -65,7 +75,7 @@ class AdminRoutes:
         })
 
     def worker_route(self, req) -> Response:
-        """GET and DELETE /workers/{id}."""
+        """GET, PATCH, PUT and DELETE /workers/{id}."""
         worker_id = req.path[len("/workers/"):]
         try:
             uuid.UUID(worker_id)
@@ -79,15 +89,62 @@ class AdminRoutes:
             self.registry.drain(w, "admin request")
             return json_response({"status": "accepted", "worker_id": w.id,
                                   "message": "Worker removal queued for background processing"}, 202)
+        if req.method == b"PATCH":
+            return self.update_worker(w, req)
+        if req.method == b"PUT":
+            return self.replace_worker(w, req)
         return self._with_host_loads(lambda: json_response(self.registry.info(w)))
 
+    def update_worker(self, w, req) -> Response:
+        """PATCH: labels (merged; a null value removes one), priority, cost."""
+        body, err = _json_object(req)
+        if err is not None:
+            return err
+        unknown = sorted(set(body) - {"labels", "priority", "cost"})
+        if unknown:
+            return _admin_error(400, "BAD_REQUEST", f"Unknown field(s) {', '.join(unknown)}: PATCH updates "
+                                                    "labels, priority and cost (PUT replaces the worker)")
+        labels = body.get("labels")
+        if labels is not None and (not isinstance(labels, dict) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in labels.items())):
+            return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'labels': expected string to string")
+        priority = body.get("priority")
+        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool) or priority < 0):
+            return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'priority': expected an integer >= 0")
+        cost = body.get("cost")
+        if cost is not None and (not isinstance(cost, (int, float)) or isinstance(cost, bool) or cost < 0):
+            return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'cost': expected a number >= 0")
+        for key, value in (labels or {}).items():
+            if value is None:
+                w.labels.pop(key, None)
+            else:
+                w.labels[key] = value
+        if priority is not None:
+            self.registry.overrides.setdefault(w.id, {})["priority"] = priority
+        if cost is not None:
+            self.registry.overrides.setdefault(w.id, {})["cost"] = float(cost)
+        return json_response({"status": "accepted", "worker_id": w.id, "message": "Worker updated"}, 202)
+
+    def replace_worker(self, w, req) -> Response:
+        """PUT: the worker is drained and a new one registered from the body
+        (POST /workers's fields); the answer names the new worker."""
+        body, err = _json_object(req)
+        if err is not None:
+            return err
+        if body.get("url") not in (None, w.url):
+            return _admin_error(400, "BAD_REQUEST", f"PUT /workers/{w.id} keeps the URL {w.url}; "
+                                                    "to move a worker, DELETE it and POST the new one")
+        self.registrar.cancel(w)
+        self.registry.remove(w, "replaced by an admin request")
+        return self.add_worker_from(dict(body, url=w.url))
+
     def add_worker(self, req) -> Response:
-        try:
-            body = orjson.loads(req.body) if req.body else None
-        except orjson.JSONDecodeError as e:
-            return _admin_error(400, "BAD_REQUEST", f"Invalid JSON body: {e}")
-        if not isinstance(body, dict):
-            return _admin_error(400, "BAD_REQUEST", "The request body must be a JSON object")
+        body, err = _json_object(req)
+        if err is not None:
+            return err
+        return self.add_worker_from(body)
+
+    def add_worker_from(self, body: dict) -> Response:
         url = body.get("url")
         if not isinstance(url, str) or not url:
             return _admin_error(400, "BAD_REQUEST", "Missing required field 'url'")

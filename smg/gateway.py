@@ -79,7 +79,7 @@ CONTROL_ROUTES = (
     ("/stop_profile", ("POST",), "admin", False),
     ("/engine_metrics", ("GET",), "admin", False),
     ("/workers", ("GET", "POST"), "admin", False),
-    ("/workers/", ("GET", "DELETE"), "admin", True),
+    ("/workers/", ("GET", "DELETE", "PATCH", "PUT"), "admin", True),
 )
 
 TICK_SECONDS = 0.1

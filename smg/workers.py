@@ -58,6 +58,7 @@ class Registry:
         self.workers: dict[str, Worker] = {}
         self.by_url: dict[str, Worker] = {}
         self.sources: dict[str, str] = {}  # worker id -> "static" | "api" | "kubernetes"
+        self.overrides: dict[str, dict] = {}  # worker id -> priority/cost set by PATCH /workers/{id}
         self.cb_transitions: dict[tuple[str, str, str], int] = {}
         self.listeners: list[Callable[[str, Worker], None]] = []
         self._drains: dict[str, asyncio.Task] = {}
@@ -174,6 +175,7 @@ class Registry:
         if self.by_url.get(w.url) is w:
             del self.by_url[w.url]
         self.sources.pop(w.id, None)
+        self.overrides.pop(w.id, None)
         self._drains.pop(w.id, None)
         if w.state != DRAINING:
             w.state = DRAINING
@@ -258,9 +260,9 @@ class Registry:
             "runtime_type": w.info.get("runtime_type", "sglang"),
             "bootstrap_port": w.bootstrap_port,
             "labels": {**engine_labels(w.info.get("server_info") or {}, mi), **w.labels},
-            # the reference's defaults; smg's policies do not weigh workers
-            "priority": 50,
-            "cost": 1.0,
+            # the reference's defaults, or what PATCH set; smg's policies do not weigh them
+            "priority": self.overrides.get(w.id, {}).get("priority", 50),
+            "cost": self.overrides.get(w.id, {}).get("cost", 1.0),
             "max_connection_attempts": 20,
             "is_healthy": w.state == READY,
             "status": STATE_NAMES[w.state],

@@ -321,3 +321,29 @@ def test_worker_startup_delay_postpones_the_first_check(fake_workers, gateway):
     wait_for(lambda: status_of(g, w.url) == "ready", message="registered after the delay")
     assert time.monotonic() - t0 >= 1.5
     assert w.stats.health_checks >= 1
+
+
+def test_patch_and_put_a_worker(fake_workers, gateway):
+    (w,) = fake_workers(1)
+    g = gateway(["--worker-urls", w.url], wait_workers=1)
+    wid = g.workers()[0]["id"]
+    r = request(g.port, "PATCH", f"/workers/{wid}", {"labels": {"zone": "a"}, "priority": 7, "cost": 2.5})
+    assert r.status == 202 and r.json()["worker_id"] == wid
+    info = g.get(f"/workers/{wid}").json()
+    assert info["labels"]["zone"] == "a" and (info["priority"], info["cost"]) == (7, 2.5)
+    assert request(g.port, "PATCH", f"/workers/{wid}", {"labels": {"zone": None}}).status == 202
+    assert "zone" not in g.get(f"/workers/{wid}").json()["labels"]
+    r = request(g.port, "PATCH", f"/workers/{wid}", {"url": "http://elsewhere:1"})
+    assert r.status == 400 and r.json()["code"] == "BAD_REQUEST"
+    assert request(g.port, "PATCH", f"/workers/{wid}", {"priority": -1}).status == 400
+    missing = "00000000-0000-0000-0000-000000000000"
+    assert request(g.port, "PATCH", f"/workers/{missing}", {}).status == 404
+    # PUT replaces the worker (same URL) with a new registration
+    r = request(g.port, "PUT", f"/workers/{wid}", {"labels": {"tier": "gpu"}})
+    assert r.status == 202
+    new_id = r.json()["worker_id"]
+    assert new_id != wid
+    wait_for(lambda: [(x["id"], x["status"]) for x in g.workers()] == [(new_id, "ready")], message="replaced")
+    assert g.get(f"/workers/{new_id}").json()["labels"]["tier"] == "gpu"
+    assert request(g.port, "PUT", f"/workers/{new_id}", {"url": "http://127.0.0.1:1"}).status == 400
+    assert g.post("/generate", {"text": "x"}).status == 200
