@@ -54,6 +54,21 @@ cdef inline bint less_loaded(Worker a, Worker b) noexcept:
     return a.routed < b.routed
 
 
+cdef Worker random_routable(list ready, double now):
+    """A uniformly random routable worker (the first routable one after a
+    random start), or None."""
+    cdef Py_ssize_t n = len(ready), i, start
+    cdef Worker w
+    if n == 0:
+        return None
+    start = rand64() % n
+    for i in range(n):
+        w = <Worker>ready[(start + i) % n]
+        if w.routable(now):
+            return w
+    return None
+
+
 cdef Worker least_loaded(list ready, double now, Worker avoid):
     cdef Worker best = None, w
     for w in ready:
@@ -114,16 +129,7 @@ cdef class RandomPolicy(Policy):
         self.needs_text = False
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):
-        cdef Py_ssize_t n = len(ready), i, start
-        cdef Worker w
-        if n == 0:
-            return None
-        start = rand64() % n
-        for i in range(n):
-            w = <Worker>ready[(start + i) % n]
-            if w.routable(now):
-                return w
-        return None
+        return random_routable(ready, now)
 
 
 cdef class PowerOfTwoPolicy(Policy):
@@ -273,16 +279,8 @@ cdef class ManualPolicy(Policy):
 
     cdef Worker assign(self, list ready, double now):
         cdef Worker best = None, w
-        cdef Py_ssize_t n = len(ready), i, start
         if self.mode == ASSIGN_RANDOM:
-            if n == 0:
-                return None
-            start = rand64() % n
-            for i in range(n):
-                w = <Worker>ready[(start + i) % n]
-                if w.routable(now):
-                    return w
-            return None
+            return random_routable(ready, now)
         if self.mode == ASSIGN_MIN_LOAD:
             return least_loaded(ready, now, None)
         for w in ready:
@@ -294,7 +292,7 @@ cdef class ManualPolicy(Policy):
         cdef list pin
         cdef Worker w
         if key is None:
-            return self.assign_random(ready, now)
+            return random_routable(ready, now)
         if now - self.last_sweep >= MANUAL_SWEEP_SECS or len(self.pins) > MANUAL_MAX_KEYS:
             self.sweep(now)
         pin = self.pins.get(key)
@@ -309,14 +307,6 @@ cdef class ManualPolicy(Policy):
         if w is not None:
             self.pins[key] = [w, now]
             self.keys_of[w] = self.keys_of.get(w, 0) + 1
-        return w
-
-    cdef Worker assign_random(self, list ready, double now):
-        cdef int mode = self.mode
-        cdef Worker w
-        self.mode = ASSIGN_RANDOM
-        w = self.assign(ready, now)
-        self.mode = mode
         return w
 
     cdef unpin(self, bytes key, Worker w):
