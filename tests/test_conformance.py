@@ -42,8 +42,6 @@ BETTER = {
 
 NOT_YET = {
     "messages": "POST /v1/messages (Anthropic API)",
-    "rerank": "the reference's rerank response and validation",
-    "rerank_v1": "the reference's rerank response wrapper",
 }
 
 

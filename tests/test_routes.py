@@ -12,7 +12,7 @@ PROXIED = [
     ("/v1/completions", {"model": "fake-model", "prompt": "once upon"}),
     ("/v1/embeddings", {"model": "fake-model", "input": "embed me"}),
     ("/v1/rerank", {"model": "fake-model", "query": "q", "documents": ["a", "b"]}),
-    ("/rerank", {"query": "q", "documents": ["a", "b"]}),
+    ("/rerank", {"model": "fake-model", "query": "q", "documents": ["a", "b"]}),
     ("/v1/classify", {"model": "fake-model", "input": "classify me"}),
     ("/v1/responses", {"model": "fake-model", "instructions": "be brief", "input": "respond"}),
 ]
@@ -373,3 +373,18 @@ def test_model_alias_routes_and_rewrites_the_model(fake_workers, gateway):
     assert w.stats.last_body == raw  # no alias: the client's bytes, unchanged
     r = g.post("/v1/chat/completions", {"model": "other", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_rerank_answers_in_the_reference_shape(two):
+    g, _ = two
+    r = g.post("/v1/rerank", {"query": "q", "documents": ["a", "b"]})
+    assert r.status == 200
+    body = r.json()
+    assert body["object"] == "rerank" and body["model"] == "unknown" and body["usage"] is None
+    assert body["results"] == [{"score": 1.0, "document": "a", "index": 0}, {"score": 0.5, "document": "b", "index": 1}]
+    assert isinstance(body["created"], int)
+    r = g.post("/rerank", {"query": "q", "documents": ["a"]})
+    assert r.status == 400 and (r.json()["error"]["code"], r.json()["error"]["param"]) == \
+        ("missing_required_parameter", "model")
+    r = g.post("/rerank", {"model": "fake-model", "query": "q", "documents": ["a"]})
+    assert r.status == 200 and r.json()["model"] == "fake-model" and len(r.json()["results"]) == 1

@@ -9,6 +9,7 @@ response as it arrives (chunk framing passed through), retrying on another
 worker while nothing has reached the client yet."""
 
 import logging
+import time
 
 import orjson
 
@@ -19,7 +20,7 @@ from smg._fast.exchange cimport FAIL_CONNECT
 from smg._fast.admission cimport Admission
 from smg._fast.call cimport Leg, LEG_STOP, new_leg, retryable_status, failure_status, forwarded_head
 from smg._fast.worker cimport Worker, TYPE_REGULAR
-from smg._fast.routing_text cimport routing_text, invalid_field
+from smg._fast.routing_text cimport routing_text, invalid_field, EP_RERANK
 
 from smg._fast.routing_text import ENDPOINT_NAMES
 from smg._fast.admission import queue_or_reject
@@ -148,6 +149,10 @@ cdef class ProxyHandler(ProxiedRoute):
         if obj is None:
             return 0
         model = resolve_alias(self.settings, cycle, <dict>obj)
+        if self.endpoint == EP_RERANK and model is None and cycle.req.path == "/rerank":
+            # SGLang's native rerank route names its model (as on the reference)
+            cycle.respond_error(400, "missing_required_parameter", "'model' is required", None, "model")
+            return 0
         label = model_label(self.settings.router, model, TYPE_REGULAR)
         self.settings.count_routed("regular", label, self.endpoint_name, (<dict>obj).get("stream") is True)
         group = resolve_group(self.settings.router, cycle, <str>model if model else None, TYPE_REGULAR)
@@ -156,9 +161,11 @@ cdef class ProxyHandler(ProxiedRoute):
             return 0
         if group.policy.needs_text:
             text = routing_text(self.endpoint, <dict>obj)
-        self.launch(new_proxy_call(self, cycle, group, text,
-                                   cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req),
-                                   label))
+        key = cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req)
+        if self.endpoint == EP_RERANK:
+            self.launch(new_rerank_call(self, cycle, group, text, key, label, model))
+        else:
+            self.launch(new_proxy_call(self, cycle, group, text, key, label))
         return 0
 
 
@@ -182,6 +189,7 @@ cdef class ProxyCall(ClientCall):
     cdef bytes head_start
     cdef bytes head_common
     cdef bytes client_auth
+    cdef bint wants_payload              # the body without chunk framing (a call that rewrites it)
 
     cdef int start(self) except -1:
         cdef Request req = self.req
@@ -201,7 +209,7 @@ cdef class ProxyCall(ClientCall):
         auth = w.auth_header if w.auth_header is not None else self.client_auth
         # an HTTP/1.0 client cannot take chunked bodies: relay the payload only
         leg = new_leg(self, w, self.head_start + w.host_header + auth + self.head_common, self.req.body,
-                      self.req.http_minor == 0)
+                      self.req.http_minor == 0 or self.wants_payload)
         self.relaying = leg
         leg.begin()
         return 0
@@ -249,4 +257,57 @@ cdef class ProxyCall(ClientCall):
             self.retry(leg.worker)
         else:
             self.fail_to_client(self.error_status, self.error_code, self.error_message)
+        return 0
+
+
+cdef RerankCall new_rerank_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
+                                str label, object model):
+    cdef RerankCall call = RerankCall.__new__(RerankCall)
+    call.setup(handler.settings, handler.endpoint_name, cycle, group.worker_type, "regular", label)
+    call.group = group
+    call.text = text
+    call.key = key
+    call.model = model if type(model) is str else "unknown"
+    call.wants_payload = True
+    return call
+
+
+cdef class RerankCall(ProxyCall):
+    """Rerank, answered in the reference's shape: a worker's list of
+    {index, score, document} becomes {"results": [...], "model", "usage",
+    "object": "rerank", "id", "created"}. Any other answer is relayed as it
+    is (a worker that already answers in that shape included)."""
+    cdef str model
+    cdef ResponseParser head
+
+    cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
+        if p.status != 200:
+            return ProxyCall.leg_head(self, leg, p, data, off, n)
+        leg.worker.record_outcome(True, monotonic())
+        self.head = p
+        leg.collecting = True
+        if n:
+            leg.parts.append(data[off:off + n])
+        return 0
+
+    cdef int leg_done(self, Leg leg) except -1:
+        cdef bytes body
+        if self.done:
+            return 0
+        if self.head is None:
+            return ProxyCall.leg_done(self, leg)
+        body = b"".join(leg.parts)
+        leg.parts = []
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            doc = None
+        if type(doc) is list:
+            body = orjson.dumps({
+                "results": [{k: item[k] for k in ("score", "document", "index") if k in item}
+                            if type(item) is dict else item for item in doc],
+                "model": self.model, "usage": None, "object": "rerank", "id": None, "created": int(time.time()),
+            })
+        self.cycle.write(self.response_head(self.head, leg.worker, True, len(body)) + body)
+        self.complete(None)
         return 0
