@@ -238,7 +238,8 @@ def test_admin_add_worker(fake_workers, gateway):
     assert r.headers["location"] == f"/workers/{body['worker_id']}" == body["location"]
     wait_for(lambda: status_of(g, w.url) == "ready", message="added worker ready")
     info = g.get(body["location"]).json()
-    assert info["labels"] == {"team": "a"}
+    # the admin's labels, over those from the engine's info
+    assert info["labels"]["team"] == "a" and info["labels"]["served_model_name"] == "fake-model"
     assert g.post("/generate", {"text": "x"}).status == 200
     r = g.post("/workers", {"url": w.url})
     assert r.status == 409 and r.json()["code"] == "WORKER_ALREADY_EXISTS"
