@@ -146,6 +146,8 @@ cdef class ProxyHandler(ProxiedRoute):
         cdef object obj = parse_body(cycle, self.endpoint)
         cdef WorkerGroup group
         cdef str text = None
+        cdef str label
+        cdef bytes key
         if obj is None:
             return 0
         model = resolve_alias(self.settings, cycle, <dict>obj)
@@ -172,10 +174,7 @@ cdef class ProxyHandler(ProxiedRoute):
 cdef ProxyCall new_proxy_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
                               str label):
     cdef ProxyCall call = ProxyCall.__new__(ProxyCall)
-    call.setup(handler.settings, handler.endpoint_name, cycle, group.worker_type, "regular", label)
-    call.group = group
-    call.text = text
-    call.key = key
+    call.init(handler, cycle, group, text, key, label)
     return call
 
 
@@ -190,6 +189,14 @@ cdef class ProxyCall(ClientCall):
     cdef bytes head_common
     cdef bytes client_auth
     cdef bint wants_payload              # the body without chunk framing (a call that rewrites it)
+
+    cdef int init(self, ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
+                  str label) except -1:
+        self.setup(handler.settings, handler.endpoint_name, cycle, group.worker_type, "regular", label)
+        self.group = group
+        self.text = text
+        self.key = key
+        return 0
 
     cdef int start(self) except -1:
         cdef Request req = self.req
@@ -263,10 +270,7 @@ cdef class ProxyCall(ClientCall):
 cdef RerankCall new_rerank_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
                                 str label, object model):
     cdef RerankCall call = RerankCall.__new__(RerankCall)
-    call.setup(handler.settings, handler.endpoint_name, cycle, group.worker_type, "regular", label)
-    call.group = group
-    call.text = text
-    call.key = key
+    call.init(handler, cycle, group, text, key, label)
     call.model = model if type(model) is str else "unknown"
     call.wants_payload = True
     return call
