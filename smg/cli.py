@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("observability")
     o.add_argument("--prometheus-host", default=d.prometheus_host)
     o.add_argument("--prometheus-port", type=_port, default=d.prometheus_port)
+    o.add_argument("--prometheus-duration-buckets", nargs="+", type=_positive_float, default=[], metavar="SECS",
+                   help="upper bounds of the request-duration histograms, at most 29 (default: the reference's)")
     o.add_argument("--log-level", choices=("debug", "info", "warn", "warning", "error"), default=d.log_level)
     o.add_argument("--log-json", action="store_true")
     o.add_argument("--log-dir", default=None)
@@ -333,6 +335,9 @@ def validate(cfg: Config) -> None:
         raise ValueError("--worker-urls cannot be used with --pd-disaggregation; use --prefill and --decode")
     if cfg.prometheus_port == cfg.port and cfg.port != 0:
         raise ValueError(f"--prometheus-port must differ from --port ({cfg.port})")
+    if len(cfg.prometheus_duration_buckets) > 29:
+        raise ValueError(f"--prometheus-duration-buckets takes at most 29 bounds, got "
+                         f"{len(cfg.prometheus_duration_buckets)}")
     if cfg.prefix_hash_load_factor < 1.0:
         raise ValueError(f"--prefix-hash-load-factor must be at least 1.0, got {cfg.prefix_hash_load_factor}")
     if "*" in cfg.cors_allowed_origins and len(cfg.cors_allowed_origins) > 1:

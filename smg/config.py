@@ -114,6 +114,9 @@ class Config:
     # grace period before a new worker's first health check
     worker_startup_delay: float = 0.0
 
+    # upper bounds of the duration histograms (empty: the reference's defaults)
+    prometheus_duration_buckets: list[float] = dataclasses.field(default_factory=list)
+
     # --model-alias ALIAS=MODEL: a client-facing name for a served model
     model_alias: dict[str, str] = dataclasses.field(default_factory=dict)
 

@@ -40,7 +40,7 @@ from smg._fast.call import CallSettings, stop_overdue_legs
 from smg._fast.proxy import ProxyHandler
 from smg._fast.routing_text import ENDPOINTS
 from smg._fast.admission import Admission
-from smg._fast.routes import Route
+from smg._fast.routes import Route, set_buckets
 from smg._fast.server import ServerCore
 from smg._fast.worker import DECODE, PREFILL, REGULAR
 from smg.admin import AdminRoutes
@@ -122,6 +122,8 @@ class DataPlane:
     of it (a data-plane process of --workers N)."""
 
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, router: Router, registry: Registry):
+        if cfg.prometheus_duration_buckets:
+            set_buckets(cfg.prometheus_duration_buckets)
         self.cfg = cfg
         self.loop = loop
         self.router = router
@@ -216,6 +218,8 @@ class ControlPlane:
                  snapshot_source: SnapshotSource,
                  processes: Optional[Callable[[], list[dict]]] = None,
                  inflight_source: Optional[Callable[[], Awaitable[dict]]] = None):
+        if cfg.prometheus_duration_buckets:
+            set_buckets(cfg.prometheus_duration_buckets)  # the histograms' labels, with --workers N
         self.cfg = cfg
         self.loop = loop
         self.registry = registry

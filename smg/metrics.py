@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterator, Optional, Union
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from smg._fast.routes import BUCKETS, Response
+from smg._fast.routes import Response, buckets
 from smg._fast.worker import DRAINING, READY, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from smg.health import HealthChecker
     from smg.workers import Registry
 
-_BUCKET_LABELS = [f"{b:g}" for b in BUCKETS] + ["+Inf"]
+def bucket_labels() -> list[str]:
+    """The `le` labels of the duration histograms (--prometheus-duration-buckets)."""
+    return [f"{b:g}" for b in buckets()] + ["+Inf"]
 _CB_NAMES = ("closed", "open", "half_open")
 # merging breaker states of several processes: the most restrictive wins
 _CB_SEVERITY = {0: 0, 2: 1, 1: 2}
@@ -171,6 +173,7 @@ class GatewayCollector:
             yield from source()
 
     def _http(self, snap: dict) -> Iterator[Metric]:
+        le = bucket_labels()
         requests = CounterMetricFamily("smg_http_requests", "Total HTTP requests by method and path",
                                        labels=["method", "path"])
         responses = CounterMetricFamily(
@@ -184,7 +187,7 @@ class GatewayCollector:
             for status, code, n in r["responses"]:
                 responses.add_metric([path, str(status), code], n)
             for method, (counts, total) in r["durations"].items():
-                durations.add_metric([method, path], list(zip(_BUCKET_LABELS, counts)), total)
+                durations.add_metric([method, path], list(zip(le, counts)), total)
         yield requests
         yield responses
         yield durations
@@ -207,6 +210,7 @@ class GatewayCollector:
     def _router(self, snap: dict) -> Iterator[Metric]:
         """The reference's smg_router_* family (router_type and
         connection_mode are always "http" here)."""
+        le = bucket_labels()
         labels = ["router_type", "backend_type", "connection_mode", "model", "endpoint"]
         requests = CounterMetricFamily(
             "smg_router_requests", "Total routed requests by router_type, backend_type, connection_mode, model, "
@@ -228,7 +232,7 @@ class GatewayCollector:
             "smg_router_request_duration_seconds", "Router request duration by router_type, backend_type, "
             "connection_mode, model, endpoint", labels=labels)
         for backend, model, endpoint, counts, total in snap["router_durations"]:
-            durations.add_metric(["http", backend, "http", model, endpoint], list(zip(_BUCKET_LABELS, counts)),
+            durations.add_metric(["http", backend, "http", model, endpoint], list(zip(le, counts)),
                                  total)
         yield requests
         yield errors

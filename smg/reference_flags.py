@@ -121,7 +121,6 @@ NOT_YET = (
         _f("--prefill-max-inflight-requests-per-worker"), _f("--prefill-queue-size"),
         _f("--prefill-queue-timeout-secs"),
     )),
-    FlagGroup("custom Prometheus duration buckets", (_f("--prometheus-duration-buckets", nargs="+"),)),
     FlagGroup("a sliding failure window for the circuit breaker", (_f("--cb-window-duration-secs"),)),
     FlagGroup("streamed request bodies", (
         _f("--max-buffered-request-bytes"), _f("--stream-body-stall-timeout-secs"),

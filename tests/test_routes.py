@@ -388,3 +388,14 @@ def test_rerank_answers_in_the_reference_shape(two):
         ("missing_required_parameter", "model")
     r = g.post("/rerank", {"model": "fake-model", "query": "q", "documents": ["a"]})
     assert r.status == 200 and r.json()["model"] == "fake-model" and len(r.json()["results"]) == 1
+
+
+def test_prometheus_duration_buckets(fake_workers, gateway):
+    (w,) = fake_workers(1)
+    g = gateway(["--worker-urls", w.url, "--prometheus-duration-buckets", "1", "0.01", "0.1"], wait_workers=1)
+    assert g.post("/generate", {"text": "a"}).status == 200
+    text = g.metrics()
+    les = re.findall(r'smg_http_request_duration_seconds_bucket\{le="([^"]+)",method="POST",path="/generate"\}', text)
+    assert les == ["0.01", "0.1", "1", "+Inf"]
+    assert 'smg_http_request_duration_seconds_bucket{le="+Inf",method="POST",path="/generate"} 1.0' in text
+    assert re.findall(r'smg_router_request_duration_seconds_bucket\{[^}]*le="([^"]+)"', text) == les

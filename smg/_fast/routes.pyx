@@ -12,9 +12,29 @@ BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
            45.0, 60.0, 90.0, 120.0, 180.0, 240.0, 300.0, 480.0, 900.0, 1200.0, 1800.0,
            2700.0, 3600.0, 5400.0, 7200.0)
 cdef double _BOUNDS[N_BUCKETS]
-for _i, _b in enumerate(BUCKETS):
-    _BOUNDS[_i] = _b
-_BOUNDS[N_BUCKETS - 1] = 1e300
+cdef Py_ssize_t _finite_bounds = 0
+
+
+def set_buckets(bounds):
+    """The duration histograms' upper bounds (--prometheus-duration-buckets):
+    positive, at most N_BUCKETS - 1 of them; the rest of the slots catch
+    everything above (+Inf). Set before anything is observed."""
+    global _finite_bounds
+    cdef Py_ssize_t i
+    values = sorted(set(float(b) for b in bounds))
+    if not values or len(values) > N_BUCKETS - 1 or values[0] <= 0 or values[len(values) - 1] >= 1e300:
+        raise ValueError(f"expected 1 to {N_BUCKETS - 1} positive, finite bucket bounds")
+    for i in range(N_BUCKETS):
+        _BOUNDS[i] = values[i] if i < len(values) else 1e300
+    _finite_bounds = len(values)
+
+
+def buckets():
+    """The finite upper bounds in use (the histograms' last bucket is +Inf)."""
+    return tuple(_BOUNDS[i] for i in range(_finite_bounds))
+
+
+set_buckets(BUCKETS)
 
 cdef dict _STATUS_LINES = {}
 for _s in HTTPStatus:
@@ -80,7 +100,8 @@ cdef class Histogram:
         self.count += 1
 
     def snapshot(self):
-        """(cumulative bucket counts for BUCKETS + +Inf, sum, count)."""
+        """(cumulative bucket counts for buckets() + +Inf, then slots that
+        repeat the +Inf count when fewer bounds are in use; sum, count)."""
         cdef list out = []
         cdef long long acc = 0
         cdef int i
