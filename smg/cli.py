@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0: never)")
     s.add_argument("--cors-allowed-origins", nargs="*", action="extend", default=[], metavar="ORIGIN",
                    help="origins a browser may call the gateway from, or '*' alone for any (default: none)")
+    s.add_argument("--routing-key-headers", nargs="*", action="extend", default=[], metavar="HEADER",
+                   help="headers the routing key (manual, consistent_hashing) is taken from, in order "
+                        "(default: X-SMG-Routing-Key)")
     s.add_argument("--request-id-headers", nargs="*", action="extend", default=[], metavar="HEADER",
                    help="headers a client's request id is taken from, in order (default: x-request-id, "
                         "x-correlation-id, x-trace-id, request-id)")

@@ -105,6 +105,9 @@ class Config:
     # origins browsers may call the gateway from ("*": any; empty: no CORS)
     cors_allowed_origins: list[str] = dataclasses.field(default_factory=list)
 
+    # headers the routing key is taken from, in order (empty: X-SMG-Routing-Key)
+    routing_key_headers: list[str] = dataclasses.field(default_factory=list)
+
     # headers a client's request id is taken from, in order (empty: the defaults)
     request_id_headers: list[str] = dataclasses.field(default_factory=list)
 

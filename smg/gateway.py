@@ -149,6 +149,7 @@ class DataPlane:
         )
         self.core.max_connections = client_connection_limit()
         self.core.set_request_id_headers(cfg.request_id_headers)
+        self.core.set_routing_key_headers(cfg.routing_key_headers)
         self.core.set_cors_origins(cfg.cors_allowed_origins)
         self.call_settings.model_aliases = dict(cfg.model_alias)
         self.core.date_header = date_header()

@@ -112,9 +112,7 @@ NOT_SUPPORTED = (
 )
 
 NOT_YET = (
-    FlagGroup("sticky sessions on any policy and custom routing-key headers", (
-        _f("--routing-key-override", "--sticky-sessions", nargs=0), _f("--routing-key-headers", nargs="*"),
-    )),
+    FlagGroup("sticky sessions on any policy", (_f("--routing-key-override", "--sticky-sessions", nargs=0),)),
     FlagGroup("the bucket policy", (_f("--bucket-adjust-interval-secs"),)),
     FlagGroup("data-parallel-aware scheduling", (_f("--dp-aware", nargs=0),)),
     FlagGroup("prefill admission limits", (

@@ -210,3 +210,20 @@ def test_prefix_hash_policy_keeps_each_prefix_on_one_worker(fake_workers, gatewa
     holders = {f"p{k}": [w.url for w in workers if w.stats.tags.get(f"p{k}")] for k in range(8)}
     assert all(len(h) == 1 for h in holders.values()), holders
     assert len({h[0] for h in holders.values()}) >= 2  # prefixes spread over the workers
+
+
+def test_routing_key_headers_choose_the_key(fake_workers, gateway):
+    workers = fake_workers(3)
+    g = gateway(["--policy", "manual", "--assignment-mode", "min_group", "--routing-key-headers", "x-session-id",
+                 "x-user", "--worker-urls", *[w.url for w in workers]], wait_workers=3)
+    for round_ in range(3):
+        for k in range(6):
+            # x-session-id wins over x-user; X-SMG-Routing-Key no longer counts
+            headers = {"x-session-id": f"s{k}", "x-user": "same-user", "x-smg-routing-key": "ignored"}
+            assert g.post("/generate", {"text": f"[s{k}] turn {round_}"}, headers=headers).status == 200
+    holders = {f"s{k}": [w.url for w in workers if w.stats.tags.get(f"s{k}")] for k in range(6)}
+    assert all(len(h) == 1 for h in holders.values()), holders
+    assert len({h[0] for h in holders.values()}) == 3  # six keys over three workers, not one
+    # the worker gets the key the gateway routed by
+    last = next(w for w in workers if w.url == holders["s5"][0])
+    assert last.stats.last_headers["x-smg-routing-key"] == "s5"

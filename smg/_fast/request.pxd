@@ -38,12 +38,15 @@ cdef class Request:
     cdef bytes id_x_trace_id
     cdef bytes id_request_id
     cdef list custom_ids                 # --request-id-headers: values in the configured order
+    cdef list custom_keys                # --routing-key-headers: values in the configured order
     cdef public long long header_bytes
     cdef public int header_count
 
     cdef int set_header(self, bytes name, bytes value) except -1
     cdef int take_client_id(self) except -1
     cdef int set_custom_id(self, Py_ssize_t index, Py_ssize_t count, bytes value) except -1
+    cdef int set_custom_key(self, Py_ssize_t index, Py_ssize_t count, bytes value) except -1
+    cdef int take_custom_key(self) except -1
     cdef int add_body(self, bytes data) except -1
     cdef bytes finish_body(self)
 

@@ -182,6 +182,25 @@ cdef class Request:
             self.custom_ids[index] = value
         return 0
 
+    cdef int set_custom_key(self, Py_ssize_t index, Py_ssize_t count, bytes value) except -1:
+        """The value of the index-th of --routing-key-headers (of `count`)."""
+        if self.custom_keys is None:
+            self.custom_keys = [None] * count
+        if self.custom_keys[index] is None:
+            self.custom_keys[index] = value
+        return 0
+
+    cdef int take_custom_key(self) except -1:
+        """--routing-key-headers: the routing key is the first usable value
+        (1 to 128 visible ASCII characters) of the configured headers, else none."""
+        self.routing_key = None
+        if self.custom_keys is not None:
+            for value in self.custom_keys:
+                if valid_request_id(value):
+                    self.routing_key = value
+                    break
+        return 0
+
     cdef int take_client_id(self) except -1:
         """The client's request id: the first usable value of
         --request-id-headers when they are set, else of x-request-id,

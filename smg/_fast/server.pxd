@@ -25,6 +25,7 @@ cdef class ServerCore:
     cdef public long max_connections      # client connections at most (file descriptors); 0: no limit
     cdef public long long shed_total       # idle keep-alive connections closed to stay under it
     cdef public dict id_headers            # --request-id-headers: lowercase name -> order; None: the defaults
+    cdef public dict key_headers           # --routing-key-headers: lowercase name -> order; None: X-SMG-Routing-Key
     cdef public frozenset cors_origins     # --cors-allowed-origins (None: no CORS)
     cdef public bint cors_any              # '*': any origin
     cdef double shed_logged_at

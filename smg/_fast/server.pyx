@@ -67,6 +67,7 @@ cdef class ServerCore:
         self.shed_total = 0
         self.shed_logged_at = -1e9
         self.id_headers = None
+        self.key_headers = None
         self.cors_origins = None
         self.cors_any = False
 
@@ -90,6 +91,11 @@ cdef class ServerCore:
             req.cors = b"access-control-allow-origin: " + req.origin + b"\r\nvary: Origin\r\n" + _CORS_EXPOSE
             return True
         return False
+
+    def set_routing_key_headers(self, names):
+        """Take the routing key from these headers, in this order, instead of
+        X-SMG-Routing-Key."""
+        self.key_headers = {n.lower().encode(): i for i, n in enumerate(names)} if names else None
 
     def set_request_id_headers(self, names):
         """Take request ids from these headers, in this order, instead of the
@@ -371,6 +377,10 @@ cdef class ClientConnection(Connection):
             index = self.core.id_headers.get(name.lower())
             if index is not None:
                 req.set_custom_id(index, len(self.core.id_headers), value)
+        if self.core.key_headers is not None:
+            index = self.core.key_headers.get(name.lower())
+            if index is not None:
+                req.set_custom_key(index, len(self.core.key_headers), value)
         req.set_header(name, value)
 
     def on_headers_complete(self):
@@ -385,6 +395,8 @@ cdef class ClientConnection(Connection):
         if self.core.id_headers is not None and req.custom_ids is None:
             req.custom_ids = []  # none of --request-id-headers came: make an id
         req.take_client_id()
+        if self.core.key_headers is not None:
+            req.take_custom_key()
         if req.content_length is not None:
             try:
                 declared = int(req.content_length)
