@@ -153,8 +153,23 @@ cdef class PDHandler(ProxiedRoute):
             text = routing_text(self.endpoint, <dict>obj)
         key = cycle.req.routing_key if prefill.policy.header_key_only or decode.policy.header_key_only \
             else routing_key(cycle.req)
-        self.launch(PDCall(self, cycle, <dict>obj, prefill, decode, text, key, label))
+        self.launch(new_pd_call(self, cycle, <dict>obj, prefill, decode, text, key, label))
         return 0
+
+
+cdef PDCall new_pd_call(PDHandler handler, RequestCycle cycle, dict obj, WorkerGroup pgroup, WorkerGroup dgroup,
+                        str text, bytes key, str label):
+    cdef PDCall call = PDCall.__new__(PDCall)
+    call.setup(handler.settings, handler.endpoint_name, cycle, TYPE_DECODE, "pd", label)
+    call.obj = obj
+    call.pgroup = pgroup
+    call.dgroup = dgroup
+    call.text = text
+    call.key = key
+    call.batch = batch_size(handler.endpoint, obj)
+    call.logprobs = handler.endpoint == EP_GENERATE and obj.get("return_logprob") is True
+    call.stream = obj.get("stream") is True
+    return call
 
 
 cdef class PDCall(ClientCall):
@@ -179,17 +194,6 @@ cdef class PDCall(ClientCall):
     cdef bytes sse_rest             # an incomplete SSE event (logprobs streaming)
     cdef ResponseParser decode_head # kept until the head can be written (logprobs mode)
 
-    def __init__(self, PDHandler handler, RequestCycle cycle, dict obj, WorkerGroup pgroup, WorkerGroup dgroup,
-                 str text, bytes key, str label):
-        self.setup(handler.settings, handler.endpoint_name, cycle, TYPE_DECODE, "pd", label)
-        self.obj = obj
-        self.pgroup = pgroup
-        self.dgroup = dgroup
-        self.text = text
-        self.key = key
-        self.batch = batch_size(handler.endpoint, obj)
-        self.logprobs = handler.endpoint == EP_GENERATE and obj.get("return_logprob") is True
-        self.stream = obj.get("stream") is True
 
     cdef int attempt(self) except -1:
         cdef double now = monotonic()
