@@ -112,6 +112,25 @@ cdef inline bint valid_request_id(bytes value):
     return True
 
 
+cdef list _note_choice(list values, Py_ssize_t index, Py_ssize_t count, bytes value):
+    """The values of `count` configured headers, in their order: `value` goes
+    to `index` unless the header came before (the first one counts)."""
+    if values is None:
+        values = [None] * count
+    if values[index] is None:
+        values[index] = value
+    return values
+
+
+cdef bytes _first_valid(list values):
+    """The first of `values` usable as an id or key (see valid_request_id)."""
+    if values is not None:
+        for value in values:
+            if valid_request_id(value):
+                return value
+    return None
+
+
 cdef class Request:
 
     def __cinit__(self):
@@ -176,29 +195,18 @@ cdef class Request:
 
     cdef int set_custom_id(self, Py_ssize_t index, Py_ssize_t count, bytes value) except -1:
         """The value of the index-th of --request-id-headers (of `count`)."""
-        if self.custom_ids is None:
-            self.custom_ids = [None] * count
-        if self.custom_ids[index] is None:
-            self.custom_ids[index] = value
+        self.custom_ids = _note_choice(self.custom_ids, index, count, value)
         return 0
 
     cdef int set_custom_key(self, Py_ssize_t index, Py_ssize_t count, bytes value) except -1:
         """The value of the index-th of --routing-key-headers (of `count`)."""
-        if self.custom_keys is None:
-            self.custom_keys = [None] * count
-        if self.custom_keys[index] is None:
-            self.custom_keys[index] = value
+        self.custom_keys = _note_choice(self.custom_keys, index, count, value)
         return 0
 
     cdef int take_custom_key(self) except -1:
         """--routing-key-headers: the routing key is the first usable value
         (1 to 128 visible ASCII characters) of the configured headers, else none."""
-        self.routing_key = None
-        if self.custom_keys is not None:
-            for value in self.custom_keys:
-                if valid_request_id(value):
-                    self.routing_key = value
-                    break
+        self.routing_key = _first_valid(self.custom_keys)
         return 0
 
     cdef int take_client_id(self) except -1:
@@ -206,10 +214,7 @@ cdef class Request:
         --request-id-headers when they are set, else of x-request-id,
         x-correlation-id, x-trace-id, request-id."""
         if self.custom_ids is not None:
-            for value in self.custom_ids:
-                if valid_request_id(value):
-                    self.request_id = value
-                    break
+            self.request_id = _first_valid(self.custom_ids)
         elif valid_request_id(self.id_x_request_id):
             self.request_id = self.id_x_request_id
         elif valid_request_id(self.id_x_correlation_id):

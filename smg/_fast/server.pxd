@@ -51,6 +51,7 @@ cdef class ClientConnection(Connection):
     cdef double head_started
     cdef public object peer
 
+    cdef int configured_header(self, Request req, bytes lname, bytes value) except -1
     cdef int begin(self, Request req) except -1
     cdef int serve(self, RequestCycle cycle) except -1
     cdef int linger(self) except -1

@@ -373,15 +373,20 @@ cdef class ClientConnection(Connection):
         req.header_count += 1
         if req.header_bytes > self.core.max_header_bytes or req.header_count > self.core.max_headers:
             self.fail_parse(431, "request_header_fields_too_large", "request headers too large")
-        if self.core.id_headers is not None:
-            index = self.core.id_headers.get(name.lower())
-            if index is not None:
-                req.set_custom_id(index, len(self.core.id_headers), value)
-        if self.core.key_headers is not None:
-            index = self.core.key_headers.get(name.lower())
-            if index is not None:
-                req.set_custom_key(index, len(self.core.key_headers), value)
+        if self.core.id_headers is not None or self.core.key_headers is not None:
+            self.configured_header(req, name.lower(), value)
         req.set_header(name, value)
+
+    cdef int configured_header(self, Request req, bytes lname, bytes value) except -1:
+        """--request-id-headers and --routing-key-headers: note the value of
+        one of the headers they name."""
+        cdef dict names = self.core.id_headers
+        if names is not None and lname in names:
+            req.set_custom_id(names[lname], len(names), value)
+        names = self.core.key_headers
+        if names is not None and lname in names:
+            req.set_custom_key(names[lname], len(names), value)
+        return 0
 
     def on_headers_complete(self):
         cdef Request req = self.parsing
