@@ -39,12 +39,6 @@ cdef RequestCycle new_cycle(Connection conn, Request req):
 
 cdef class RequestCycle:
 
-    def __init__(self, Connection conn, Request req):
-        self.conn = conn
-        self.req = req
-        self.flow = conn.flow
-        self.done = False
-
     cdef int write(self, bytes data) except -1:
         if not self.conn.closed:
             self.conn.transport.write(data)

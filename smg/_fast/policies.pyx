@@ -333,9 +333,6 @@ cdef class ManualPolicy(Policy):
             if pin[0] is worker:
                 self.unpin(key, worker)
 
-    def pick_py(self, list ready, str text=None, bytes key=None, double now=0.0):
-        return self.pick(ready, text, key, now)
-
 
 def _last_used(item):
     return item[1][1]

@@ -155,9 +155,10 @@ cdef class ProxyHandler(ProxiedRoute):
             # SGLang's native rerank route names its model (as on the reference)
             cycle.respond_error(400, "missing_required_parameter", "'model' is required", None, "model")
             return 0
-        label = model_label(self.settings.router, model, TYPE_REGULAR)
-        self.settings.count_routed("regular", label, self.endpoint_name, (<dict>obj).get("stream") is True)
         group = resolve_group(self.settings.router, cycle, <str>model if model else None, TYPE_REGULAR)
+        # the metrics' model label, from the group just resolved (model_label without a second lookup)
+        label = "unknown" if not model else (<str>model if group is not None else "other")
+        self.settings.count_routed("regular", label, self.endpoint_name, (<dict>obj).get("stream") is True)
         if group is None:
             self.no_group(cycle, "regular", label, TYPE_REGULAR)
             return 0
