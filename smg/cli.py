@@ -13,13 +13,11 @@ import math
 import sys
 from typing import NoReturn, Optional, Sequence
 
-from smg.config import POLICIES, Config, PrefillSpec
+from smg.config import POLICIES, PREFILL_ONLY_POLICIES, Config, PrefillSpec
 from smg.reference_flags import all_groups
 
 # the reference's policies that smg does not have yet (accepted by the
 # parser so that the error names them, instead of an argparse choice error)
-REFERENCE_POLICIES = ("passthrough",)
-PREFILL_ONLY_POLICIES = ("bucket",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,12 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait for a removed worker's in-flight requests")
 
     r = p.add_argument_group("routing")
-    r.add_argument("--policy", choices=POLICIES + REFERENCE_POLICIES, default=d.policy, metavar="POLICY",
+    r.add_argument("--policy", choices=POLICIES, default=d.policy, metavar="POLICY",
                    help=f"one of {', '.join(POLICIES)}")
-    r.add_argument("--prefill-policy", choices=POLICIES + REFERENCE_POLICIES + PREFILL_ONLY_POLICIES, default=None,
-                   metavar="POLICY", help="the prefill workers' policy in PD mode (default: --policy)")
-    r.add_argument("--decode-policy", choices=POLICIES + REFERENCE_POLICIES, default=None, metavar="POLICY",
+    r.add_argument("--prefill-policy", choices=POLICIES + PREFILL_ONLY_POLICIES, default=None,
+                   metavar="POLICY", help="the prefill workers' policy in PD mode (default: --policy); "
+                                          "bucket: by prompt length")
+    r.add_argument("--decode-policy", choices=POLICIES, default=None, metavar="POLICY",
                    help="the decode workers' policy in PD mode (default: --policy)")
+    r.add_argument("--bucket-adjust-interval-secs", type=_positive_float, default=d.bucket_adjust_interval_secs,
+                   help="bucket policy: how often the length boundaries are recomputed")
     r.add_argument("--cache-threshold", "--cache-match-threshold", type=_non_negative_float, default=d.cache_threshold)
     r.add_argument("--balance-abs-threshold", "--spill-abs-threshold", type=_non_negative_int, default=d.balance_abs_threshold)
     r.add_argument("--balance-rel-threshold", "--spill-rel-threshold", type=_non_negative_float, default=d.balance_rel_threshold)
@@ -152,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manual policy: how a new routing key gets its worker (random, min_load: fewest in flight, "
                         "min_group: fewest keys; delegate is random here) (default: random)")
     r.add_argument("--max-idle-secs", "--sticky-key-idle-secs", type=_positive_float, default=d.max_idle_secs,
-                   help="manual policy: forget routing keys unused this long")
+                   help="manual policy and --sticky-sessions: forget routing keys unused this long")
+    r.add_argument("--sticky-sessions", "--routing-key-override", dest="sticky_sessions", action="store_true",
+                   help="on any policy, keep a session on the worker its first request went to: the session is "
+                        "the routing key (X-SMG-Routing-Key, --routing-key-headers), else the client's request id")
     r.add_argument("--eviction-interval-secs", type=_positive_float, default=d.eviction_interval_secs)
     r.add_argument("--max-tree-size", type=_positive_int, default=d.max_tree_size)
 
@@ -193,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cb-failure-threshold", type=_positive_int, default=d.cb_failure_threshold)
     c.add_argument("--cb-success-threshold", type=_positive_int, default=d.cb_success_threshold)
     c.add_argument("--cb-timeout-duration-secs", type=_non_negative_float, default=d.cb_timeout_duration_secs)
+    c.add_argument("--cb-window-duration-secs", type=_non_negative_float, default=d.cb_window_duration_secs)
     c.add_argument("--disable-circuit-breaker", action="store_true")
 
     rt = p.add_argument_group("retries")
@@ -315,12 +320,6 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
 def validate(cfg: Config) -> None:
     """Checks that need more than one flag, or the worker modules."""
     from smg._fast.worker import split_url
-
-    for flag, policy in (("--policy", cfg.policy), ("--prefill-policy", cfg.prefill_policy),
-                         ("--decode-policy", cfg.decode_policy)):
-        if policy in REFERENCE_POLICIES + PREFILL_ONLY_POLICIES:
-            raise ValueError(f"{flag} {policy}: the {policy} policy is not supported yet by smg "
-                             f"(smg has {', '.join(POLICIES)})")
 
     for url in cfg.worker_urls + cfg.decode + [p.url for p in cfg.prefill]:
         split_url(url)

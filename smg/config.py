@@ -7,7 +7,9 @@ import dataclasses
 from typing import Optional
 
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "consistent_hashing", "manual", "least_load",
-            "prefix_hash")
+            "prefix_hash", "passthrough")
+# policies only the prefill workers of PD mode may have
+PREFILL_ONLY_POLICIES = ("bucket",)
 
 
 @dataclasses.dataclass
@@ -82,6 +84,7 @@ class Config:
     cb_failure_threshold: int = 10
     cb_success_threshold: int = 3
     cb_timeout_duration_secs: float = 60.0
+    cb_window_duration_secs: float = 120.0
     disable_circuit_breaker: bool = False
 
     # retries
@@ -131,6 +134,8 @@ class Config:
     # the manual policy (sticky routing keys)
     assignment_mode: Optional[str] = None
     max_idle_secs: float = 14400.0
+    bucket_adjust_interval_secs: float = 5.0
+    sticky_sessions: bool = False
 
     # lines logged at start-up about reference flags accepted with no effect
     startup_notices: list[str] = dataclasses.field(default_factory=list)

@@ -30,7 +30,7 @@ from smg._fast.policies import Router
 from smg._fast.request import Request
 from smg._fast.routes import Response, error_response, text_response
 from smg.config import Config, PrefillSpec
-from smg.gateway import TICK_SECONDS, DataPlane, policy_factory, raise_fd_limit
+from smg.gateway import TICK_SECONDS, DataPlane, policy_factory, raise_fd_limit, sticky_max_idle
 from smg.ipc import Channel
 from smg.metrics import dataplane_snapshot
 from smg.workers import Registry
@@ -57,7 +57,7 @@ class DataPlaneProcess:
         self.cfg = cfg
         self.loop = loop
         self.index = index
-        self.router = Router(policy_factory(cfg))
+        self.router = Router(policy_factory(cfg), sticky_max_idle(cfg))
         self.registry = Registry(cfg, self.router, loop, announce=False)
         self.registry.listeners.append(self._on_mirror_event)
         self.data = DataPlane(cfg, loop, self.router, self.registry)
@@ -74,7 +74,9 @@ class DataPlaneProcess:
 
         async def forward(req: Request) -> Response:
             header = {"op": "http", "route": route_path, "method": req.method.decode("latin-1"),
-                      "path": req.path, "query": req.query.decode("latin-1")}
+                      "path": req.path, "query": req.query.decode("latin-1"),
+                      # routes that ask workers on the client's behalf pass its credentials on
+                      "authorization": req.authorization.decode("latin-1") if req.authorization else None}
             try:
                 reply, body = await self.channel.request(header, req.body or b"")
             except ConnectionError:

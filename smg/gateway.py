@@ -25,10 +25,12 @@ from smg import logs
 from smg._fast.pd import PDHandler
 from smg._fast.policies import (
     ASSIGNMENT_MODES,
+    BucketPolicy,
     CacheAwarePolicy,
     ConsistentHashPolicy,
     LeastLoadPolicy,
     ManualPolicy,
+    PassthroughPolicy,
     Policy,
     PowerOfTwoPolicy,
     PrefixHashPolicy,
@@ -60,7 +62,10 @@ _ID_PREFIXES = {
     "/v1/completions": b"cmpl-",
     "/v1/embeddings": b"embd-",
     "/v1/responses": b"resp_",
+    "/v1/messages": b"msg_",
 }
+# routes of the Anthropic API: errors in its shape, its x-api-key credential
+_ANTHROPIC_ROUTES = frozenset(("/v1/messages", "/v1/messages/count_tokens"))
 
 # Routes the control plane answers: (path, methods, auth, prefix match).
 # A data-plane process of --workers N forwards them to the control plane.
@@ -80,6 +85,7 @@ CONTROL_ROUTES = (
     ("/engine_metrics", ("GET",), "admin", False),
     ("/workers", ("GET", "POST"), "admin", False),
     ("/workers/", ("GET", "DELETE", "PATCH", "PUT"), "admin", True),
+    ("/v1/responses/", ("GET", "DELETE", "POST"), "serving", True),
 )
 
 TICK_SECONDS = 0.1
@@ -98,6 +104,11 @@ def policy_factory(cfg: Config) -> Callable[[int], Policy]:
             return ConsistentHashPolicy()
         if name == "least_load":
             return LeastLoadPolicy()
+        if name == "passthrough":
+            return PassthroughPolicy()
+        if name == "bucket":
+            return BucketPolicy(cfg.bucket_adjust_interval_secs, cfg.balance_abs_threshold,
+                                cfg.balance_rel_threshold)
         if name == "prefix_hash":
             return PrefixHashPolicy(cfg.prefix_token_count * 4, cfg.prefix_hash_load_factor,
                                     cfg.prefix_hash_balance_abs_threshold)
@@ -110,6 +121,11 @@ def policy_factory(cfg: Config) -> Callable[[int], Policy]:
         raise ValueError(f"unknown policy {name!r}")
 
     return make
+
+
+def sticky_max_idle(cfg: Config) -> float:
+    """The router's sticky-session idle limit (-1: --sticky-sessions is off)."""
+    return cfg.max_idle_secs if cfg.sticky_sessions else -1.0
 
 
 def date_header() -> bytes:
@@ -159,7 +175,8 @@ class DataPlane:
         handler_class = PDHandler if cfg.pd_disaggregation else ProxyHandler
         for path, endpoint in ENDPOINTS.items():
             self.core.add_route(Route(path, ["POST"], native=handler_class(self.call_settings, endpoint),
-                                      auth="serving", id_prefix=_ID_PREFIXES.get(path, b"req-")))
+                                      auth="serving", id_prefix=_ID_PREFIXES.get(path, b"req-"),
+                                      errors="anthropic" if path in _ANTHROPIC_ROUTES else "openai"))
 
     def add_control_routes(self, handler_for: Callable[[str], Callable]) -> None:
         """Install CONTROL_ROUTES, each served by handler_for(path)."""
@@ -252,7 +269,7 @@ class ControlPlane:
             "/get_server_info": r.server_info, "/get_model_info": r.model_info,
             "/health_generate": r.health_generate, "/flush_cache": r.flush_cache, "/get_loads": r.get_loads,
             "/v1/models/": r.model, "/start_profile": r.start_profile, "/stop_profile": r.stop_profile,
-            "/engine_metrics": r.engine_metrics,
+            "/engine_metrics": r.engine_metrics, "/v1/responses/": r.stored_response,
             "/workers": self._workers_root, "/workers/": a.worker_route,
         }
 
@@ -340,7 +357,7 @@ class Gateway:
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop):
         self.cfg = cfg
         self.loop = loop
-        self.router = Router(policy_factory(cfg))
+        self.router = Router(policy_factory(cfg), sticky_max_idle(cfg))
         self.registry = Registry(cfg, self.router, loop)
         self.data = DataPlane(cfg, loop, self.router, self.registry)
         self.control = ControlPlane(cfg, loop, self.registry, lambda: dataplane_snapshot(self.data))

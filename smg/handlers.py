@@ -1,6 +1,6 @@
 """Routes the gateway answers itself: health, readiness, the
 model list, the info routes forwarded to one worker, and the fan-out
-routes (/flush_cache, /get_loads)."""
+routes (/flush_cache, /get_loads, stored responses)."""
 
 from __future__ import annotations
 
@@ -67,13 +67,18 @@ class GatewayRoutes:
             for w in self.registry.of_type(t):
                 if w.model_id != "unknown" or w.state == READY:
                     seen.setdefault(w.model_id, None)
+        if not seen:
+            return error_response(503, "no_models_available", "No models available")
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "self_hosted"} for m in seen]
         return json_response({"object": "list", "data": data})
 
     def model(self, req) -> Response:
         """GET /v1/models/{id}: one served model, OpenAI's shape."""
         model_id = req.path[len("/v1/models/"):]
-        for item in orjson.loads(self.models(req).body)["data"]:
+        listing = self.models(req)
+        if listing.status != 200:
+            return listing
+        for item in orjson.loads(listing.body)["data"]:
             if item["id"] == model_id:
                 return json_response(item)
         return error_response(404, "model_not_found", f"The model '{model_id}' does not exist")
@@ -112,9 +117,12 @@ class GatewayRoutes:
 
     # --- fan-out ---
 
-    async def _fan_out(self, method: str, path: str, workers: list[Worker], timeout: float):
+    async def _fan_out(self, method: str, path: str, workers: list[Worker], timeout: float,
+                       client_auth: Optional[str] = None):
+        """`client_auth`: the client's Authorization, sent to workers that have no key of their own."""
         async def one(w: Worker):
-            headers = [("authorization", f"Bearer {w.api_key}")] if w.api_key else None
+            auth = f"Bearer {w.api_key}" if w.api_key else client_auth
+            headers = [("authorization", auth)] if auth else None
             try:
                 res = await fetch(w.control_pool, method, path, body=b"" if method == "POST" else None,
                                   headers=headers, timeout=timeout)
@@ -123,6 +131,38 @@ class GatewayRoutes:
                 return w, None, str(e) or type(e).__name__
 
         return await asyncio.gather(*(one(w) for w in workers))
+
+    async def stored_response(self, req) -> Response:
+        """GET/DELETE /v1/responses/{id}, GET .../input_items, POST .../cancel.
+        The gateway stores no responses; an engine that does (SGLang with
+        `store`) answers for the ones it produced, so every ready worker is
+        asked and the first that knows the id answers. When none does, the
+        answer is the reference's 404 (for cancel, a worker's refusal other
+        than 404 is relayed: the response exists but cannot be cancelled)."""
+        rest = req.path[len("/v1/responses/"):]
+        response_id, _, action = rest.partition("/")
+        allowed = {"": ("GET", "DELETE"), "input_items": ("GET",), "cancel": ("POST",)}.get(action)
+        method = req.method.decode()
+        if not response_id or allowed is None:
+            return error_response(404, "unknown_url", f"Invalid URL ({method} {req.path})")
+        if method not in allowed:
+            return error_response(405, "method_not_allowed", f"Invalid URL ({method} {req.path})",
+                                  headers=b"allow: " + ", ".join(allowed).encode() + b"\r\n")
+        path = req.path + ("?" + req.query.decode("latin-1") if req.query else "")
+        workers = self.registry.ready(DECODE if self.cfg.pd_disaggregation else REGULAR)
+        auth = req.authorization.decode("latin-1") if req.authorization is not None else None
+        results = await self._fan_out(method, path, workers, self.cfg.request_timeout_secs, auth)
+        refusal = None
+        for w, res, err in results:
+            if res is None:
+                continue
+            if 200 <= res.status < 300:
+                return Response(res.status, res.body, res.content_type or b"application/json", w.url_header)
+            if action == "cancel" and res.status not in (404, 405) and refusal is None:
+                refusal = Response(res.status, res.body, res.content_type or b"application/json", w.url_header)
+        if refusal is not None:
+            return refusal
+        return error_response(404, "not_found", f"No response found with id '{response_id}'")
 
     async def flush_cache(self, req) -> Response:
         workers = [w for w in self.registry.all() if w.state == READY]

@@ -112,14 +112,11 @@ NOT_SUPPORTED = (
 )
 
 NOT_YET = (
-    FlagGroup("sticky sessions on any policy", (_f("--routing-key-override", "--sticky-sessions", nargs=0),)),
-    FlagGroup("the bucket policy", (_f("--bucket-adjust-interval-secs"),)),
     FlagGroup("data-parallel-aware scheduling", (_f("--dp-aware", nargs=0),)),
     FlagGroup("prefill admission limits", (
         _f("--prefill-max-inflight-requests-per-worker"), _f("--prefill-queue-size"),
         _f("--prefill-queue-timeout-secs"),
     )),
-    FlagGroup("a sliding failure window for the circuit breaker", (_f("--cb-window-duration-secs"),)),
     FlagGroup("streamed request bodies", (
         _f("--max-buffered-request-bytes"), _f("--stream-body-stall-timeout-secs"),
     )),

@@ -33,7 +33,7 @@ from smg._fast.request import Request
 from smg._fast.worker import Worker
 from smg.config import Config
 from smg.dataplane import ENV, config_to_json
-from smg.gateway import TICK_SECONDS, ControlPlane, policy_factory, sock_address
+from smg.gateway import TICK_SECONDS, ControlPlane, policy_factory, sock_address, sticky_max_idle
 from smg.ipc import Channel
 from smg.metrics import merge_snapshots
 from smg.workers import Registry
@@ -131,7 +131,7 @@ class Supervisor:
         self.cfg = cfg
         self.loop = loop
         # the registry keeps a router in step; no request is routed here
-        self.registry = Registry(cfg, Router(policy_factory(cfg)), loop)
+        self.registry = Registry(cfg, Router(policy_factory(cfg), sticky_max_idle(cfg)), loop)
         self.registry.wait_idle = self._wait_drained
         self.registry.listeners.append(self._on_worker_event)
         self.control = ControlPlane(cfg, loop, self.registry, self._snapshot, processes=self._process_info,
@@ -204,6 +204,8 @@ class Supervisor:
         req.query = header["query"].encode("latin-1")
         req.url = (header["path"] + ("?" + header["query"] if header["query"] else "")).encode("latin-1")
         req.body = body
+        if header.get("authorization") is not None:
+            req.authorization = header["authorization"].encode("latin-1")
         try:
             resp = self.control.handlers[header["route"]](req)
             if asyncio.iscoroutine(resp):

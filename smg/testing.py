@@ -40,6 +40,8 @@ GENERATION_PATHS = frozenset(
         "/rerank",
         "/v1/responses",
         "/v1/classify",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
     ]
 )
 
@@ -273,6 +275,9 @@ class FakeWorker:
         self._conns: set[_WorkerProtocol] = set()
         self._rid = 0
         self._engine = None
+        # /v1/responses answers kept for GET/DELETE /v1/responses/{id}, as an
+        # engine does for requests with `store` (the default); the oldest go first
+        self.stored: dict[str, tuple[dict, Any]] = {}
 
     @property
     def name(self) -> str:
@@ -470,6 +475,9 @@ class FakeWorker:
                 self._engine.cache.blocks.clear()
             proto._write(_head(200, "text/plain", 0))
             return True
+        if path.startswith("/v1/responses/"):
+            self._stored_response(proto, req.method, path[len("/v1/responses/"):])
+            return True
         if path == "/_fake/stats":
             stats = self.stats.as_json()
             if self._engine is not None:
@@ -491,6 +499,29 @@ class FakeWorker:
             return True
         self._json(proto, 404, {"error": f"no route {path}"})
         return True
+
+    def _stored_response(self, proto: _WorkerProtocol, method: str, rest: str) -> None:
+        response_id, _, action = rest.partition("/")
+        entry = self.stored.get(response_id)
+        if entry is None:
+            self._json(proto, 404, {"error": {"message": f"Response {response_id} not found", "type": "invalid_request_error",
+                                              "code": "not_found"}})
+            return
+        doc, given = entry
+        if action == "" and method == "GET":
+            self._json(proto, 200, doc)
+        elif action == "" and method == "DELETE":
+            del self.stored[response_id]
+            self._json(proto, 200, {"id": response_id, "object": "response.deleted", "deleted": True})
+        elif action == "input_items" and method == "GET":
+            items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": given}]}] \
+                if isinstance(given, str) else (given or [])
+            self._json(proto, 200, {"object": "list", "data": items, "has_more": False})
+        elif action == "cancel" and method == "POST":
+            self._json(proto, 400, {"error": {"message": "Only background responses can be cancelled",
+                                              "type": "invalid_request_error", "code": "not_cancellable"}})
+        else:
+            self._json(proto, 404, {"error": f"no route {method} /v1/responses/{rest}"})
 
     async def handle(self, proto: _WorkerProtocol, req: _Request) -> None:
         cfg = self.config
@@ -651,8 +682,8 @@ class FakeWorker:
                 "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
             }
         if path == "/v1/responses":
-            return {
-                "id": f"resp_{self._rid}",
+            doc = {
+                "id": f"resp_{self.port}_{self._rid}",
                 "object": "response",
                 "created_at": int(time.time()),
                 "status": "completed",
@@ -662,6 +693,25 @@ class FakeWorker:
                             "content": [{"type": "output_text", "text": text, "annotations": []}]}],
                 "usage": {"input_tokens": 1, "output_tokens": n, "total_tokens": n + 1},
             }
+            if body.get("store", True) is not False:
+                self.stored[doc["id"]] = (doc, body.get("input"))
+                while len(self.stored) > 1000:
+                    del self.stored[next(iter(self.stored))]
+            return doc
+        if path == "/v1/messages":
+            return {
+                "id": f"msg_{self._rid}",
+                "type": "message",
+                "role": "assistant",
+                "model": body.get("model", cfg.model_id),
+                "worker": self.name,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "max_tokens",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": n},
+            }
+        if path == "/v1/messages/count_tokens":
+            return {"input_tokens": len(_prompt_text(body).split())}
         if path in ("/v1/rerank", "/rerank"):
             docs = body.get("documents") or []
             return [{"index": i, "score": 1.0 / (i + 1), "document": d, "worker": self.name} for i, d in enumerate(docs)]
@@ -669,6 +719,8 @@ class FakeWorker:
         return {"id": f"classify-{self._rid}", "object": "list", "worker": self.name, "data": [{"index": 0, "label": "fake", "probs": [1.0]}]}
 
     def _stream_event(self, path: str, body: dict, i: int, last: bool) -> bytes:
+        if path == "/v1/messages":
+            return self._messages_events(body, i, last)
         if path == "/generate":
             obj: Any = {"text": "tok " * (i + 1), "meta_info": self._meta(body, i + 1)}
             if not last:
@@ -689,6 +741,32 @@ class FakeWorker:
                 "choices": [{"index": 0, "text": "tok ", "finish_reason": "length" if last else None}],
             }
         return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def _messages_events(self, body: dict, i: int, last: bool) -> bytes:
+        """The Anthropic API's stream: message_start and the text block's
+        start before the first delta, the block's and the message's end
+        after the last."""
+        events: list[tuple[str, dict]] = []
+        if i == 0:
+            events.append(("message_start", {"type": "message_start", "message": {
+                "id": f"msg_{self._rid}", "type": "message", "role": "assistant", "content": [],
+                "model": body.get("model", self.config.model_id), "worker": self.name, "stop_reason": None,
+                "usage": {"input_tokens": 1, "output_tokens": 0}}}))
+            events.append(("content_block_start", {"type": "content_block_start", "index": 0,
+                                                   "content_block": {"type": "text", "text": ""}}))
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                               "delta": {"type": "text_delta", "text": "tok "}}))
+        if last:
+            events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            events.append(("message_delta", {"type": "message_delta",
+                                             "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                                             "usage": {"output_tokens": i + 1}}))
+            events.append(("message_stop", {"type": "message_stop"}))
+        return b"".join(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n" for name, obj in events)
+
+    def _stream_end(self, path: str) -> bytes:
+        """The chunked body's end, after `data: [DONE]` on OpenAI-style streams."""
+        return b"0\r\n\r\n" if path == "/v1/messages" else _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
     async def _generate_stream(self, proto: _WorkerProtocol, req: _Request) -> None:
         body = self._parse_generation(proto, req)
@@ -711,7 +789,7 @@ class FakeWorker:
                 proto.transport.close()  # type: ignore[union-attr]
                 return
             proto._write(_chunk(self._stream_event(req.path, body, i, i == n - 1)))
-        proto._write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        proto._write(self._stream_end(req.path))
         self.stats.completed += 1
 
 
@@ -737,7 +815,7 @@ class FakeWorker:
             if stream:
                 proto._write(_chunk(self._stream_event(req.path, body, i, produced == tokens)))
         if stream:
-            proto._write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            proto._write(self._stream_end(req.path))
         else:
             self._json(proto, 200, self._complete_response(req.path, body))
         self.stats.completed += 1

@@ -106,6 +106,7 @@ class Registry:
         w.cb_failure_threshold = self.cfg.cb_failure_threshold
         w.cb_success_threshold = self.cfg.cb_success_threshold
         w.cb_timeout = self.cfg.cb_timeout_duration_secs
+        w.cb_window = self.cfg.cb_window_duration_secs
         w.cb_listener = self._on_cb_transition
         self.workers[w.id] = w
         self.by_url[url] = w

@@ -66,6 +66,7 @@ def test_defaults_match_the_reference():
     assert (cfg.health_failure_threshold, cfg.health_success_threshold) == (3, 2)
     assert cfg.health_check_endpoint == "/health"
     assert (cfg.cb_failure_threshold, cfg.cb_success_threshold, cfg.cb_timeout_duration_secs) == (10, 3, 60)
+    assert cfg.cb_window_duration_secs == 120
     assert cfg.retry_max_retries == 5 and cfg.max_attempts == 5
     assert (cfg.retry_initial_backoff_ms, cfg.retry_max_backoff_ms) == (50, 30000)
     assert (cfg.retry_backoff_multiplier, cfg.retry_jitter_factor) == (1.5, 0.2)
@@ -157,13 +158,15 @@ def test_a_no_effect_flag_with_a_value_smg_cannot_honour_exits_2(capsys):
     assert "--backend openai: not supported (smg accepts sglang, vllm)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, policy", [("--policy", "passthrough"), ("--decode-policy", "passthrough"),
-                                          ("--prefill-policy", "bucket")])
-def test_reference_policies_smg_lacks_exit_2_naming_them(flag, policy, capsys):
-    with pytest.raises(SystemExit) as e:
-        config_from_args([flag, policy])
-    assert e.value.code == 2
-    assert f"{flag} {policy}: the {policy} policy is not supported yet" in capsys.readouterr().err
+def test_reference_policies_parse_and_bucket_is_for_prefill_only(capsys):
+    cfg = config_from_args(["--policy", "passthrough", "--pd-disaggregation", "--prefill-policy", "bucket",
+                            "--bucket-adjust-interval-secs", "2"])
+    assert (cfg.policy, cfg.prefill_policy, cfg.bucket_adjust_interval_secs) == ("passthrough", "bucket", 2.0)
+    for flag in ("--policy", "--decode-policy"):
+        with pytest.raises(SystemExit) as e:
+            config_from_args([flag, "bucket"])
+        assert e.value.code == 2
+        assert "invalid choice: 'bucket'" in capsys.readouterr().err
 
 
 def test_list_flags_accumulate_when_repeated():

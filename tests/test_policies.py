@@ -11,7 +11,10 @@ from smg._fast.policies import (
     CacheAwarePolicy,
     ConsistentHashPolicy,
     LeastLoadPolicy,
+    BucketPolicy,
     ManualPolicy,
+    PassthroughPolicy,
+    PinTable,
     PowerOfTwoPolicy,
     PrefixHashPolicy,
     RandomPolicy,
@@ -52,6 +55,33 @@ def test_round_robin_cycles_and_skips_open_breakers():
     ws[1].record_outcome(False, 0.0)  # opens its breaker
     assert ws[1].cb_state_name == "open"
     assert {g.select_py(now=1.0).id for _ in range(6)} == {"w0", "w2"}
+
+
+def test_breaker_counts_consecutive_failures_within_its_window():
+    """--cb-window-duration-secs: a streak of failures older than the window
+    starts over, so rare failures spread over hours never open the breaker."""
+    (w,) = workers(1)
+    w.cb_failure_threshold = 3
+    w.cb_window = 10.0
+    for t in (0.0, 5.0, 10.5, 20.0, 30.0):  # each window holds at most two of the streak
+        w.record_outcome(False, t)
+    assert w.cb_state_name == "closed"
+    w.record_outcome(False, 31.0)
+    w.record_outcome(False, 32.0)
+    assert w.cb_state_name == "open"
+    # window 0: every consecutive failure counts, however old
+    (w,) = workers(1)
+    w.cb_failure_threshold = 3
+    w.cb_window = 0.0
+    for t in (0.0, 1000.0, 5000.0):
+        w.record_outcome(False, t)
+    assert w.cb_state_name == "open"
+    # a success ends the streak
+    (w,) = workers(1)
+    w.cb_failure_threshold = 2
+    for ok in (False, True, False):
+        w.record_outcome(ok, 1.0)
+    assert w.cb_state_name == "closed"
 
 
 def test_random_is_roughly_uniform():
@@ -404,6 +434,78 @@ def test_manual_without_a_key_is_random():
     policy = ManualPolicy()
     seen = collections.Counter(policy.pick_py(ws, now=1.0).id for _ in range(300))
     assert set(seen) == {"w0", "w1", "w2"} and policy.pinned == 0
+
+
+# --- --sticky-sessions (on any policy) -------------------------------------------
+
+def test_sticky_sessions_keep_a_session_where_the_policy_first_sent_it():
+    ws = workers(3)
+    g = WorkerGroup("m", 0, RoundRobinPolicy(), PinTable(100.0))
+    g.workers.extend(ws)
+    g.refresh()
+    first = {k: g.select_py(now=1.0, sticky_key=k) for k in (b"a", b"b", b"c")}
+    assert len({w.id for w in first.values()}) == 3  # round robin placed them
+    for t in range(2, 8):
+        assert all(g.select_py(now=float(t), sticky_key=k) is w for k, w in first.items())
+    # requests without a session follow the policy
+    assert len({g.select_py(now=8.0).id for _ in range(3)}) == 3
+    # a retry avoids the failed worker and the session moves with it
+    moved = g.select_py(now=9.0, avoid=first[b"a"], sticky_key=b"a")
+    assert moved is not first[b"a"]
+    assert g.select_py(now=10.0, sticky_key=b"a") is moved
+    # a worker that cannot take requests gives its sessions up
+    first[b"b"].state = 2
+    assert g.select_py(now=11.0, sticky_key=b"b") is not first[b"b"]
+    # idle sessions are forgotten
+    assert len(g.sticky) == 3
+    g.select_py(now=200.0, sticky_key=b"new")
+    assert len(g.sticky) == 1
+
+
+def test_passthrough_sends_everything_to_the_first_worker_that_can_take_it(caplog):
+    ws = workers(3)
+    policy = PassthroughPolicy()
+    assert {policy.pick_py(ws).id for _ in range(10)} == {"w0"}
+    ws[0].state = 2
+    assert {policy.pick_py(ws).id for _ in range(10)} == {"w1"}
+    g = group(PassthroughPolicy(), ws)  # three ready workers: logged
+    assert "passthrough policy serves one backend, but" in caplog.text
+
+
+def test_bucket_splits_lengths_so_each_worker_gets_an_equal_share_of_characters():
+    ws = workers(3)
+    policy = BucketPolicy(adjust_interval=10.0, balance_abs=64, balance_rel=1.5)
+    short, medium, long_ = "s" * 100, "m" * 1000, "l" * 10000
+    # before the first adjustment: the least loaded
+    assert policy.pick_py(ws, text=short, now=0.0) is ws[0] and policy.boundaries == []
+    for _ in range(100):
+        for t in (short, medium, long_):
+            policy.pick_py(ws, text=t, now=1.0)
+    policy.adjust_py(3)
+    # most characters are in the long prompts: they get a worker of their
+    # own, and the short and medium ones share the first
+    assert policy.boundaries == [1000, 10000]
+    assert policy.pick_py(ws, text=long_, now=2.0) is ws[1]
+    assert policy.pick_py(ws, text=short, now=2.0) is ws[0]
+    assert policy.pick_py(ws, text=medium, now=2.0) is ws[0]
+    # a bucket's worker far busier than the least loaded is passed over
+    ws[1].inflight = 100
+    assert policy.pick_py(ws, text=long_, now=3.0) is not ws[1]
+    ws[1].inflight = 0
+    ws[1].state = 2
+    assert policy.pick_py(ws, text=long_, now=3.0) is not ws[1]
+
+
+def test_bucket_boundaries_follow_the_observed_lengths():
+    policy = BucketPolicy(adjust_interval=1.0)
+    ws = workers(2)
+    for i in range(200):
+        policy.pick_py(ws, text="x" * 50, now=0.5)
+        policy.pick_py(ws, text="x" * 150, now=0.5)
+    policy.pick_py(ws, text="x", now=2.0)  # the interval passed: adjusted
+    assert len(policy.boundaries) == 1 and 50 <= policy.boundaries[0] < 150
+    assert policy.pick_py(ws, text="x" * 150, now=2.5) is ws[1]
+    assert policy.pick_py(ws, text="x" * 50, now=2.5) is ws[0]
 
 
 def test_least_load_picks_the_fewest_in_flight_skipping_open_breakers():

@@ -102,15 +102,16 @@ def test_client_disconnect_mid_stream_ends_upstream_request(fake_workers, gatewa
         in g.metrics()
 
 
-def test_upstream_refused_is_502(fake_workers, gateway):
+def test_upstream_refused_is_500_connection_failed(fake_workers, gateway):
+    """As on the reference: 500 call_upstream_connection_failed."""
     (w,) = fake_workers(1)
     g = gateway(["--worker-urls", w.url, "--retry-max-retries", "2", "--retry-initial-backoff-ms", "1",
                  "--disable-health-check"], wait_workers=1)
     w.stop()
     r = g.post("/generate", {"text": "hi"})
-    assert r.status == 502
-    assert r.json()["error"]["code"] == "worker_unreachable"
-    assert r.headers["x-smg-error-code"] == "worker_unreachable"
+    assert r.status == 500
+    assert r.json()["error"]["code"] == "call_upstream_connection_failed"
+    assert r.headers["x-smg-error-code"] == "call_upstream_connection_failed"
 
 
 def test_upstream_timeout_is_504(fake_workers, gateway):
@@ -144,11 +145,11 @@ def test_upstream_drop_mid_stream_closes_client_cleanly(fake_workers, gateway):
     assert 'error_code="stream_error",path="/generate",status_code="200"' in text
 
 
-def test_upstream_garbage_is_502(fake_workers, gateway):
+def test_upstream_garbage_is_a_request_error(fake_workers, gateway):
     (w,) = fake_workers(1, mode="garbage")
     g = gateway(["--worker-urls", w.url, "--disable-retries"], wait_workers=1)
     r = g.post("/generate", {"text": "hi"})
-    assert r.status == 502 and r.json()["error"]["code"] == "upstream_error"
+    assert r.status == 500 and r.json()["error"]["code"] == "call_upstream_request_error"
 
 
 def test_upstream_connections_are_reused(fake_workers, gateway):
@@ -312,7 +313,7 @@ def test_request_on_a_connection_the_worker_just_closed_is_sent_again(fake_worke
     # with a budget of one send, the race is the request's failure
     g2 = gateway(["--worker-urls", w.url, "--disable-retries", "--disable-health-check"], wait_workers=1)
     assert g2.post("/generate", {"text": "opens a connection"}).status == 200
-    assert g2.post("/generate", {"text": "reuses it"}).status == 502
+    assert g2.post("/generate", {"text": "reuses it"}).status == 500
     assert g2.post("/generate", {"text": "on a fresh one"}).status == 200
 
 

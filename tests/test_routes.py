@@ -167,11 +167,17 @@ def test_error_shapes(two):
         assert r.status == 400 and r.json()["error"]["code"] == "invalid_request", bad
 
 
-def test_no_workers_is_503(gateway):
+def test_no_workers_is_404_model_not_found(gateway):
+    """As on the reference: with no workers every model is unknown, and
+    /v1/models says there are none."""
     g = gateway([])
     r = g.post("/generate", {"text": "hi"})
-    assert r.status == 503
-    assert r.json()["error"]["code"] == "no_available_workers"
+    assert r.status == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+    r = g.post("/v1/chat/completions", {"model": "m", "messages": []})
+    assert r.status == 404 and "'m'" in r.json()["error"]["message"]
+    r = g.get("/v1/models")
+    assert r.status == 503 and r.json()["error"]["code"] == "no_models_available"
 
 
 def test_request_ids(two):
@@ -267,7 +273,7 @@ def test_router_metrics_follow_the_reference(fake_workers, gateway):
     assert g.post("/v1/chat/completions", {"model": "nope", "messages": []}).status == 404
     assert g.post("/v1/chat/completions", {"model": "fake-model"}).status == 400  # not routed
     w.set(mode="reset")
-    assert g.post("/generate", {"text": "b"}).status == 502
+    assert g.post("/generate", {"text": "b"}).status == 500
     w.set(mode="normal")
     text = g.metrics()
     common = 'connection_mode="http",'
@@ -399,3 +405,31 @@ def test_prometheus_duration_buckets(fake_workers, gateway):
     assert les == ["0.01", "0.1", "1", "+Inf"]
     assert 'smg_http_request_duration_seconds_bucket{le="+Inf",method="POST",path="/generate"} 1.0' in text
     assert re.findall(r'smg_router_request_duration_seconds_bucket\{[^}]*le="([^"]+)"', text) == les
+
+
+def test_stored_responses_are_asked_of_every_worker(fake_workers, gateway):
+    """GET/DELETE /v1/responses/{id}, .../input_items and .../cancel: the
+    gateway stores nothing; the worker that made the response (an engine
+    with `store`) answers. Unknown ids get the reference's 404."""
+    workers = fake_workers(2)
+    g = gateway(["--worker-urls", *[w.url for w in workers], "--policy", "round_robin"], wait_workers=2)
+    made = [g.post("/v1/responses", {"model": "fake-model", "input": f"hi {i}"}).json() for i in range(2)]
+    assert {m["worker"] for m in made} == {w.name for w in workers}
+    for i, m in enumerate(made):
+        r = g.get(f"/v1/responses/{m['id']}")
+        assert r.status == 200 and r.json() == m
+        assert r.headers["x-smg-routed-worker-id"].endswith(m["worker"])
+        r = g.get(f"/v1/responses/{m['id']}/input_items?limit=5")
+        assert r.status == 200 and r.json()["data"][0]["content"][0]["text"] == f"hi {i}"
+    # a refusal other than "unknown id" comes back as the worker said it
+    r = request(g.port, "POST", f"/v1/responses/{made[0]['id']}/cancel", {})
+    assert r.status == 400 and r.json()["error"]["code"] == "not_cancellable"
+    r = request(g.port, "DELETE", f"/v1/responses/{made[1]['id']}")
+    assert r.status == 200 and r.json()["deleted"] is True
+    for method, path in (("GET", made[1]["id"]), ("DELETE", made[1]["id"]), ("GET", "resp_nope/input_items"),
+                         ("POST", "resp_nope/cancel")):
+        r = request(g.port, method, f"/v1/responses/{path}", {} if method == "POST" else None)
+        assert r.status == 404, (method, path)
+        assert r.json()["error"]["code"] == "not_found" and r.headers["x-smg-error-code"] == "not_found"
+    assert request(g.port, "PUT", "/v1/responses/x").status == 405
+    assert request(g.port, "GET", "/v1/responses/x/other").status == 404

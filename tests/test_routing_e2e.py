@@ -4,6 +4,8 @@ import collections
 import concurrent.futures
 import re
 
+import pytest
+
 from helpers import request, wait_for
 
 
@@ -227,3 +229,31 @@ def test_routing_key_headers_choose_the_key(fake_workers, gateway):
     # the worker gets the key the gateway routed by
     last = next(w for w in workers if w.url == holders["s5"][0])
     assert last.stats.last_headers["x-smg-routing-key"] == "s5"
+
+
+@pytest.mark.parametrize("pd", [False, True])
+def test_sticky_sessions_on_round_robin(fake_workers, gateway, pd):
+    """--sticky-sessions: round robin places each session's first request,
+    later ones follow it (the session is the routing key, else the client's
+    request id); requests without a session keep rotating."""
+    if pd:
+        prefill, decode = fake_workers(2, role="prefill"), fake_workers(3, role="decode")
+        workers = decode
+        args = ["--pd-disaggregation", *[x for w in prefill for x in ("--prefill", w.url)],
+                *[x for w in decode for x in ("--decode", w.url)]]
+        n = 5
+    else:
+        workers = fake_workers(3)
+        args = ["--worker-urls", *[w.url for w in workers]]
+        n = 3
+    g = gateway(["--policy", "round_robin", "--sticky-sessions", *args], wait_workers=n)
+    for round_ in range(3):
+        for k in range(6):
+            headers = {"x-smg-routing-key": f"key{k}"} if k < 3 else {"x-request-id": f"key{k}"}
+            assert g.post("/generate", {"text": f"[key{k}] turn {round_}"}, headers=headers).status == 200
+    holders = {f"key{k}": [w.url for w in workers if w.stats.tags.get(f"key{k}")] for k in range(6)}
+    assert all(len(h) == 1 for h in holders.values()), holders
+    assert len({h[0] for h in holders.values()}) == 3  # round robin spread the first requests
+    for i in range(6):
+        assert g.post("/generate", {"text": f"[free] {i}"}).status == 200
+    assert all(w.stats.tags.get("free") == 2 for w in workers)

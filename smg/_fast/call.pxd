@@ -44,6 +44,7 @@ cdef class CallSettings:
     cdef public double request_timeout
     cdef public double sse_keepalive     # seconds of silence before a keep-alive comment (0: none)
     cdef public dict model_aliases       # --model-alias: client-facing name -> served model
+    cdef public object prefill_queue     # smg._fast.pd.PrefillQueue (None: no prefill limit)
     cdef public dict retries
     cdef public dict retries_exhausted
     # smg_router_* (the reference's family), read by smg.metrics
@@ -135,6 +136,6 @@ cdef class ClientCall(ResponseSource):
     cdef bytes response_head(self, ResponseParser p, Worker w, bint decoded, long long content_length=*)
     cdef int relay(self, bytes head, bytes data, Py_ssize_t off, Py_ssize_t n) except -1
     cdef int end_relay(self) except -1
-    cdef int fail_to_client(self, int status, str code, str message) except -1
+    cdef int fail_to_client(self, int status, str code, str message, bytes extra_headers=*) except -1
     cdef int break_stream(self, int status, str code, str message) except -1
     cdef int complete(self, str error_code) except -1

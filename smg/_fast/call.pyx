@@ -13,7 +13,7 @@ from smg._fast.clock cimport monotonic
 from smg._fast.exchange cimport FAIL_BEFORE_HEAD, FAIL_CONNECT
 from smg._fast.upstream cimport UpstreamPool
 from smg._fast.policies cimport rand64
-from smg._fast.routes cimport error_body, Histogram
+from smg._fast.routes cimport Route, error_body, anthropic_error_body, Histogram
 
 from smg._fast.upstream import UpstreamClosed
 from smg._fast.worker import TYPE_NAMES
@@ -86,8 +86,9 @@ cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n):
 cdef bint end_stream_with_error(RequestCycle cycle, ResponseParser p, bint wrapped, int status, str code,
                                 str message):
     """End an event stream that broke off (the worker failed, the request
-    timed out) the way clients understand: an error event, `data: [DONE]`,
-    then the end of the chunked body. `wrapped`: the gateway frames the
+    timed out) the way clients understand: an error event (OpenAI's
+    `data: {"error": ...}` then `data: [DONE]`, or the Anthropic API's
+    `event: error`), then the end of the chunked body. `wrapped`: the gateway frames the
     chunks itself. False when the stream cannot take them: not SSE, not
     chunked to the client (HTTP/1.0 gets the body unframed), or cut inside
     one of the worker's chunks."""
@@ -96,7 +97,10 @@ cdef bint end_stream_with_error(RequestCycle cycle, ResponseParser p, bint wrapp
         return False
     if not wrapped and not (p.chunked and p.between_chunks()):
         return False
-    event = b"data: " + error_body(status, code, message) + b"\n\ndata: [DONE]\n\n"
+    if (<Route>cycle.req.route).anthropic:
+        event = b"event: error\ndata: " + anthropic_error_body(status, message, cycle.req.request_id) + b"\n\n"
+    else:
+        event = b"data: " + error_body(status, code, message) + b"\n\ndata: [DONE]\n\n"
     cycle.write(b"%x\r\n" % len(event) + event + b"\r\n0\r\n\r\n")
     return True
 
@@ -131,6 +135,7 @@ cdef class CallSettings:
         self.request_timeout = request_timeout
         self.sse_keepalive = sse_keepalive
         self.model_aliases = {}
+        self.prefill_queue = None
         self.retries = {}
         self.retries_exhausted = {}
         self.routed = {}
@@ -509,7 +514,7 @@ cdef class ClientCall(ResponseSource):
             self.settings.count_error(self.backend, self.model_label, self.endpoint_name, error_type_of(error_code))
         return 0
 
-    cdef int fail_to_client(self, int status, str code, str message) except -1:
+    cdef int fail_to_client(self, int status, str code, str message, bytes extra_headers=b"") except -1:
         """Answer with an error (nothing has reached the client yet)."""
         if self.done:
             return 0
@@ -517,7 +522,7 @@ cdef class ClientCall(ResponseSource):
             self.settings.count_exhausted(self.worker_type, self.endpoint_name)
         self.end_call(LEG_STOP)
         self.record_end(code)
-        self.cycle.respond_error(status, code, message)
+        self.cycle.respond_error(status, code, message, None, None, extra_headers)
         return 0
 
     cdef int break_stream(self, int status, str code, str message) except -1:

@@ -27,7 +27,8 @@ cdef class RequestCycle:
 
     cdef int write(self, bytes data) except -1
     cpdef respond(self, int status, bytes body, bytes content_type, bytes extra_headers=*, str error_code=*)
-    cpdef respond_error(self, int status, str code, str message, str error_type=*, str param=*)
+    cpdef respond_error(self, int status, str code, str message, str error_type=*, str param=*,
+                        bytes extra_headers=*)
     cpdef finish(self, int status, str error_code=*)
     cdef int hand_off(self, ResponseSource source) except -1
     cdef int lost(self) except -1

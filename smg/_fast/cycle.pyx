@@ -8,7 +8,7 @@ registers it as the cycle's source, which the connection then keeps
 informed: the client leaving, back-pressure, the deadline."""
 
 from smg._fast.clock cimport monotonic
-from smg._fast.routes cimport Route, status_line, error_body
+from smg._fast.routes cimport Route, status_line, error_body, anthropic_error_body
 
 
 cdef class Connection:
@@ -71,9 +71,15 @@ cdef class RequestCycle:
             self.conn.transport.write(b"".join(parts))
         self.finish(status, error_code)
 
-    cpdef respond_error(self, int status, str code, str message, str error_type=None, str param=None):
-        self.respond(status, error_body(status, code, message, error_type, param), b"application/json",
-                     b"x-smg-error-code: " + code.encode() + b"\r\n", code)
+    cpdef respond_error(self, int status, str code, str message, str error_type=None, str param=None,
+                        bytes extra_headers=b""):
+        cdef bytes body
+        if (<Route>self.req.route).anthropic:
+            body = anthropic_error_body(status, message, self.req.request_id)
+        else:
+            body = error_body(status, code, message, error_type, param)
+        self.respond(status, body, b"application/json", b"x-smg-error-code: " + code.encode() + b"\r\n" + extra_headers,
+                     code)
 
     cpdef finish(self, int status, str error_code=None):
         """The response has been written in full."""

@@ -12,6 +12,7 @@ anything reached the client, is retried on a fresh pair or answered with a
 clear error; both workers are released however the request ends."""
 
 import logging
+from collections import deque
 
 import orjson
 
@@ -25,7 +26,7 @@ from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
 from smg._fast.call cimport ClientCall, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status, forwarded_head
-from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, resolve_alias, routing_key, model_label
+from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, resolve_alias, routing_key, session_key, model_label
 
 _log = logging.getLogger("smg.pd")
 
@@ -130,6 +131,89 @@ cdef object prefill_document(bytes body):
     return last
 
 
+cdef class PrefillQueue:
+    """--prefill-max-inflight-requests-per-worker: a prefill worker with that
+    many requests in flight takes no more (Worker.max_inflight makes it
+    unroutable), and a request finding every prefill worker of its model
+    at the limit waits here, in arrival order, for one to free a slot: at
+    most `size` requests (then 429 prefill_queue_full), each at most
+    `timeout` seconds (then 429 prefill_queue_timeout). Counts are per
+    process."""
+    cdef object waiting             # deque of [PDCall, enqueued at]
+    cdef public Py_ssize_t size
+    cdef public double timeout
+    cdef public long long queued_total
+    cdef public long long rejected_full
+    cdef public long long rejected_timeout
+
+    def __init__(self, Py_ssize_t size, double timeout):
+        self.waiting = deque()
+        self.size = size
+        self.timeout = timeout
+        self.queued_total = 0
+        self.rejected_full = 0
+        self.rejected_timeout = 0
+
+    def __len__(self):
+        return len(self.waiting)
+
+    cdef int wait(self, PDCall call, double now) except -1:
+        """Queue `call` (or answer it 429 when the queue is full)."""
+        if len(self.waiting) >= self.size:
+            self.rejected_full += 1
+            call.fail_to_client(429, "prefill_queue_full",
+                                "Every prefill worker is at --prefill-max-inflight-requests-per-worker "
+                                "and the prefill queue is full", b"retry-after: 1\r\n")
+            return 0
+        self.queued_total += 1
+        self.waiting.append([call, now])
+        return 0
+
+    def worker_freed(self, Worker worker):
+        """A prefill worker went below its limit: start the waiting requests
+        that can go now, oldest first (others keep their place)."""
+        cdef PDCall call
+        cdef double now = monotonic()
+        for _ in range(len(self.waiting)):
+            entry = self.waiting.popleft()
+            call = <PDCall>entry[0]
+            if call.done:
+                continue
+            if has_room(call.pgroup, now):
+                call.attempt()
+            else:
+                self.waiting.append(entry)
+
+    def sweep(self, double now):
+        """Answer the requests that have waited `timeout` seconds."""
+        cdef PDCall call
+        while self.waiting and now - <double>self.waiting[0][1] >= self.timeout:
+            call = <PDCall>self.waiting.popleft()[0]
+            if call.done:
+                continue
+            self.rejected_timeout += 1
+            call.fail_to_client(429, "prefill_queue_timeout",
+                                "The request waited too long for a prefill worker (--prefill-queue-timeout-secs)",
+                                b"retry-after: 1\r\n")
+
+
+cdef bint has_room(WorkerGroup group, double now):
+    cdef Worker w
+    for w in group.ready:
+        if w.routable(now):
+            return True
+    return False
+
+
+cdef bint at_limit(WorkerGroup group):
+    """Some ready worker of the group is at its in-flight limit."""
+    cdef Worker w
+    for w in group.ready:
+        if w.max_inflight > 0 and w.inflight >= w.max_inflight:
+            return True
+    return False
+
+
 cdef class PDHandler(ProxiedRoute):
 
     cdef int handle(self, RequestCycle cycle) except -1:
@@ -166,6 +250,8 @@ cdef PDCall new_pd_call(PDHandler handler, RequestCycle cycle, dict obj, WorkerG
     call.dgroup = dgroup
     call.text = text
     call.key = key
+    if pgroup.sticky is not None:
+        call.session = session_key(cycle.req)
     call.batch = batch_size(handler.endpoint, obj)
     call.logprobs = handler.endpoint == EP_GENERATE and obj.get("return_logprob") is True
     call.stream = obj.get("stream") is True
@@ -179,6 +265,7 @@ cdef class PDCall(ClientCall):
     cdef WorkerGroup dgroup
     cdef str text
     cdef bytes key
+    cdef bytes session              # --sticky-sessions: the request's session key
     cdef Py_ssize_t batch
     cdef bint logprobs
     cdef bint stream
@@ -201,8 +288,11 @@ cdef class PDCall(ClientCall):
         cdef Leg prefill, decode
         cdef bytes body, head, start, client_auth
         cdef Request req = self.req
-        pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill)
-        dw = self.dgroup.select(self.text, self.key, now, self.failed_decode)
+        pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill, self.session)
+        if pw is None and self.settings.prefill_queue is not None and at_limit(self.pgroup):
+            (<PrefillQueue>self.settings.prefill_queue).wait(self, now)
+            return 0
+        dw = self.dgroup.select(self.text, self.key, now, self.failed_decode, self.session)
         if pw is None or dw is None:
             self.fail_to_client(503, "no_available_workers",
                                 "No available prefill worker" if pw is None else "No available decode worker")

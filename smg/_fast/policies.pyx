@@ -5,6 +5,7 @@ Every policy picks among a group's ready workers, skipping those whose
 circuit breaker is open. Load is the gateway's own in-flight count per
 worker (Worker.inflight), kept by the proxy for every policy."""
 
+import logging
 import os
 
 from libc.stdint cimport uint64_t, uint32_t, int32_t
@@ -19,6 +20,8 @@ from smg._fast.clock cimport monotonic
 from smg._fast.worker cimport Worker, STATE_READY
 from smg._fast.hashing cimport fnv1a, hash_code_points, mix64
 from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4, INSERT_HIT, INSERT_WEAK
+
+_log = logging.getLogger("smg.policies")
 
 
 # --- a small fast PRNG (xorshift64*), seeded per process -----------------
@@ -181,6 +184,120 @@ cdef class LeastLoadPolicy(Policy):
         return least_loaded(ready, now, None)
 
 
+cdef class PassthroughPolicy(Policy):
+    """Everything to the first routable worker, in registration order (the
+    reference's `passthrough`, for a single backend). With several
+    workers the others take traffic only when the first cannot; that is
+    logged once each time the group's workers change."""
+
+    def __init__(self):
+        self.name = "passthrough"
+        self.needs_text = False
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef Worker w
+        for w in ready:
+            if w.routable(now):
+                return w
+        return None
+
+    cpdef workers_changed(self, list workers):
+        if len(workers) > 1:
+            _log.warning("the passthrough policy serves one backend, but %d workers are ready: only the first "
+                         "that can take a request (%s) gets it", len(workers), (<Worker>workers[0]).url)
+
+
+DEF BUCKET_SAMPLES = 4096
+
+
+cdef class BucketPolicy(Policy):
+    """Requests by length (the routing text's characters, which prefill
+    cost follows): the workers split the length range into consecutive
+    buckets, short prompts on the first, long ones on the last. Every
+    `adjust_interval` seconds the boundaries move so that each bucket
+    holds an equal share of the characters of the last BUCKET_SAMPLES
+    requests. A worker whose in-flight count is above the least loaded's
+    by more than `balance_abs` and by a factor over `balance_rel` is passed
+    over for the least loaded (so is one that cannot take requests).
+    Until the first adjustment, requests go to the least loaded worker."""
+    cdef list samples
+    cdef Py_ssize_t next_sample
+    cdef public list boundaries      # len(ready) - 1 ascending lengths
+    cdef double adjust_interval
+    cdef double last_adjust
+    cdef double balance_abs
+    cdef double balance_rel
+
+    def __init__(self, double adjust_interval=5.0, double balance_abs=64, double balance_rel=1.5):
+        self.name = "bucket"
+        self.needs_text = True
+        self.samples = []
+        self.next_sample = 0
+        self.boundaries = []
+        self.adjust_interval = adjust_interval
+        self.last_adjust = 0.0
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef Py_ssize_t length = len(text) if text is not None else 0
+        cdef Py_ssize_t n = len(ready), i = 0
+        cdef Worker w, least
+        if len(self.samples) < BUCKET_SAMPLES:
+            self.samples.append(length)
+        else:
+            self.samples[self.next_sample] = length
+            self.next_sample = (self.next_sample + 1) % BUCKET_SAMPLES
+        if now - self.last_adjust >= self.adjust_interval:
+            self.last_adjust = now
+            self.adjust(n)
+        least = least_loaded(ready, now, None)
+        if n == 0 or len(self.boundaries) != n - 1 or least is None:
+            return least
+        while i < n - 1 and length > <Py_ssize_t>self.boundaries[i]:
+            i += 1
+        w = <Worker>ready[i]
+        if not w.routable(now):
+            return least
+        if w.inflight - least.inflight > self.balance_abs and w.inflight > least.inflight * self.balance_rel:
+            return least
+        return w
+
+    cdef adjust(self, Py_ssize_t buckets):
+        """Boundaries splitting the sampled characters into shares as equal
+        as the lengths allow: requests of one length stay in one bucket, and
+        a bucket closes before a length whose characters would overshoot
+        its share by more than leaving them out undershoots it."""
+        cdef dict mass = {}
+        cdef double total = 0.0, acc = 0.0, share, target
+        cdef list bounds = []
+        cdef Py_ssize_t value, prev = 0
+        if buckets < 2 or not self.samples:
+            self.boundaries = []
+            return
+        for x in self.samples:
+            mass[x] = mass.get(x, 0) + <Py_ssize_t>x
+            total += <Py_ssize_t>x
+        share = total / buckets
+        for x in sorted(mass):
+            value = x
+            m = <Py_ssize_t>mass[x]
+            target = share * (len(bounds) + 1)
+            if len(bounds) < buckets - 1 and acc > 0 and acc + m > target and acc + m - target > target - acc:
+                bounds.append(prev)
+            acc += m
+            prev = value
+        while len(bounds) < buckets - 1:
+            bounds.append(prev)
+        self.boundaries = bounds
+
+    cpdef workers_changed(self, list workers):
+        self.last_adjust = 0.0      # re-split for the new number of buckets at the next pick
+
+    def adjust_py(self, Py_ssize_t buckets):
+        self.adjust(buckets)
+
+
 cdef class PrefixHashPolicy(Policy):
     """Requests whose routing texts share their first `prefix_chars`
     characters go to the same worker: rendezvous hashing of that prefix over
@@ -246,68 +363,54 @@ DEF MANUAL_MAX_KEYS = 1048576
 DEF MANUAL_SWEEP_SECS = 60.0
 
 
-cdef class ManualPolicy(Policy):
-    """Sticky routing by the X-SMG-Routing-Key header (the reference's
-    `manual` policy). A key's first request picks a worker by the
-    assignment mode (random, min_load: fewest in flight, min_group: fewest
-    keys) and pins the key to it; later requests with the key go there
-    while it can take them, else the key moves. Keys unused for `max_idle`
-    seconds are forgotten, and at most MANUAL_MAX_KEYS are kept (the
-    least recently used go first). Requests without a key go to a random
-    worker."""
-    cdef dict pins          # key -> [Worker, last used]
-    cdef dict keys_of       # Worker -> pinned keys (min_group)
-    cdef int mode
-    cdef double max_idle
-    cdef double last_sweep
-    cdef public long long moved     # keys re-pinned because their worker could not take them
+cdef class PinTable:
+    """Keys pinned to workers: the manual policy's assignments and the
+    pins of --sticky-sessions. A key whose worker can no longer take
+    requests is unpinned when next looked up. Keys unused for `max_idle`
+    seconds are forgotten, and at most MANUAL_MAX_KEYS are kept (the least
+    recently used go first)."""
 
-    def __init__(self, int mode=0, double max_idle=14400.0):
-        self.name = "manual"
-        self.needs_text = False
-        self.header_key_only = True
+    def __init__(self, double max_idle=14400.0):
         self.pins = {}
         self.keys_of = {}
-        self.mode = mode
         self.max_idle = max_idle
         self.last_sweep = 0.0
         self.moved = 0
 
-    @property
-    def pinned(self):
+    def __len__(self):
         return len(self.pins)
 
-    cdef Worker assign(self, list ready, double now):
-        cdef Worker best = None, w
-        if self.mode == ASSIGN_RANDOM:
-            return random_routable(ready, now)
-        if self.mode == ASSIGN_MIN_LOAD:
-            return least_loaded(ready, now, None)
-        for w in ready:
-            if w.routable(now) and (best is None or self.keys_of.get(w, 0) < self.keys_of.get(best, 0)):
-                best = w
-        return best
-
-    cdef Worker pick(self, list ready, str text, bytes key, double now):
+    cdef Worker get(self, bytes key, double now):
+        """The routable worker `key` is pinned to, or None (unpinned)."""
         cdef list pin
         cdef Worker w
-        if key is None:
-            return random_routable(ready, now)
         if now - self.last_sweep >= MANUAL_SWEEP_SECS or len(self.pins) > MANUAL_MAX_KEYS:
             self.sweep(now)
         pin = self.pins.get(key)
+        if pin is None:
+            return None
+        w = <Worker>pin[0]
+        if w.routable(now):
+            pin[1] = now
+            return w
+        self.unpin(key, w)
+        self.moved += 1
+        return None
+
+    cdef int put(self, bytes key, Worker w, double now) except -1:
+        cdef list pin = self.pins.get(key)
         if pin is not None:
-            w = <Worker>pin[0]
-            if w.routable(now):
+            if pin[0] is w:
                 pin[1] = now
-                return w
-            self.unpin(key, w)
+                return 0
+            self.unpin(key, <Worker>pin[0])
             self.moved += 1
-        w = self.assign(ready, now)
-        if w is not None:
-            self.pins[key] = [w, now]
-            self.keys_of[w] = self.keys_of.get(w, 0) + 1
-        return w
+        self.pins[key] = [w, now]
+        self.keys_of[w] = self.keys_of.get(w, 0) + 1
+        return 0
+
+    cdef int count(self, Worker w):
+        return self.keys_of.get(w, 0)
 
     cdef unpin(self, bytes key, Worker w):
         del self.pins[key]
@@ -332,6 +435,58 @@ cdef class ManualPolicy(Policy):
         for key, pin in list(self.pins.items()):
             if pin[0] is worker:
                 self.unpin(key, worker)
+
+
+cdef class ManualPolicy(Policy):
+    """Sticky routing by the X-SMG-Routing-Key header (the reference's
+    `manual` policy). A key's first request picks a worker by the
+    assignment mode (random, min_load: fewest in flight, min_group: fewest
+    keys) and pins the key to it; later requests with the key go there
+    while it can take them, else the key moves (see PinTable). Requests
+    without a key go to a random worker."""
+    cdef public PinTable table
+    cdef int mode
+
+    def __init__(self, int mode=0, double max_idle=14400.0):
+        self.name = "manual"
+        self.needs_text = False
+        self.header_key_only = True
+        self.table = PinTable(max_idle)
+        self.mode = mode
+
+    @property
+    def pinned(self):
+        return len(self.table)
+
+    @property
+    def moved(self):
+        return self.table.moved
+
+    cdef Worker assign(self, list ready, double now):
+        cdef Worker best = None, w
+        if self.mode == ASSIGN_RANDOM:
+            return random_routable(ready, now)
+        if self.mode == ASSIGN_MIN_LOAD:
+            return least_loaded(ready, now, None)
+        for w in ready:
+            if w.routable(now) and (best is None or self.table.count(w) < self.table.count(best)):
+                best = w
+        return best
+
+    cdef Worker pick(self, list ready, str text, bytes key, double now):
+        cdef Worker w
+        if key is None:
+            return random_routable(ready, now)
+        w = self.table.get(key, now)
+        if w is not None:
+            return w
+        w = self.assign(ready, now)
+        if w is not None:
+            self.table.put(key, w, now)
+        return w
+
+    cpdef worker_removed(self, Worker worker):
+        self.table.worker_removed(worker)
 
 
 def _last_used(item):
@@ -865,12 +1020,13 @@ def group_key(str text):
 
 cdef class WorkerGroup:
 
-    def __init__(self, str model_id, int worker_type, Policy policy):
+    def __init__(self, str model_id, int worker_type, Policy policy, PinTable sticky=None):
         self.model_id = model_id
         self.worker_type = worker_type
         self.workers = []
         self.ready = []
         self.policy = policy
+        self.sticky = sticky
 
     def __repr__(self):
         return f"<WorkerGroup {self.model_id} type={self.worker_type} {len(self.ready)}/{len(self.workers)} ready>"
@@ -881,7 +1037,24 @@ cdef class WorkerGroup:
         self.ready = [w for w in self.workers if w.state == STATE_READY]
         self.policy.workers_changed(self.ready)
 
-    cdef Worker select(self, str text, bytes key, double now, Worker avoid):
+    cdef Worker select(self, str text, bytes key, double now, Worker avoid, bytes sticky_key=None):
+        """The worker for a request (None: none can take it). `key`: the
+        policy's routing key; `sticky_key`: the session a request belongs
+        to under --sticky-sessions, kept on the worker it was first sent
+        to while that worker can take it and is not the one to avoid."""
+        cdef Worker w
+        cdef PinTable sticky = self.sticky
+        if sticky_key is not None and sticky is not None:
+            w = sticky.get(sticky_key, now)
+            if w is not None and w is not avoid:
+                return w
+            w = self.pick(text, key, now, avoid)
+            if w is not None:
+                sticky.put(sticky_key, w, now)
+            return w
+        return self.pick(text, key, now, avoid)
+
+    cdef Worker pick(self, str text, bytes key, double now, Worker avoid):
         cdef Worker w = self.policy.pick(self.ready, text, key, now)
         cdef Worker other
         if w is not None and w is avoid and len(self.ready) > 1:
@@ -891,16 +1064,19 @@ cdef class WorkerGroup:
                 return other
         return w
 
-    def select_py(self, str text=None, bytes key=None, double now=0.0, Worker avoid=None):
-        return self.select(text, key, now, avoid)
+    def select_py(self, str text=None, bytes key=None, double now=0.0, Worker avoid=None, bytes sticky_key=None):
+        return self.select(text, key, now, avoid, sticky_key)
 
 
 cdef class Router:
 
-    def __init__(self, policy_factory):
+    def __init__(self, policy_factory, double sticky_max_idle=-1.0):
+        """sticky_max_idle >= 0: --sticky-sessions, each group pinning
+        sessions for at most that many idle seconds."""
         self.groups = {}
         self.policy_factory = policy_factory
         self.needs_text = False
+        self.sticky_max_idle = sticky_max_idle
 
     cpdef WorkerGroup group(self, int worker_type, str model):
         return self.groups.get((worker_type, model))
@@ -913,7 +1089,8 @@ cdef class Router:
         cdef WorkerGroup g = self.groups.get(key)
         if g is None:
             policy = self.policy_factory(w.worker_type)
-            g = WorkerGroup(w.model_id, w.worker_type, policy)
+            g = WorkerGroup(w.model_id, w.worker_type, policy,
+                            PinTable(self.sticky_max_idle) if self.sticky_max_idle >= 0 else None)
             self.groups[key] = g
             if policy.needs_text:
                 self.needs_text = True
@@ -929,6 +1106,8 @@ cdef class Router:
             g.workers.remove(w)
         g.refresh()
         g.policy.worker_removed(w)
+        if g.sticky is not None:
+            g.sticky.worker_removed(w)
         if not g.workers:
             del self.groups[(w.worker_type, w.model_id)]
 

@@ -8,6 +8,7 @@ cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int
 cdef object parse_body(RequestCycle cycle, int endpoint)
 cdef object resolve_alias(CallSettings settings, RequestCycle cycle, dict obj)
 cdef bytes routing_key(Request req)
+cdef bytes session_key(Request req)
 cdef str model_label(Router router, object model, int worker_type)
 
 

@@ -20,7 +20,8 @@ from smg._fast.exchange cimport FAIL_CONNECT
 from smg._fast.admission cimport Admission
 from smg._fast.call cimport Leg, LEG_STOP, new_leg, retryable_status, failure_status, forwarded_head
 from smg._fast.worker cimport Worker, TYPE_REGULAR
-from smg._fast.routing_text cimport routing_text, invalid_field, EP_RERANK
+from smg._fast.routing_text cimport routing_text, invalid_field, EP_RERANK, EP_MESSAGES, EP_COUNT_TOKENS
+from smg._fast.routes cimport Route, anthropic_error_type
 
 from smg._fast.routing_text import ENDPOINT_NAMES
 from smg._fast.admission import queue_or_reject
@@ -39,7 +40,7 @@ cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int
     if model is not None:
         g = router.group(worker_type, model)
         if g is None:
-            if not router.groups_of(worker_type):
+            if not router.groups_of(worker_type) and worker_type != TYPE_REGULAR:
                 cycle.respond_error(503, "no_available_workers", f"No available {kind}workers")
             else:
                 cycle.respond_error(404, "model_not_found", f"No {kind}worker available for model '{model}'")
@@ -48,7 +49,11 @@ cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int
     if len(groups) == 1:
         return <WorkerGroup>groups[0]
     if not groups:
-        cycle.respond_error(503, "no_available_workers", f"No available {kind}workers")
+        # no workers at all: the reference's answer is the unknown model's
+        if worker_type == TYPE_REGULAR:
+            cycle.respond_error(404, "model_not_found", "No worker available for model 'unknown'")
+        else:
+            cycle.respond_error(503, "no_available_workers", f"No available {kind}workers")
         return None
     # several models: only one may have ready workers
     ready = [g for g in groups if (<WorkerGroup>g).ready]
@@ -104,6 +109,16 @@ cdef bytes routing_key(Request req):
     if req.authorization is not None:
         return req.authorization
     return req.forwarded_for
+
+
+cdef bytes session_key(Request req):
+    """--sticky-sessions: the session a request belongs to, its routing key
+    (X-SMG-Routing-Key or --routing-key-headers), else the request id the
+    client sent (a resent or follow-up request that carries it stays
+    together); None: no session."""
+    if req.routing_key is not None:
+        return req.routing_key
+    return req.request_id if req.id_from_client else None
 
 
 cdef str model_label(Router router, object model, int worker_type):
@@ -167,6 +182,8 @@ cdef class ProxyHandler(ProxiedRoute):
         key = cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req)
         if self.endpoint == EP_RERANK:
             self.launch(new_rerank_call(self, cycle, group, text, key, label, model))
+        elif self.endpoint == EP_MESSAGES or self.endpoint == EP_COUNT_TOKENS:
+            self.launch(new_messages_call(self, cycle, group, text, key, label))
         else:
             self.launch(new_proxy_call(self, cycle, group, text, key, label))
         return 0
@@ -189,6 +206,7 @@ cdef class ProxyCall(ClientCall):
     cdef bytes head_start
     cdef bytes head_common
     cdef bytes client_auth
+    cdef bytes session                   # --sticky-sessions: the request's session key
     cdef bint wants_payload              # the body without chunk framing (a call that rewrites it)
 
     cdef int init(self, ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
@@ -197,17 +215,24 @@ cdef class ProxyCall(ClientCall):
         self.group = group
         self.text = text
         self.key = key
+        if group.sticky is not None:
+            self.session = session_key(cycle.req)
         return 0
 
     cdef int start(self) except -1:
         cdef Request req = self.req
         self.head_common = forwarded_head(req, PyBytes_GET_SIZE(req.body))
         self.head_start = b"POST " + req.url + b" HTTP/1.1\r\n"
-        self.client_auth = b"authorization: " + req.authorization + b"\r\n" if req.authorization is not None else b""
+        if req.authorization is not None:
+            self.client_auth = b"authorization: " + req.authorization + b"\r\n"
+        elif req.x_api_key is not None and (<Route>req.route).anthropic:
+            self.client_auth = b"authorization: Bearer " + req.x_api_key + b"\r\n"
+        else:
+            self.client_auth = b""
         return ClientCall.start(self)
 
     cdef int attempt(self) except -1:
-        cdef Worker w = self.group.select(self.text, self.key, monotonic(), self.failed_worker)
+        cdef Worker w = self.group.select(self.text, self.key, monotonic(), self.failed_worker, self.session)
         cdef bytes auth
         cdef Leg leg
         if w is None:
@@ -257,10 +282,13 @@ cdef class ProxyCall(ClientCall):
             self.break_stream(502, "upstream_error", f"Worker {leg.worker.url} failed mid-stream: {exc}")
             return 0
         self.failed_worker = leg.worker
+        # the reference's codes and status (500) for transport failures
         if stage == FAIL_CONNECT:
-            self.note_error(502, "worker_unreachable", f"Could not connect to worker {leg.worker.url}: {exc}")
+            self.note_error(500, "call_upstream_connection_failed",
+                            f"Could not connect to worker {leg.worker.url}: {exc}")
         else:
-            self.note_error(502, "upstream_error", f"Worker {leg.worker.url} failed before responding: {exc}")
+            self.note_error(500, "call_upstream_request_error",
+                            f"Worker {leg.worker.url} failed before responding: {exc}")
         if self.can_retry():
             self.retry(leg.worker)
         else:
@@ -268,27 +296,23 @@ cdef class ProxyCall(ClientCall):
         return 0
 
 
-cdef RerankCall new_rerank_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
-                                str label, object model):
-    cdef RerankCall call = RerankCall.__new__(RerankCall)
-    call.init(handler, cycle, group, text, key, label)
-    call.model = model if type(model) is str else "unknown"
-    call.wants_payload = True
-    return call
-
-
-cdef class RerankCall(ProxyCall):
-    """Rerank, answered in the reference's shape: a worker's list of
-    {index, score, document} becomes {"results": [...], "model", "usage",
-    "object": "rerank", "id", "created"}. Any other answer is relayed as it
-    is (a worker that already answers in that shape included)."""
-    cdef str model
+cdef class CollectingCall(ProxyCall):
+    """A call whose answer, for some statuses, is read whole and rewritten
+    before it reaches the client (answers it does not want are relayed as
+    they come)."""
     cdef ResponseParser head
 
+    cdef bint wants_whole(self, int status):
+        return False
+
+    cdef bytes rewrite(self, int status, bytes body):
+        return body
+
     cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
-        if p.status != 200:
+        cdef int status = p.status
+        if not self.wants_whole(status) or (retryable_status(status) and self.can_retry()):
             return ProxyCall.leg_head(self, leg, p, data, off, n)
-        leg.worker.record_outcome(True, monotonic())
+        leg.worker.record_outcome(not failure_status(status), monotonic())
         self.head = p
         leg.collecting = True
         if n:
@@ -301,18 +325,79 @@ cdef class RerankCall(ProxyCall):
             return 0
         if self.head is None:
             return ProxyCall.leg_done(self, leg)
-        body = b"".join(leg.parts)
+        body = self.rewrite(self.head.status, b"".join(leg.parts))
         leg.parts = []
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            doc = None
-        if type(doc) is list:
-            body = orjson.dumps({
-                "results": [{k: item[k] for k in ("score", "document", "index") if k in item}
-                            if type(item) is dict else item for item in doc],
-                "model": self.model, "usage": None, "object": "rerank", "id": None, "created": int(time.time()),
-            })
         self.cycle.write(self.response_head(self.head, leg.worker, True, len(body)) + body)
         self.complete(None)
         return 0
+
+
+cdef RerankCall new_rerank_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
+                                str label, object model):
+    cdef RerankCall call = RerankCall.__new__(RerankCall)
+    call.init(handler, cycle, group, text, key, label)
+    call.model = model if type(model) is str else "unknown"
+    call.wants_payload = True
+    return call
+
+
+cdef class RerankCall(CollectingCall):
+    """Rerank, answered in the reference's shape: a worker's list of
+    {index, score, document} becomes {"results": [...], "model", "usage",
+    "object": "rerank", "id", "created"}. Any other answer is relayed as it
+    is (a worker that already answers in that shape included)."""
+    cdef str model
+
+    cdef bint wants_whole(self, int status):
+        return status == 200
+
+    cdef bytes rewrite(self, int status, bytes body):
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if type(doc) is not list:
+            return body
+        return orjson.dumps({
+            "results": [{k: item[k] for k in ("score", "document", "index") if k in item}
+                        if type(item) is dict else item for item in doc],
+            "model": self.model, "usage": None, "object": "rerank", "id": None, "created": int(time.time()),
+        })
+
+
+cdef MessagesCall new_messages_call(ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text,
+                                    bytes key, str label):
+    cdef MessagesCall call = MessagesCall.__new__(MessagesCall)
+    call.init(handler, cycle, group, text, key, label)
+    call.wants_payload = True
+    return call
+
+
+cdef class MessagesCall(CollectingCall):
+    """The Anthropic Messages API. Answers pass through, except a worker's
+    error in another shape (an OpenAI-style {"error": {...}} or a bare
+    {"error": "..."}), which becomes {"type": "error", "error": {"type",
+    "message"}, "request_id"} so that Anthropic clients can read it. A
+    body that is not JSON is relayed as it is."""
+
+    cdef bint wants_whole(self, int status):
+        return status >= 400
+
+    cdef bytes rewrite(self, int status, bytes body):
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if type(doc) is not dict or (<dict>doc).get("type") == "error":
+            return body
+        err = (<dict>doc).get("error")
+        if type(err) is dict:
+            message = (<dict>err).get("message")
+        elif type(err) is str:
+            message = err
+        else:
+            message = (<dict>doc).get("message") or (<dict>doc).get("detail")
+        if type(message) is not str:
+            message = body.decode("utf-8", "replace")
+        return orjson.dumps({"type": "error", "error": {"type": anthropic_error_type(status), "message": message},
+                             "request_id": self.req.request_id.decode("latin-1")})

@@ -16,6 +16,7 @@ cdef class Request:
     cdef public bytes request_id
     cdef public bint id_from_client
     cdef public bytes authorization
+    cdef public bytes x_api_key          # the Anthropic API's credential header
     cdef public bytes traceparent
     cdef public bytes tracestate
     cdef public bytes routing_key

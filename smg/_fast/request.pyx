@@ -28,6 +28,7 @@ DEF H_TRANSFER_ENCODING = 14
 DEF H_ORIGIN = 15
 DEF H_CORS_METHOD = 16
 DEF H_CORS_HEADERS = 17
+DEF H_X_API_KEY = 18
 
 cdef dict _SLOTS = {}
 
@@ -40,7 +41,7 @@ cdef _seed_slots():
         "connection": H_CONNECTION, "x-request-id": H_ID0, "x-correlation-id": H_ID1,
         "x-trace-id": H_ID2, "request-id": H_ID3, "transfer-encoding": H_TRANSFER_ENCODING,
         "origin": H_ORIGIN, "access-control-request-method": H_CORS_METHOD,
-        "access-control-request-headers": H_CORS_HEADERS,
+        "access-control-request-headers": H_CORS_HEADERS, "x-api-key": H_X_API_KEY,
         "host": H_IGNORE, "user-agent": H_IGNORE, "accept": H_IGNORE, "accept-encoding": H_IGNORE,
         "accept-language": H_IGNORE, "referer": H_IGNORE, "cookie": H_IGNORE,
         "cache-control": H_IGNORE, "pragma": H_IGNORE, "te": H_IGNORE, "keep-alive": H_IGNORE,
@@ -191,6 +192,8 @@ cdef class Request:
             self.cors_method = value
         elif slot == H_CORS_HEADERS:
             self.cors_headers = value
+        elif slot == H_X_API_KEY:
+            self.x_api_key = value
         return 0
 
     cdef int set_custom_id(self, Py_ssize_t index, Py_ssize_t count, bytes value) except -1:

@@ -22,6 +22,7 @@ cdef class Route:
     cdef public int auth
     cdef public bytes id_prefix
     cdef public bytes allow_header
+    cdef public bint anthropic           # errors in the Anthropic API's shape
     # metrics, read by smg.metrics at scrape time
     cdef public dict requests            # method -> count
     cdef public dict responses           # (status, error_code) -> count
@@ -33,3 +34,5 @@ cdef class Route:
 
 cdef bytes status_line(int status)
 cpdef bytes error_body(int status, str code, str message, str error_type=*, str param=*)
+cpdef str anthropic_error_type(int status)
+cpdef bytes anthropic_error_body(int status, str message, bytes request_id)

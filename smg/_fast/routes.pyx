@@ -56,6 +56,27 @@ cpdef bytes error_body(int status, str code, str message, str error_type=None, s
     return orjson.dumps({"error": {"type": error_type, "code": code, "message": message, "param": param}})
 
 
+cdef dict _ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    503: "overloaded_error", 529: "overloaded_error",
+}
+
+
+cpdef str anthropic_error_type(int status):
+    t = _ANTHROPIC_TYPES.get(status)
+    if t is not None:
+        return <str>t
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+cpdef bytes anthropic_error_body(int status, str message, bytes request_id):
+    """The Anthropic API's error shape: {"type": "error", "error": {"type",
+    "message"}, "request_id"}."""
+    return orjson.dumps({"type": "error", "error": {"type": anthropic_error_type(status), "message": message},
+                         "request_id": request_id.decode("latin-1") if request_id is not None else None})
+
+
 class Response:
     """What a Python route handler returns."""
     __slots__ = ("status", "body", "content_type", "headers", "error_code")
@@ -117,8 +138,13 @@ cdef dict _AUTH_LEVELS = {"none": AUTH_NONE, "serving": AUTH_DATA, "admin": AUTH
 cdef class Route:
 
     def __init__(self, str path, methods, handler=None, native=None, str auth="none",
-                 bytes id_prefix=b"req-"):
-        """auth: "none", "serving" (--api-key) or "admin" (--admin-api-key, else --api-key)."""
+                 bytes id_prefix=b"req-", str errors="openai"):
+        """auth: "none", "serving" (--api-key) or "admin" (--admin-api-key, else --api-key).
+        errors: the shape of the gateway's errors, "openai" or "anthropic"
+        (the Messages API, whose clients also send their key as x-api-key)."""
+        if errors not in ("openai", "anthropic"):
+            raise ValueError(f"unknown error shape {errors!r}")
+        self.anthropic = errors == "anthropic"
         self.path = path
         self.methods = frozenset(m.encode() if isinstance(m, str) else m for m in methods)
         self.handler = handler

@@ -6,6 +6,8 @@ cdef enum:
     EP_RERANK = 4
     EP_CLASSIFY = 5
     EP_RESPONSES = 6
+    EP_MESSAGES = 7
+    EP_COUNT_TOKENS = 8
 
 cpdef str routing_text(int endpoint, dict body)
 cpdef tuple invalid_field(int endpoint, dict body)

@@ -12,6 +12,8 @@ ENDPOINTS = {
     "/rerank": EP_RERANK,
     "/v1/classify": EP_CLASSIFY,
     "/v1/responses": EP_RESPONSES,
+    "/v1/messages": EP_MESSAGES,
+    "/v1/messages/count_tokens": EP_COUNT_TOKENS,
 }
 ENDPOINT_NAMES = {
     EP_GENERATE: "generate",
@@ -21,6 +23,8 @@ ENDPOINT_NAMES = {
     EP_RERANK: "rerank",
     EP_CLASSIFY: "classify",
     EP_RESPONSES: "responses",
+    EP_MESSAGES: "messages",
+    EP_COUNT_TOKENS: "count_tokens",
 }
 
 
@@ -113,6 +117,8 @@ cpdef str routing_text(int endpoint, dict body):
         return _join_texts(body.get("query"))
     if endpoint == EP_RESPONSES:
         return _responses_text(body)
+    if endpoint == EP_MESSAGES or endpoint == EP_COUNT_TOKENS:
+        return _messages_text(body)
     return ""
 
 
@@ -131,6 +137,16 @@ cdef str _responses_text(dict body):
         if t:
             parts.append(t)
     return " ".join(parts)
+
+
+cdef str _messages_text(dict body):
+    """The Anthropic Messages API: the system prompt (a string or text
+    blocks), then the messages' content."""
+    cdef str system = _content_text(body.get("system"))
+    cdef str chat = _chat_text(body.get("messages"))
+    if system and chat:
+        return system + " " + chat
+    return system or chat
 
 
 cdef inline bint _is_str_list(object v):
@@ -213,6 +229,8 @@ cpdef tuple invalid_field(int endpoint, dict body):
         if v is not None and type(v) is not str and type(v) is not list:
             return _wrong("input", "a string or a list of input items")
         return None
+    if endpoint == EP_MESSAGES or endpoint == EP_COUNT_TOKENS:
+        return _invalid_messages(endpoint, body)
     if endpoint == EP_RERANK:
         q = body.get("query")
         if q is None:
@@ -223,43 +241,32 @@ cpdef tuple invalid_field(int endpoint, dict body):
         if docs is not None and type(docs) is not list:
             return _wrong("documents", "a list")
     return None
-    if endpoint == EP_CHAT:
-        msgs = body.get("messages")
-        if type(msgs) is not list:
-            return "'messages' must be a list of message objects"
-        for m in <list>msgs:
-            if type(m) is not dict:
-                return "every item of 'messages' must be an object"
-            content = (<dict>m).get("content")
-            if content is not None and type(content) is not str and type(content) is not list:
-                return "a message's 'content' must be a string or a list of content parts"
-        return None
-    if endpoint == EP_COMPLETIONS:
-        prompt = body.get("prompt")
-        if prompt is None:
-            return "'prompt' is required"
-        if type(prompt) is not str and type(prompt) is not list:
-            return "'prompt' must be a string, a list of strings or a list of token ids"
-        return None
-    if endpoint == EP_EMBEDDINGS or endpoint == EP_CLASSIFY:
-        v = body.get("input")
+
+
+cdef tuple _invalid_messages(int endpoint, dict body):
+    """The Messages API's required fields (the reference checks the same
+    before routing): model, messages (a non-empty list of user/assistant
+    turns) and, to create a message, max_tokens."""
+    if body.get("model") is None:
+        return _missing("model")
+    msgs = body.get("messages")
+    if msgs is None or (type(msgs) is list and not msgs):
+        return ("missing_required_parameter", "messages", "'messages' is required and cannot be empty")
+    if type(msgs) is not list:
+        return _wrong("messages", "a list of message objects")
+    for m in <list>msgs:
+        if type(m) is not dict:
+            return _wrong("messages", "a list of message objects")
+        role = (<dict>m).get("role")
+        if role != "user" and role != "assistant" and role != "system":
+            return ("invalid_value", "messages", "every message's 'role' must be 'user' or 'assistant'")
+        content = (<dict>m).get("content")
+        if type(content) is not str and type(content) is not list:
+            return _wrong("messages", "a list of messages whose 'content' is a string or a list of blocks")
+    if endpoint == EP_MESSAGES:
+        v = body.get("max_tokens")
         if v is None:
-            v = body.get("text")
-        if v is None:
-            return "'input' is required"
-        if type(v) is not str and type(v) is not list:
-            return "'input' must be a string or a list"
-        return None
-    if endpoint == EP_RESPONSES:
-        v = body.get("input")
-        if v is not None and type(v) is not str and type(v) is not list:
-            return _wrong("input", "a string or a list of input items")
-        return None
-    if endpoint == EP_RERANK:
-        q = body.get("query")
-        if type(q) is not str:
-            return "'query' must be a string"
-        docs = body.get("documents")
-        if docs is not None and type(docs) is not list:
-            return "'documents' must be a list"
+            return _missing("max_tokens")
+        if type(v) is not int:
+            return _wrong("max_tokens", "an integer")
     return None

@@ -17,7 +17,7 @@ import orjson
 from smg._fast.clock cimport monotonic
 from smg._fast.flow cimport FlowControl, ResponseSource
 from smg._fast.request cimport Request, make_request_id
-from smg._fast.routes cimport Route, AUTH_NONE, AUTH_DATA, error_body
+from smg._fast.routes cimport Route, AUTH_NONE, AUTH_DATA, error_body, anthropic_error_body
 from smg._fast.cycle cimport Connection, RequestCycle, RequestHandler, new_cycle
 
 from smg._fast.routes import Response
@@ -156,14 +156,30 @@ cdef class ServerCore:
         if req.request_id is None:
             req.request_id = make_request_id(route.id_prefix)
         if req.method not in route.methods and not (req.method == b"HEAD" and b"GET" in route.methods):
-            req.refusal = (405, error_body(405, "method_not_allowed",
-                                           f"Invalid URL ({req.method.decode('latin-1')} {req.path})"),
+            message = f"Invalid URL ({req.method.decode('latin-1')} {req.path})"
+            req.refusal = (405, anthropic_error_body(405, message, req.request_id) if route.anthropic
+                           else error_body(405, "method_not_allowed", message),
                            b"application/json", b"x-smg-error-code: method_not_allowed\r\n" + route.allow_header,
                            "method_not_allowed")
             return 0
         if route.auth != AUTH_NONE:
             expected = self.api_key if route.auth == AUTH_DATA else self.admin_api_key
             if expected is None:
+                return 0
+            if route.anthropic and req.authorization is None and req.x_api_key is not None:
+                # Anthropic clients send their key as x-api-key
+                if not hmac.compare_digest(req.x_api_key, expected):
+                    req.refusal = (401, anthropic_error_body(401, "Invalid API key", req.request_id),
+                                   b"application/json", b"x-smg-error-code: invalid_api_key\r\n", "invalid_api_key")
+                return 0
+            if route.anthropic:
+                if req.authorization is None or not hmac.compare_digest(bearer_token(req.authorization), expected):
+                    req.refusal = (401, anthropic_error_body(
+                        401, "Invalid API key" if req.authorization is not None else
+                        "Missing API key: send it as `x-api-key: <key>` or `Authorization: Bearer <key>`",
+                        req.request_id), b"application/json",
+                        b"x-smg-error-code: invalid_api_key\r\nwww-authenticate: Bearer realm=\"data-plane\"\r\n",
+                        "invalid_api_key")
                 return 0
             if req.authorization is None:
                 req.refusal = (401, orjson.dumps({"error": {

@@ -55,8 +55,15 @@ cdef class Worker:
     cdef public int cb_failure_threshold
     cdef public int cb_success_threshold
     cdef public double cb_timeout
+    cdef public double cb_window          # --cb-window-duration-secs (0: no window)
     cdef public double cb_opened_at
+    cdef public double cb_first_failure_at
     cdef public object cb_listener      # callable(worker, old_state, new_state)
+    # --prefill-max-inflight-requests-per-worker: a prefill worker with this
+    # many requests in flight takes no more (0: no limit); capacity_listener(worker)
+    # is called when it drops below
+    cdef public int max_inflight
+    cdef public object capacity_listener
     cdef public long long cb_outcome_success
     cdef public long long cb_outcome_failure
 

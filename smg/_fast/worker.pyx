@@ -115,8 +115,12 @@ cdef class Worker:
         self.cb_failure_threshold = 10
         self.cb_success_threshold = 3
         self.cb_timeout = 60.0
+        self.cb_window = 120.0
         self.cb_opened_at = 0.0
+        self.cb_first_failure_at = 0.0
         self.cb_listener = None
+        self.max_inflight = 0
+        self.capacity_listener = None
         self.cb_outcome_success = 0
         self.cb_outcome_failure = 0
 
@@ -147,10 +151,17 @@ cdef class Worker:
         self.inflight -= 1
         if outcome >= 0:
             self.record_outcome(outcome == 1, monotonic())
+        if self.max_inflight > 0 and self.inflight == self.max_inflight - 1 and self.capacity_listener is not None:
+            try:
+                self.capacity_listener(self)
+            except Exception:
+                _log.exception("capacity listener failed")
         return 0
 
     cdef bint routable(self, double now) noexcept:
         if self.state != STATE_READY:
+            return False
+        if self.max_inflight > 0 and self.inflight >= self.max_inflight:
             return False
         if not self.cb_enabled or self.cb_state != CB_OPEN:
             return True
@@ -172,6 +183,10 @@ cdef class Worker:
             if success:
                 self.cb_failures = 0
             else:
+                # consecutive failures count within the window from the first of them
+                if self.cb_failures == 0 or (self.cb_window > 0 and now - self.cb_first_failure_at > self.cb_window):
+                    self.cb_failures = 0
+                    self.cb_first_failure_at = now
                 self.cb_failures += 1
                 if self.cb_failures >= self.cb_failure_threshold:
                     self._cb_move(CB_OPEN, now)

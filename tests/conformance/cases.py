@@ -35,16 +35,31 @@ class Case:
 
 
 @dataclass
+class ClientCase:
+    """A call made with an official client library (`openai`, `anthropic`);
+    what is kept is the exception it raises (or "ok"), the thing an
+    application's error handling depends on."""
+    id: str
+    sdk: str                             # "openai" or "anthropic"
+    call: str                            # "chat", "chat_stream", "messages", "messages_stream"
+    model: str = "fake-model"
+    api_key: str = "none"
+
+
+@dataclass
 class Setup:
     name: str
     workers: int                         # fake workers, regular
     args: list[str]                      # gateway flags (worker URLs added)
     worker_config: dict = field(default_factory=dict)   # POST /_fake/config after start
     cases: list[Case] = field(default_factory=list)
+    clients: list[ClientCase] = field(default_factory=list)
     ready: str = "/readiness"            # waited for (200) before the cases
+    stop_workers: bool = False           # stop the workers once the gateway has them (refused connections)
 
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+MESSAGES = {"model": "fake-model", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
 
 REGULAR = Setup("regular", 1, ["--policy", "round_robin", "--max-payload-size", "100000"], cases=[
     Case("generate", "POST", "/generate", {"text": "hi"}),
@@ -90,12 +105,31 @@ REGULAR = Setup("regular", 1, ["--policy", "round_robin", "--max-payload-size", 
     Case("workers_put", "PUT", "/workers", {}),
     Case("workers_patch_unknown", "PATCH", "/workers/no-such-worker", {"priority": 1}),
     Case("responses", "POST", "/v1/responses", {"model": "fake-model", "input": "hi"}),
-    Case("messages", "POST", "/v1/messages",
-         {"model": "fake-model", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}),
+    Case("messages", "POST", "/v1/messages", MESSAGES),
+    Case("messages_stream", "POST", "/v1/messages", {**MESSAGES, "stream": True}),
+    Case("messages_no_max_tokens", "POST", "/v1/messages", {"model": "fake-model", "messages": MESSAGES["messages"]}),
+    Case("messages_empty", "POST", "/v1/messages", {**MESSAGES, "messages": []}),
+    Case("messages_not_list", "POST", "/v1/messages", {**MESSAGES, "messages": "hi"}),
+    Case("messages_bad_role", "POST", "/v1/messages", {**MESSAGES, "messages": [{"role": "bot", "content": "x"}]}),
+    Case("messages_unknown_model", "POST", "/v1/messages", {**MESSAGES, "model": "no-such-model"}),
+    Case("messages_bad_json", "POST", "/v1/messages", "{not json"),
+    Case("count_tokens", "POST", "/v1/messages/count_tokens", {"model": "fake-model", "messages": MESSAGES["messages"]}),
+    Case("count_tokens_no_model", "POST", "/v1/messages/count_tokens", {"messages": MESSAGES["messages"]}),
+    Case("responses_get_unknown", "GET", "/v1/responses/resp_unknown"),
+    Case("responses_delete_unknown", "DELETE", "/v1/responses/resp_unknown"),
+    Case("responses_input_items_unknown", "GET", "/v1/responses/resp_unknown/input_items"),
+    Case("responses_cancel_unknown", "POST", "/v1/responses/resp_unknown/cancel", {}),
     Case("start_profile", "POST", "/start_profile", {}),
     Case("engine_metrics", "GET", "/engine_metrics"),
     Case("request_id_echoed", "POST", "/generate", {"text": "hi"}, {"x-request-id": "conformance-1"}),
     Case("request_id_too_long", "POST", "/generate", {"text": "hi"}, {"x-request-id": "x" * 300}),
+], clients=[
+    ClientCase("openai_chat", "openai", "chat"),
+    ClientCase("openai_chat_stream", "openai", "chat_stream"),
+    ClientCase("openai_unknown_model", "openai", "chat", model="no-such-model"),
+    ClientCase("anthropic_messages", "anthropic", "messages"),
+    ClientCase("anthropic_messages_stream", "anthropic", "messages_stream"),
+    ClientCase("anthropic_unknown_model", "anthropic", "messages", model="no-such-model"),
 ])
 
 AUTH = Setup("auth", 1, ["--api-key", "sekret"], cases=[
@@ -109,6 +143,11 @@ AUTH = Setup("auth", 1, ["--api-key", "sekret"], cases=[
     Case("auth_models_missing", "GET", "/v1/models"),
     Case("auth_workers_missing", "GET", "/workers"),
     Case("auth_workers_right", "GET", "/workers", headers={"authorization": "Bearer sekret"}),
+    Case("auth_messages_missing", "POST", "/v1/messages", MESSAGES),
+    Case("auth_responses_get_missing", "GET", "/v1/responses/resp_unknown"),
+], clients=[
+    ClientCase("openai_wrong_key", "openai", "chat", api_key="wrong"),
+    ClientCase("openai_right_key", "openai", "chat", api_key="sekret"),
 ])
 
 EMPTY = Setup("no_workers", 0, [], ready="/liveness", cases=[
@@ -120,6 +159,10 @@ EMPTY = Setup("no_workers", 0, [], ready="/liveness", cases=[
     Case("empty_health", "GET", "/health"),
     Case("empty_workers", "GET", "/workers"),
     Case("empty_loads", "GET", "/get_loads"),
+    Case("empty_messages", "POST", "/v1/messages", MESSAGES),
+], clients=[
+    ClientCase("openai_zero_workers", "openai", "chat"),
+    ClientCase("anthropic_zero_workers", "anthropic", "messages"),
 ])
 
 
@@ -128,21 +171,29 @@ def _failing(status: int) -> Setup:
                  worker_config={"fail_status": status}, cases=[
                      Case(f"worker_{status}_generate", "POST", "/generate", {"text": "hi"}),
                      Case(f"worker_{status}_chat", "POST", "/v1/chat/completions", CHAT),
-                 ])
+                     Case(f"worker_{status}_messages", "POST", "/v1/messages", MESSAGES),
+                 ], clients=[ClientCase(f"openai_worker_{status}", "openai", "chat")])
 
 
 BROKEN_STREAM = Setup("broken_stream", 1, ["--retry-max-retries", "2", "--disable-circuit-breaker"],
                       worker_config={"drop_after_chunks": 2, "stream_chunks": 6}, cases=[
                           Case("midstream_chat", "POST", "/v1/chat/completions", {**CHAT, "stream": True}),
                           Case("midstream_generate", "POST", "/generate", {"text": "hi", "stream": True}),
-                      ])
+                      ], clients=[ClientCase("openai_midstream", "openai", "chat_stream")])
 
 RESET = Setup("worker_reset", 1, ["--retry-max-retries", "2", "--disable-circuit-breaker"],
               worker_config={"mode": "reset"}, cases=[
                   Case("reset_generate", "POST", "/generate", {"text": "hi"}),
               ])
 
-SETUPS = [REGULAR, AUTH, EMPTY, _failing(400), _failing(429), _failing(500), _failing(503), BROKEN_STREAM, RESET]
+REFUSED = Setup("worker_refused", 1, ["--retry-max-retries", "2", "--disable-circuit-breaker",
+                                     "--disable-health-check"], stop_workers=True, cases=[
+                    Case("refused_generate", "POST", "/generate", {"text": "hi"}),
+                    Case("refused_chat", "POST", "/v1/chat/completions", CHAT),
+                ], clients=[ClientCase("openai_refused", "openai", "chat")])
+
+SETUPS = [REGULAR, AUTH, EMPTY, _failing(400), _failing(429), _failing(500), _failing(503), BROKEN_STREAM, RESET,
+          REFUSED]
 
 
 # --- running -------------------------------------------------------------------
@@ -266,15 +317,49 @@ def run_setup(setup: Setup, command: list[str], cwd: str) -> dict[str, dict]:
         _wait(lambda: gw.poll() is None and _http(port, "GET", setup.ready, timeout=2)[0] == 200,
               f"{setup.name} gateway ready (log {log.name})")
         workers.configure()
+        if setup.stop_workers:
+            workers.stop()
         out = {}
         for case in setup.cases:
             status, headers, body = _http(port, case.method, case.path, case.body, case.headers)
             out[case.id] = summarize(case, status, headers, body)
+        for client in setup.clients:
+            out[client.id] = {"client": run_client(client, port)}
         return out
     finally:
         gw.kill()
         gw.wait(10)
         workers.stop()
+
+
+def run_client(case: ClientCase, port: int) -> str:
+    """The exception the client library raised, by class name, or "ok"."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    try:
+        if case.sdk == "openai":
+            import openai
+
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=case.api_key, max_retries=0,
+                                   timeout=20)
+            if case.call == "chat":
+                client.chat.completions.create(model=case.model, messages=prompt)
+            else:
+                for _ in client.chat.completions.create(model=case.model, messages=prompt, stream=True):
+                    pass
+        else:
+            import anthropic
+
+            client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", auth_token=case.api_key,
+                                         max_retries=0, timeout=20)
+            if case.call == "messages":
+                client.messages.create(model=case.model, max_tokens=8, messages=prompt)
+            else:
+                with client.messages.stream(model=case.model, max_tokens=8, messages=prompt) as stream:
+                    for _ in stream.text_stream:
+                        pass
+    except Exception as e:  # noqa: BLE001 - the exception's type is the result
+        return type(e).__name__
+    return "ok"
 
 
 def run_all(command: list[str], cwd: str) -> dict[str, dict]:
