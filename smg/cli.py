@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--pd-disaggregation", action="store_true")
     pd.add_argument("--prefill", nargs="+", action="append", default=[], metavar="URL [BOOTSTRAP_PORT|none]")
     pd.add_argument("--decode", action="append", default=[], metavar="URL")
+    pd.add_argument("--prefill-max-inflight-requests-per-worker", type=int,
+                    default=d.prefill_max_inflight_requests_per_worker, metavar="N",
+                    help="a prefill worker with N requests in flight takes no more; the next wait in the prefill "
+                         "queue (<= 0: no limit)")
+    pd.add_argument("--prefill-queue-size", type=_non_negative_int, default=None, metavar="N",
+                    help="requests that may wait for a prefill worker (default 100 with a limit; 0: none wait)")
+    pd.add_argument("--prefill-queue-timeout-secs", type=_positive_float, default=None, metavar="SECS",
+                    help="longest wait for a prefill worker (default 60 with a limit)")
 
     k = p.add_argument_group("Kubernetes service discovery")
     k.add_argument("--service-discovery", action="store_true")

@@ -59,6 +59,11 @@ class Config:
     pd_disaggregation: bool = False
     prefill: list[PrefillSpec] = dataclasses.field(default_factory=list)
     decode: list[str] = dataclasses.field(default_factory=list)
+    # prefill admission: at most this many requests in flight per prefill
+    # worker (<= 0: no limit), then a queue (default 100 deep, 60 s)
+    prefill_max_inflight_requests_per_worker: int = -1
+    prefill_queue_size: Optional[int] = None
+    prefill_queue_timeout_secs: Optional[float] = None
 
     # Kubernetes service discovery
     service_discovery: bool = False

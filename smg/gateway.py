@@ -22,7 +22,7 @@ from typing import Awaitable, Callable, Iterator, Optional
 import uvloop
 
 from smg import logs
-from smg._fast.pd import PDHandler
+from smg._fast.pd import PDHandler, PrefillQueue
 from smg._fast.policies import (
     ASSIGNMENT_MODES,
     BucketPolicy,
@@ -168,6 +168,13 @@ class DataPlane:
         self.core.set_routing_key_headers(cfg.routing_key_headers)
         self.core.set_cors_origins(cfg.cors_allowed_origins)
         self.call_settings.model_aliases = dict(cfg.model_alias)
+        self.prefill_queue: Optional[PrefillQueue] = None
+        if cfg.pd_disaggregation and cfg.prefill_max_inflight_requests_per_worker > 0:
+            self.prefill_queue = PrefillQueue(
+                100 if cfg.prefill_queue_size is None else cfg.prefill_queue_size,
+                60.0 if cfg.prefill_queue_timeout_secs is None else cfg.prefill_queue_timeout_secs)
+            self.call_settings.prefill_queue = self.prefill_queue
+            registry.limit_prefill(cfg.prefill_max_inflight_requests_per_worker, self.prefill_queue.worker_freed)
         self.core.date_header = date_header()
         self.servers: list[asyncio.AbstractServer] = []
         self._last_slow_tick = 0.0
@@ -196,6 +203,8 @@ class DataPlane:
     def tick(self, now: float) -> None:
         self.core.tick(now)
         stop_overdue_legs(now)
+        if self.prefill_queue is not None:
+            self.prefill_queue.sweep(now)
         if now - self._last_slow_tick >= 1.0:
             self._last_slow_tick = now
             self.core.date_header = date_header()

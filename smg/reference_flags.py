@@ -113,10 +113,6 @@ NOT_SUPPORTED = (
 
 NOT_YET = (
     FlagGroup("data-parallel-aware scheduling", (_f("--dp-aware", nargs=0),)),
-    FlagGroup("prefill admission limits", (
-        _f("--prefill-max-inflight-requests-per-worker"), _f("--prefill-queue-size"),
-        _f("--prefill-queue-timeout-secs"),
-    )),
     FlagGroup("streamed request bodies", (
         _f("--max-buffered-request-bytes"), _f("--stream-body-stall-timeout-secs"),
     )),

@@ -60,6 +60,10 @@ class Registry:
         self.sources: dict[str, str] = {}  # worker id -> "static" | "api" | "kubernetes"
         self.overrides: dict[str, dict] = {}  # worker id -> priority/cost set by PATCH /workers/{id}
         self.cb_transitions: dict[tuple[str, str, str], int] = {}
+        # --prefill-max-inflight-requests-per-worker, and the data plane's
+        # prefill queue told when a prefill worker frees a slot (limit_prefill)
+        self.prefill_limit = 0
+        self.prefill_capacity_listener: Optional[Callable[[Worker], None]] = None
         self.listeners: list[Callable[[str, Worker], None]] = []
         self._drains: dict[str, asyncio.Task] = {}
         self._removed_event = asyncio.Event()
@@ -108,6 +112,9 @@ class Registry:
         w.cb_timeout = self.cfg.cb_timeout_duration_secs
         w.cb_window = self.cfg.cb_window_duration_secs
         w.cb_listener = self._on_cb_transition
+        if worker_type == PREFILL and self.prefill_limit > 0:
+            w.max_inflight = self.prefill_limit
+            w.capacity_listener = self.prefill_capacity_listener
         self.workers[w.id] = w
         self.by_url[url] = w
         self.sources[w.id] = source
@@ -206,6 +213,15 @@ class Registry:
         tasks = list(self._drains.values())
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def limit_prefill(self, limit: int, listener: Callable[[Worker], None]) -> None:
+        """Prefill workers take at most `limit` requests in flight; `listener`
+        hears when one drops below (this process's counts)."""
+        self.prefill_limit = limit
+        self.prefill_capacity_listener = listener
+        for w in self.of_type(PREFILL):
+            w.max_inflight = limit
+            w.capacity_listener = listener
 
     # --- mirroring (--workers N) ---
 

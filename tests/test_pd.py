@@ -282,3 +282,43 @@ def test_a_prefill_answer_nobody_needs_is_read_until_the_deadline_at_most(fake_w
     wait_for(lambda: loads()[p.url] == 0, timeout=10, message="the prefill leg stopped")
     assert time.monotonic() - t0 >= 1.8
     wait_for(lambda: p.stats.in_flight == 0, message="the prefill worker saw the connection close")
+
+
+def test_prefill_admission_limits_in_flight_requests_per_prefill_worker(fake_workers, gateway):
+    """--prefill-max-inflight-requests-per-worker 1: prefill's answer holds
+    the slot (after decode has answered the client); the next requests wait
+    in the prefill queue, and one beyond --prefill-queue-size is refused."""
+    import concurrent.futures
+
+    (p,) = fake_workers(1, role="prefill", response_delay=0.5)
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d], "--prefill-max-inflight-requests-per-worker", "1",
+                   "--prefill-queue-size", "2")
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda i: g.post("/generate", {"text": f"q{i}"}, timeout=20), range(4)))
+    assert sorted(r.status for r in results) == [200, 200, 200, 429]
+    refused = next(r for r in results if r.status == 429)
+    assert refused.json()["error"]["code"] == "prefill_queue_full" and refused.headers["retry-after"] == "1"
+    wait_for(lambda: p.stats.completed == 3, message="three prefills")
+    assert p.stats.max_in_flight == 1
+    assert d.stats.completed == 3
+
+
+def test_a_request_waits_for_a_prefill_slot_at_most_the_queue_timeout(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill", response_delay=3.0)
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d], "--prefill-max-inflight-requests-per-worker", "1",
+                   "--prefill-queue-timeout-secs", "0.5")
+    assert g.post("/generate", {"text": "holds the slot for 3 s"}).status == 200
+    started = time.monotonic()
+    r = g.post("/generate", {"text": "waits"})
+    waited = time.monotonic() - started
+    assert r.status == 429 and r.json()["error"]["code"] == "prefill_queue_timeout"
+    assert waited < 2.5  # answered by the queue's timeout, not by the slot freeing
+    assert d.stats.completed == 1
+    # with no queue, a request finding the limit reached is refused at once
+    g2 = pd_gateway(gateway, [p], [d], "--prefill-max-inflight-requests-per-worker", "1",
+                    "--prefill-queue-size", "0")
+    assert g2.post("/generate", {"text": "holds"}).status == 200
+    r = g2.post("/generate", {"text": "refused"})
+    assert r.status == 429 and r.json()["error"]["code"] == "prefill_queue_full"

@@ -185,12 +185,23 @@ cdef class PrefillQueue:
                 self.waiting.append(entry)
 
     def sweep(self, double now):
-        """Answer the requests that have waited `timeout` seconds."""
+        """Answer the requests that have waited `timeout` seconds; forget
+        those whose client left."""
         cdef PDCall call
-        while self.waiting and now - <double>self.waiting[0][1] >= self.timeout:
-            call = <PDCall>self.waiting.popleft()[0]
+        cdef list expired = []
+        if not self.waiting:
+            return
+        keep = deque()
+        for entry in self.waiting:
+            call = <PDCall>entry[0]
             if call.done:
                 continue
+            if now - <double>entry[1] >= self.timeout:
+                expired.append(call)
+            else:
+                keep.append(entry)
+        self.waiting = keep
+        for call in expired:
             self.rejected_timeout += 1
             call.fail_to_client(429, "prefill_queue_timeout",
                                 "The request waited too long for a prefill worker (--prefill-queue-timeout-secs)",
