@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "min_group: fewest keys; delegate is random here) (default: random)")
     r.add_argument("--max-idle-secs", "--sticky-key-idle-secs", type=_positive_float, default=d.max_idle_secs,
                    help="manual policy and --sticky-sessions: forget routing keys unused this long")
+    r.add_argument("--dp-aware", action="store_true",
+                   help="route to each data-parallel rank of a worker (dp_size from its server info) as a worker of "
+                        "its own, naming the rank in the request (data_parallel_rank)")
     r.add_argument("--sticky-sessions", "--routing-key-override", dest="sticky_sessions", action="store_true",
                    help="on any policy, keep a session on the worker its first request went to: the session is "
                         "the routing key (X-SMG-Routing-Key, --routing-key-headers), else the client's request id")

@@ -141,6 +141,7 @@ class Config:
     max_idle_secs: float = 14400.0
     bucket_adjust_interval_secs: float = 5.0
     sticky_sessions: bool = False
+    dp_aware: bool = False
 
     # lines logged at start-up about reference flags accepted with no effect
     startup_notices: list[str] = dataclasses.field(default_factory=list)

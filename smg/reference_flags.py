@@ -112,7 +112,6 @@ NOT_SUPPORTED = (
 )
 
 NOT_YET = (
-    FlagGroup("data-parallel-aware scheduling", (_f("--dp-aware", nargs=0),)),
     FlagGroup("streamed request bodies", (
         _f("--max-buffered-request-bytes"), _f("--stream-body-stall-timeout-secs"),
     )),

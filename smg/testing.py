@@ -118,10 +118,13 @@ class FakeWorkerStats:
     # requests per prompt tag: a /generate text starting "[tag] " counts under "tag"
     # (the load benchmark measures prefix affinity with it)
     tags: dict[str, int] = dataclasses.field(default_factory=dict)
+    # requests per data_parallel_rank named in the body (the gateway's --dp-aware)
+    dp_ranks: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["last_body"] = self.last_body.decode("utf-8", "replace")
+        d["dp_ranks"] = {str(k): v for k, v in self.dp_ranks.items()}
         return d
 
 
@@ -596,6 +599,9 @@ class FakeWorker:
             if end > 0:
                 tag = text[1:end]
                 st.tags[tag] = st.tags.get(tag, 0) + 1
+        rank = body.get("data_parallel_rank")
+        if isinstance(rank, int):
+            st.dp_ranks[rank] = st.dp_ranks.get(rank, 0) + 1
         if "bootstrap_room" in body or "bootstrap_host" in body:
             st.bootstrap.append(
                 {k: body.get(k) for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room")}

@@ -127,6 +127,8 @@ class Registry:
             return
         w.model_id = model_id
         w.info = info
+        if self.cfg.dp_aware and w.dp_size == 0:
+            w.dp_size = dp_size_of(info)
         w.state = READY
         self.router.add_worker(w)
         log.log(self.info_level, "Registered worker: %s", w.url)
@@ -229,7 +231,8 @@ class Registry:
     def record(w: Worker) -> dict:
         """What a data-plane process needs to know of a worker to route to it."""
         return {"id": w.id, "url": w.url, "model_id": w.model_id, "worker_type": w.worker_type,
-                "bootstrap_port": w.bootstrap_port, "api_key": w.api_key, "state": w.state}
+                "bootstrap_port": w.bootstrap_port, "api_key": w.api_key, "state": w.state,
+                "dp_size": w.dp_size}
 
     def apply(self, rec: dict) -> Optional[Worker]:
         """Bring this registry (a data-plane process's mirror) in line with
@@ -243,6 +246,8 @@ class Registry:
                 self.remove(stale, "replaced")
             w = self.add(rec["url"], rec["worker_type"], rec["bootstrap_port"], None, rec["api_key"],
                          source="control-plane", model_id=rec["model_id"], worker_id=rec["id"])
+        if w.state == PENDING:
+            w.dp_size = rec.get("dp_size", 0)
         state = rec["state"]
         if state == DRAINING:
             self.drain(w, "control plane")
@@ -285,7 +290,23 @@ class Registry:
             "status": STATE_NAMES[w.state],
             "load": w.inflight,
             "http2": False,
+            **self._dp_info(w),
         }
+
+    @staticmethod
+    def _dp_info(w: Worker) -> dict:
+        """--dp-aware: the engine's ranks, each routed to as URL@rank."""
+        if w.dp_size <= 1:
+            return {}
+        return {"dp_size": w.dp_size,
+                "dp_ranks": [{"dp_rank": v.dp_rank, "url": v.url, "load": v.inflight,
+                              "circuit_breaker": v.cb_state_name} for v in w.dp_views]}
+
+
+def dp_size_of(info: dict) -> int:
+    """The engine's data-parallel size, from its server info (1 when unknown)."""
+    size = (info.get("server_info") or {}).get("dp_size")
+    return size if isinstance(size, int) and 0 < size <= 1024 else 1
 
 
 # what a worker serves, as the reference lists it in WorkerInfo.models[].model_type

@@ -1,6 +1,7 @@
 """Routing through the real gateway with several fake workers."""
 
 import collections
+import json
 import concurrent.futures
 import re
 
@@ -257,3 +258,51 @@ def test_sticky_sessions_on_round_robin(fake_workers, gateway, pd):
     for i in range(6):
         assert g.post("/generate", {"text": f"[free] {i}"}).status == 200
     assert all(w.stats.tags.get("free") == 2 for w in workers)
+
+
+def test_dp_rank_is_spliced_into_the_body():
+    from smg._fast.call import with_dp_rank
+
+    assert json.loads(with_dp_rank(b'{"text": "hi"}', 3)) == {"text": "hi", "data_parallel_rank": 3}
+    assert with_dp_rank(b'{"text":"hi"}', 0) == b'{"data_parallel_rank":0,"text":"hi"}'
+    assert json.loads(with_dp_rank(b"  { }", 1)) == {"data_parallel_rank": 1}
+    # a rank the client named is replaced, not duplicated
+    assert with_dp_rank(b'{"data_parallel_rank": 7, "text": "x"}', 2).count(b"data_parallel_rank") == 1
+    assert json.loads(with_dp_rank(b'{"data_parallel_rank": 7}', 2)) == {"data_parallel_rank": 2}
+
+
+def test_dp_aware_routes_to_each_rank_as_a_worker(fake_workers, gateway):
+    """--dp-aware: a worker whose server info says dp_size 2 is routed to as
+    two ranks, URL@0 and URL@1, and each request names its rank."""
+    workers = fake_workers(2, dp_size=2)
+    g = gateway(["--dp-aware", "--policy", "round_robin", "--worker-urls", *[w.url for w in workers]],
+                wait_workers=2)
+    routed = collections.Counter()
+    for i in range(8):
+        r = g.post("/generate", {"text": f"x{i}", "data_parallel_rank": 5})
+        assert r.status == 200
+        routed[r.headers["x-smg-routed-worker-id"]] += 1
+    assert routed == {f"{w.url}@{rank}": 2 for w in workers for rank in (0, 1)}
+    assert all(w.stats.dp_ranks == {0: 2, 1: 2} for w in workers)
+    info = {x["url"]: x for x in g.workers()}
+    for w in workers:
+        assert info[w.url]["dp_size"] == 2
+        assert [r["url"] for r in info[w.url]["dp_ranks"]] == [f"{w.url}@0", f"{w.url}@1"]
+    # without --dp-aware the same workers are one worker each, and bodies pass unchanged
+    g2 = gateway(["--policy", "round_robin", "--worker-urls", *[w.url for w in workers]], wait_workers=2)
+    assert g2.post("/generate", {"text": "plain"}).status == 200
+    assert all("dp_size" not in x for x in g2.workers())
+    assert sum(w.stats.dp_ranks.get(0, 0) + w.stats.dp_ranks.get(1, 0) for w in workers) == 8
+
+
+def test_dp_aware_in_pd_names_each_sides_rank(fake_workers, gateway):
+    (p,) = fake_workers(1, role="prefill", dp_size=2)
+    (d,) = fake_workers(1, role="decode", dp_size=4)
+    g = gateway(["--dp-aware", "--pd-disaggregation", "--policy", "round_robin", "--prefill", p.url,
+                 "--decode", d.url], wait_workers=2)
+    for i in range(8):
+        assert g.post("/generate", {"text": f"x{i}"}).status == 200
+    wait_for(lambda: sum(p.stats.dp_ranks.values()) == 8, message="prefill got all 8")
+    assert p.stats.dp_ranks == {0: 4, 1: 4}
+    assert d.stats.dp_ranks == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert len(p.stats.bootstrap) == 8  # the bootstrap fields are still there

@@ -27,6 +27,7 @@ cdef bytes wrap_chunk(bytes data, Py_ssize_t off, Py_ssize_t n)
 cdef bint end_stream_with_error(RequestCycle cycle, ResponseParser p, bint wrapped, int status, str code,
                                 str message)
 cdef bytes forwarded_head(Request req, Py_ssize_t body_len)
+cpdef bytes with_dp_rank(bytes body, int rank)
 cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint decoded)
 
 

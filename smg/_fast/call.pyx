@@ -15,6 +15,8 @@ from smg._fast.upstream cimport UpstreamPool
 from smg._fast.policies cimport rand64
 from smg._fast.routes cimport Route, error_body, anthropic_error_body, Histogram
 
+import orjson
+
 from smg._fast.upstream import UpstreamClosed
 from smg._fast.worker import TYPE_NAMES
 
@@ -103,6 +105,27 @@ cdef bint end_stream_with_error(RequestCycle cycle, ResponseParser p, bint wrapp
         event = b"data: " + error_body(status, code, message) + b"\n\ndata: [DONE]\n\n"
     cycle.write(b"%x\r\n" % len(event) + event + b"\r\n0\r\n\r\n")
     return True
+
+
+cpdef bytes with_dp_rank(bytes body, int rank):
+    """The request body (a JSON object) naming the engine's data-parallel
+    rank to run it on (--dp-aware): the key spliced in after the opening
+    brace, or, when the client named a rank itself, the body re-encoded
+    with the gateway's."""
+    cdef Py_ssize_t i = 0, n = PyBytes_GET_SIZE(body)
+    if b'"data_parallel_rank"' in body:
+        doc = orjson.loads(body)
+        doc["data_parallel_rank"] = rank
+        return orjson.dumps(doc)
+    while i < n and body[i] in b" \t\r\n":
+        i += 1
+    j = i + 1
+    while j < n and body[j] in b" \t\r\n":
+        j += 1
+    key = b'"data_parallel_rank":%d' % rank
+    if j < n and body[j] == 125:  # "}": an empty object
+        return body[:i + 1] + key + body[j:]
+    return body[:i + 1] + key + b"," + body[i + 1:]
 
 
 cdef bytes forwarded_head(Request req, Py_ssize_t body_len):

@@ -25,7 +25,8 @@ from smg._fast.request cimport Request
 from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
-from smg._fast.call cimport ClientCall, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status, forwarded_head
+from smg._fast.call cimport (ClientCall, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status,
+                             forwarded_head, with_dp_rank)
 from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, resolve_alias, routing_key, session_key, model_label
 
 _log = logging.getLogger("smg.pd")
@@ -297,7 +298,7 @@ cdef class PDCall(ClientCall):
         cdef double now = monotonic()
         cdef Worker pw, dw
         cdef Leg prefill, decode
-        cdef bytes body, head, start, client_auth
+        cdef bytes body, head, start, client_auth, pbody, dbody, phead, dhead
         cdef Request req = self.req
         pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill, self.session)
         if pw is None and self.settings.prefill_queue is not None and at_limit(self.pgroup):
@@ -318,11 +319,20 @@ cdef class PDCall(ClientCall):
         self.sse_rest = b""
         self.decode_head = None
         body = add_bootstrap(req.body, self.obj, pw.host, pw.bootstrap_port, self.batch)
-        head = forwarded_head(req, PyBytes_GET_SIZE(body))
         start = b"POST " + req.url + b" HTTP/1.1\r\n"
         client_auth = b"authorization: " + req.authorization + b"\r\n" if req.authorization is not None else b""
-        prefill = new_leg(self, pw, start + pw.host_header + (pw.auth_header or client_auth) + head, body, True)
-        decode = new_leg(self, dw, start + dw.host_header + (dw.auth_header or client_auth) + head, body,
+        if pw.dp_rank < 0 and dw.dp_rank < 0:
+            head = forwarded_head(req, PyBytes_GET_SIZE(body))
+            pbody = dbody = body
+            phead = dhead = head
+        else:
+            # --dp-aware: each side names its own rank
+            pbody = with_dp_rank(body, pw.dp_rank) if pw.dp_rank >= 0 else body
+            dbody = with_dp_rank(body, dw.dp_rank) if dw.dp_rank >= 0 else body
+            phead = forwarded_head(req, PyBytes_GET_SIZE(pbody))
+            dhead = forwarded_head(req, PyBytes_GET_SIZE(dbody))
+        prefill = new_leg(self, pw, start + pw.host_header + (pw.auth_header or client_auth) + phead, pbody, True)
+        decode = new_leg(self, dw, start + dw.host_header + (dw.auth_header or client_auth) + dhead, dbody,
                          self.logprobs or req.http_minor == 0)
         self.prefill = prefill
         self.decode = decode

@@ -489,6 +489,12 @@ cdef class ManualPolicy(Policy):
         self.table.worker_removed(worker)
 
 
+def _targets(Worker w):
+    """What the router routes to for a registered worker: the worker, or its
+    data-parallel rank views."""
+    return w.rank_views() if w.dp_size > 1 else [w]
+
+
 def _last_used(item):
     return item[1][1]
 
@@ -1085,6 +1091,7 @@ cdef class Router:
         return [g for (t, _), g in self.groups.items() if t == worker_type]
 
     def add_worker(self, Worker w):
+        """Route to `w` (to its rank views when it runs several DP ranks)."""
         key = (w.worker_type, w.model_id)
         cdef WorkerGroup g = self.groups.get(key)
         if g is None:
@@ -1094,25 +1101,31 @@ cdef class Router:
             self.groups[key] = g
             if policy.needs_text:
                 self.needs_text = True
-        if w not in g.workers:
-            g.workers.append(w)
+        for target in _targets(w):
+            if target not in g.workers:
+                g.workers.append(target)
         g.refresh()
 
     def remove_worker(self, Worker w):
         cdef WorkerGroup g = self.groups.get((w.worker_type, w.model_id))
         if g is None:
             return
-        if w in g.workers:
-            g.workers.remove(w)
+        targets = _targets(w)
+        for target in targets:
+            if target in g.workers:
+                g.workers.remove(target)
         g.refresh()
-        g.policy.worker_removed(w)
-        if g.sticky is not None:
-            g.sticky.worker_removed(w)
+        for target in targets:
+            g.policy.worker_removed(target)
+            if g.sticky is not None:
+                g.sticky.worker_removed(target)
         if not g.workers:
             del self.groups[(w.worker_type, w.model_id)]
 
     def refresh_worker(self, Worker w):
         cdef WorkerGroup g = self.groups.get((w.worker_type, w.model_id))
+        if w.dp_size > 1:
+            w.rank_views()      # the views take the worker's new state
         if g is not None:
             g.refresh()
 

@@ -18,7 +18,7 @@ from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.exchange cimport FAIL_CONNECT
 from smg._fast.admission cimport Admission
-from smg._fast.call cimport Leg, LEG_STOP, new_leg, retryable_status, failure_status, forwarded_head
+from smg._fast.call cimport Leg, LEG_STOP, new_leg, retryable_status, failure_status, forwarded_head, with_dp_rank
 from smg._fast.worker cimport Worker, TYPE_REGULAR
 from smg._fast.routing_text cimport routing_text, invalid_field, EP_RERANK, EP_MESSAGES, EP_COUNT_TOKENS
 from smg._fast.routes cimport Route, anthropic_error_type
@@ -233,16 +233,21 @@ cdef class ProxyCall(ClientCall):
 
     cdef int attempt(self) except -1:
         cdef Worker w = self.group.select(self.text, self.key, monotonic(), self.failed_worker, self.session)
-        cdef bytes auth
+        cdef bytes auth, body, head
         cdef Leg leg
         if w is None:
             self.fail_to_client(self.error_status, self.error_code, self.error_message)
             return 0
         self.attempts += 1
         auth = w.auth_header if w.auth_header is not None else self.client_auth
+        if w.dp_rank >= 0:
+            body = with_dp_rank(self.req.body, w.dp_rank)
+            head = self.head_start + w.host_header + auth + forwarded_head(self.req, PyBytes_GET_SIZE(body))
+        else:
+            body = self.req.body
+            head = self.head_start + w.host_header + auth + self.head_common
         # an HTTP/1.0 client cannot take chunked bodies: relay the payload only
-        leg = new_leg(self, w, self.head_start + w.host_header + auth + self.head_common, self.req.body,
-                      self.req.http_minor == 0 or self.wants_payload)
+        leg = new_leg(self, w, head, body, self.req.http_minor == 0 or self.wants_payload)
         self.relaying = leg
         leg.begin()
         return 0

@@ -67,6 +67,14 @@ cdef class Worker:
     cdef public long long cb_outcome_success
     cdef public long long cb_outcome_failure
 
+    # --dp-aware: a worker whose engine runs dp_size data-parallel ranks is
+    # routed to as one view per rank (each its own cache and load); a view
+    # has dp_rank >= 0 and its registered worker as dp_parent
+    cdef public int dp_size
+    cdef public int dp_rank
+    cdef public Worker dp_parent
+    cdef public list dp_views
+
     cdef void take_request(self) noexcept
     cdef int end_request(self, int outcome) except -1
     cdef bint routable(self, double now) noexcept

@@ -123,6 +123,46 @@ cdef class Worker:
         self.capacity_listener = None
         self.cb_outcome_success = 0
         self.cb_outcome_failure = 0
+        self.dp_size = 0
+        self.dp_rank = -1
+        self.dp_parent = None
+        self.dp_views = []
+
+    def rank_views(self):
+        """--dp-aware: one view of this worker per data-parallel rank (made
+        once dp_size is known), routed to as "URL@rank". A view shares the
+        worker's connections and follows its state; it has its own load and
+        circuit breaker, and its requests count in the worker's load too."""
+        cdef Worker v
+        cdef int r
+        if len(self.dp_views) != self.dp_size:
+            self.dp_views = []
+            for r in range(self.dp_size):
+                v = Worker(f"{self.id}@{r}", self.url, self.model_id, self.worker_type, self.bootstrap_port,
+                           self.labels, self.api_key)
+                v.url = f"{self.url}@{r}"
+                v.url_header = f"x-smg-routed-worker-id: {v.url}\r\n".encode("latin-1")
+                url_bytes = v.url.encode("utf-8")
+                v.url_hash = fnv1a(<const unsigned char*>PyBytes_AS_STRING(url_bytes), PyBytes_GET_SIZE(url_bytes))
+                v.dp_rank = r
+                v.dp_size = self.dp_size
+                v.dp_parent = self
+                v.pool = self.pool
+                v.control_pool = self.control_pool
+                v.info = self.info
+                v.cb_enabled = self.cb_enabled
+                v.cb_failure_threshold = self.cb_failure_threshold
+                v.cb_success_threshold = self.cb_success_threshold
+                v.cb_timeout = self.cb_timeout
+                v.cb_window = self.cb_window
+                v.cb_listener = self.cb_listener
+                v.max_inflight = self.max_inflight
+                v.capacity_listener = self.capacity_listener
+                self.dp_views.append(v)
+        for v in self.dp_views:
+            v.state = self.state
+            v.model_id = self.model_id
+        return list(self.dp_views)
 
     def __repr__(self):
         return f"<Worker {self.url} {STATE_NAMES[self.state]} {TYPE_NAMES[self.worker_type]} model={self.model_id}>"
@@ -144,11 +184,15 @@ cdef class Worker:
         self.inflight += 1
         self.routed += 1
         self.requests_total += 1
+        if self.dp_parent is not None:
+            self.dp_parent.take_request()
 
     cdef int end_request(self, int outcome) except -1:
         """That request ended: outcome 1 success, 0 failure (both told to the
         circuit breaker), -1 neither (the client left, or already recorded)."""
         self.inflight -= 1
+        if self.dp_parent is not None:
+            self.dp_parent.inflight -= 1
         if outcome >= 0:
             self.record_outcome(outcome == 1, monotonic())
         if self.max_inflight > 0 and self.inflight == self.max_inflight - 1 and self.capacity_listener is not None:
