@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eviction-interval-secs", type=_positive_float, default=d.eviction_interval_secs)
     r.add_argument("--max-tree-size", type=_positive_int, default=d.max_tree_size)
 
+    h = p.add_argument_group("conversations (/v1/conversations)")
+    h.add_argument("--history-backend", default=d.history_backend, metavar="BACKEND",
+                   help="memory: conversations kept in the gateway's memory; none: not stored "
+                        "(oracle, postgres, redis: not supported)")
+    h.add_argument("--history-memory-max-items", type=_positive_int, default=d.history_memory_max_items,
+                   help="conversation items kept at most (the least recently used conversations go first)")
+    h.add_argument("--history-memory-retention-secs", type=_positive_float,
+                   default=d.history_memory_retention_secs, help="a conversation unused this long is dropped")
+
     pd = p.add_argument_group("prefill/decode disaggregation")
     pd.add_argument("--pd-disaggregation", action="store_true")
     pd.add_argument("--prefill", nargs="+", action="append", default=[], metavar="URL [BOOTSTRAP_PORT|none]")
@@ -332,6 +341,8 @@ def validate(cfg: Config) -> None:
     """Checks that need more than one flag, or the worker modules."""
     from smg._fast.worker import split_url
 
+    if cfg.history_backend not in ("memory", "none"):
+        raise ValueError(f"--history-backend {cfg.history_backend}: not supported (smg has memory, none)")
     for url in cfg.worker_urls + cfg.decode + [p.url for p in cfg.prefill]:
         split_url(url)
     if cfg.cache_threshold > 1.0:

@@ -142,6 +142,10 @@ class Config:
     bucket_adjust_interval_secs: float = 5.0
     sticky_sessions: bool = False
     dp_aware: bool = False
+    # /v1/conversations: "memory" (kept in the control plane) or "none"
+    history_backend: str = "memory"
+    history_memory_max_items: int = 100_000
+    history_memory_retention_secs: float = 86400.0
 
     # lines logged at start-up about reference flags accepted with no effect
     startup_notices: list[str] = dataclasses.field(default_factory=list)

@@ -47,6 +47,7 @@ from smg._fast.server import ServerCore
 from smg._fast.worker import DECODE, PREFILL, REGULAR
 from smg.admin import AdminRoutes
 from smg.config import Config
+from smg.conversations import ConversationRoutes, ConversationStore
 from smg.handlers import GatewayRoutes
 from smg.health import HealthChecker
 from smg.metrics import GatewayCollector, MetricsEndpoint, SnapshotSource, dataplane_snapshot
@@ -86,6 +87,8 @@ CONTROL_ROUTES = (
     ("/workers", ("GET", "POST"), "admin", False),
     ("/workers/", ("GET", "DELETE", "PATCH", "PUT"), "admin", True),
     ("/v1/responses/", ("GET", "DELETE", "POST"), "serving", True),
+    ("/v1/conversations", ("POST",), "serving", False),
+    ("/v1/conversations/", ("GET", "POST", "DELETE"), "serving", True),
 )
 
 TICK_SECONDS = 0.1
@@ -272,13 +275,17 @@ class ControlPlane:
         self.discovery = None
         self.shutting_down = False
         self._last_sweep = 0.0
-        r, a = self.routes, self.admin
+        self.conversations = ConversationRoutes(
+            ConversationStore(cfg.history_memory_max_items, cfg.history_memory_retention_secs)
+            if cfg.history_backend == "memory" else None)
+        r, a, c = self.routes, self.admin, self.conversations
         self.handlers = {
             "/health": r.health, "/liveness": r.health, "/readiness": r.readiness, "/v1/models": r.models,
             "/get_server_info": r.server_info, "/get_model_info": r.model_info,
             "/health_generate": r.health_generate, "/flush_cache": r.flush_cache, "/get_loads": r.get_loads,
             "/v1/models/": r.model, "/start_profile": r.start_profile, "/stop_profile": r.stop_profile,
             "/engine_metrics": r.engine_metrics, "/v1/responses/": r.stored_response,
+            "/v1/conversations": c.root, "/v1/conversations/": c.item,
             "/workers": self._workers_root, "/workers/": a.worker_route,
         }
 

@@ -62,9 +62,8 @@ NOT_SUPPORTED = (
         _f("--epd-disaggregation", nargs=0), _f("--encode", nargs="+"), _f("--encode-policy"),
         _f("--encode-selector", nargs="+"),
     )),
-    FlagGroup("stored responses and conversations (history backends)", (
-        _f("--history-memory-max-responses"), _f("--history-memory-max-items"),
-        _f("--history-memory-retention-secs"), _f("--schema-config"), _f("--max-background-responses"),
+    FlagGroup("stored responses and database history backends (smg keeps conversations in memory)", (
+        _f("--schema-config"), _f("--max-background-responses"),
         _f("--oracle-wallet-path"), _f("--oracle-tns-alias"), _f("--oracle-connect-descriptor"),
         _f("--oracle-username"), _f("--oracle-password"), _f("--oracle-external-auth", nargs=0),
         _f("--oracle-pool-min"), _f("--oracle-pool-max"), _f("--oracle-pool-timeout-secs"),
@@ -137,8 +136,8 @@ NO_EFFECT = (
     )),
     FlagGroup("workers are HTTP servers of either engine", (_f("--backend"),),
               accepted={"--backend": ("sglang", "vllm")}),
-    FlagGroup("smg stores no responses or conversations", (_f("--history-backend"),),
-              accepted={"--history-backend": ("none",)}),
+    FlagGroup("smg stores no responses (the engines do; smg asks them)",
+              (_f("--history-memory-max-responses"),)),
 )
 
 

@@ -30,6 +30,7 @@ BETTER = {
     "generate_empty_body": "400 json_parse_error in the JSON error shape (reference: plain text)",
     "generate_not_object": "400 invalid_request in the JSON error shape (reference: 422, plain text)",
     "generate_text_not_string": "400 invalid_type, param 'text' (reference: 422, plain text)",
+    "conversations_bad_json": "400 json_parse_error in the JSON error shape (reference: plain text)",
 }
 
 NOT_YET: dict[str, str] = {}
