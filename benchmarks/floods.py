@@ -15,6 +15,10 @@ Floods:
                   while prefill takes 3 s to answer; decode's stream (several
                   MB) waits for prefill's logprobs: the gateway holds a bounded
                   part of it and stops reading the decode worker
+  large-bodies    each client sends an 8 MB prompt to /generate (authorized),
+                  once with round_robin (the body streams to the worker:
+                  --max-buffered-request-bytes) and once with cache_aware
+                  (the gateway must read the prompt, so it holds it whole)
 """
 
 from __future__ import annotations
@@ -116,6 +120,21 @@ def pd_logprob_client(port: int, hold: float) -> None:
         drain(s, hold)
 
 
+def large_body_client(port: int) -> None:
+    body = b'{"text": "' + b"z" * (8 << 20) + b'"}'
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(post_head("/generate", len(body)))
+        view = memoryview(body)
+        for i in range(0, len(body), 1 << 20):
+            s.sendall(view[i:i + (1 << 20)])
+        answer = b""
+        while b"\r\n\r\n" not in answer:  # the answer's head: the request is done
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            answer += chunk
+
+
 def flood(gw: GatewayProc, clients: int, target, *args) -> tuple[int, int, int, int]:
     """(idle RSS kB, peak RSS kB, fds before, fds after)."""
     pid = gw.proc.pid
@@ -168,6 +187,17 @@ def main() -> None:
         gw.stop()
         prefill.stop()
         decode.stop()
+
+    for policy in ("round_robin", "cache_aware"):
+        worker = Workers(1)
+        gw = GatewayProc("smg", [sys.executable, "-m", "smg"], ["--worker-urls", *worker.urls, "--policy", policy,
+                                                               "--max-concurrent-requests", "1000"])
+        try:
+            gw.wait_ready()
+            rows.append((f"large-bodies ({policy})", *flood(gw, args.clients, large_body_client)))
+        finally:
+            gw.stop()
+            worker.stop()
 
     print(f"\n{args.clients} clients at once\n")
     print("| flood | idle RSS MB | peak above idle MB | fds before | fds after |")

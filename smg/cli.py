@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_port, default=d.port)
     s.add_argument("--max-payload-size", type=_positive_int, default=d.max_payload_size,
                    help="largest request body in bytes; larger ones get 413")
+    s.add_argument("--max-buffered-request-bytes", type=_non_negative_int, default=d.max_buffered_request_bytes,
+                   help="a larger request body streams to the worker as it arrives (not validated by the gateway, "
+                        "not retried) when the gateway need not read it: one model, a policy that does not route "
+                        "by text (not cache_aware, prefix_hash, bucket), no --model-alias, no PD")
+    s.add_argument("--stream-body-stall-timeout-secs", type=_non_negative_float,
+                   default=d.stream_body_stall_timeout_secs,
+                   help="a streamed request body that stops arriving this long is given up with 408 (0: never)")
     s.add_argument("--request-timeout-secs", type=_positive_float, default=d.request_timeout_secs)
     s.add_argument("--header-read-timeout-secs", type=_non_negative_float, default=d.header_read_timeout_secs,
                    help="time a client has to send a request's headers (0 disables)")

@@ -142,6 +142,10 @@ class Config:
     bucket_adjust_interval_secs: float = 5.0
     sticky_sessions: bool = False
     dp_aware: bool = False
+    # a request body larger than this streams to the worker when the gateway
+    # need not read it; a streamed body idle this long is given up (0: never)
+    max_buffered_request_bytes: int = 1 << 20
+    stream_body_stall_timeout_secs: float = 300.0
     # /v1/conversations: "memory" (kept in the control plane) or "none"
     history_backend: str = "memory"
     history_memory_max_items: int = 100_000

@@ -167,6 +167,8 @@ class DataPlane:
             admin_api_key=cfg.admin_api_key,
         )
         self.core.max_connections = client_connection_limit()
+        self.core.max_buffered_body = cfg.max_buffered_request_bytes
+        self.core.body_stall_timeout = cfg.stream_body_stall_timeout_secs
         self.core.set_request_id_headers(cfg.request_id_headers)
         self.core.set_routing_key_headers(cfg.routing_key_headers)
         self.core.set_cors_origins(cfg.cors_allowed_origins)

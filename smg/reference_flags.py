@@ -111,9 +111,6 @@ NOT_SUPPORTED = (
 )
 
 NOT_YET = (
-    FlagGroup("streamed request bodies", (
-        _f("--max-buffered-request-bytes"), _f("--stream-body-stall-timeout-secs"),
-    )),
     FlagGroup("TLS and mTLS", (
         _f("--tls-cert-path"), _f("--tls-key-path"), _f("--client-cert-path"), _f("--client-key-path"),
         _f("--ca-cert-paths", nargs="*"),

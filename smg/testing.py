@@ -118,6 +118,10 @@ class FakeWorkerStats:
     # requests per prompt tag: a /generate text starting "[tag] " counts under "tag"
     # (the load benchmark measures prefix affinity with it)
     tags: dict[str, int] = dataclasses.field(default_factory=dict)
+    # request heads and body bytes received, counted as they arrive (a
+    # streamed request body shows here before the request is complete)
+    heads: int = 0
+    body_bytes: int = 0
     # requests per data_parallel_rank named in the body (the gateway's --dp-aware)
     dp_ranks: dict[int, int] = dataclasses.field(default_factory=dict)
 
@@ -215,6 +219,8 @@ class _WorkerProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.req.method = self.parser.get_method().decode()
+        self.worker.stats.heads += 1
+
 
     def on_url(self, url: bytes) -> None:
         self.req.path += url.decode()
@@ -224,6 +230,7 @@ class _WorkerProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.req.body += body
+        self.worker.stats.body_bytes += len(body)
 
     def on_message_complete(self) -> None:
         self.req.path = self.req.path.split("?", 1)[0]

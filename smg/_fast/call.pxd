@@ -79,8 +79,14 @@ cdef class Leg(Exchange):
     cdef int status
     cdef list parts
     cdef double finish_by                # LEG_FINISH: stopped if still running then
+    cdef bint streamed                   # the body streams from the client (RequestCycle.streaming)
+    cdef bint body_chunked               # ... in chunks
+    cdef bint body_sent                  # ... and has been sent in full
+    cdef bint write_blocked              # the worker's socket is full
 
     cdef int begin(self) except -1
+    cdef int stream_body(self, bint chunked) except -1
+    cdef int pump(self) except -1
     cdef int release(self, int outcome) except -1
     cdef int end(self, int how) except -1
     cdef int stop(self, int outcome) except -1

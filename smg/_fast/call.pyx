@@ -129,9 +129,11 @@ cpdef bytes with_dp_rank(bytes body, int rank):
 
 
 cdef bytes forwarded_head(Request req, Py_ssize_t body_len):
-    """The request head lines after host and authorization, for any worker."""
-    cdef list lines = [b"content-type: application/json\r\ncontent-length: ", str(body_len).encode(),
-                       b"\r\nx-request-id: ", req.request_id, b"\r\n"]
+    """The request head lines after host and authorization, for any worker
+    (body_len < 0: a chunked body)."""
+    cdef list lines = [b"content-type: application/json\r\n",
+                       b"content-length: %d\r\n" % body_len if body_len >= 0 else b"transfer-encoding: chunked\r\n",
+                       b"x-request-id: ", req.request_id, b"\r\n"]
     if req.traceparent is not None:
         lines.append(b"traceparent: " + req.traceparent + b"\r\n")
     if req.tracestate is not None:
@@ -248,6 +250,7 @@ cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint d
     leg.status = 0
     leg.parts = []
     leg.finish_by = 0
+    leg.streamed = False
     worker.take_request()
     return leg
 
@@ -255,7 +258,43 @@ cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint d
 cdef class Leg(Exchange):
 
     cdef int begin(self) except -1:
-        self.waiter = (<UpstreamPool>self.worker.pool).acquire(self)
+        # a streamed body cannot be sent again: no reused connection the
+        # worker may be closing under it
+        self.waiter = (<UpstreamPool>self.worker.pool).acquire(self, self.streamed)
+        return 0
+
+    cdef int stream_body(self, bint chunked) except -1:
+        """Send the request's body as the client sends it (RequestCycle.streaming),
+        re-framed in chunks when the client chunked it."""
+        self.streamed = True
+        self.body_chunked = chunked
+        return 0
+
+    cdef int pump(self) except -1:
+        """A streamed body: send what the client has sent so far, unless the
+        worker's socket is full (then the client is not read either)."""
+        cdef RequestCycle cycle
+        cdef UpstreamConnection up = self.up
+        cdef bytes part
+        if up is None or up.closed or self.finished or self.write_blocked or self.body_sent or self.call is None:
+            return 0
+        cycle = self.call.cycle
+        for part in cycle.take_body_parts():
+            if self.body_chunked:
+                up.send(b"%x\r\n" % PyBytes_GET_SIZE(part) + part + b"\r\n")
+            else:
+                up.send(part)
+        if cycle.body_ended:
+            if self.body_chunked:
+                up.send(b"0\r\n\r\n")
+            self.body_sent = True
+            up.sending = False
+        return 0
+
+    cdef int upstream_writable(self, bint writable) except -1:
+        self.write_blocked = not writable
+        if writable and self.streamed:
+            self.pump()
         return 0
 
     cdef int release(self, int outcome) except -1:
@@ -319,7 +358,12 @@ cdef class Leg(Exchange):
             return 0
         self.up = conn
         conn.attach(self, False)
-        conn.send2(self.head, self.body)
+        if self.streamed:
+            conn.sending = True
+            conn.send(self.head)
+            self.pump()
+        else:
+            conn.send2(self.head, self.body)
         if call.relaying is self and (call.held_back or call.cycle.flow.write_paused):
             conn.pause_reading()
         return 0
@@ -446,8 +490,9 @@ cdef class ClientCall(ResponseSource):
     # --- retries ---
 
     cdef bint can_retry(self):
+        # a streamed body has gone to the worker as it came: it cannot be sent again
         return (not self.head_sent and not self.done and self.attempts < self.settings.max_attempts
-                and not self.cycle.conn.closed and monotonic() < self.deadline)
+                and not self.cycle.conn.closed and monotonic() < self.deadline and not self.cycle.streaming)
 
     cdef int note_error(self, int status, str code, str message) except -1:
         """What the client gets if no further attempt succeeds."""
@@ -585,6 +630,20 @@ cdef class ClientCall(ResponseSource):
     cdef int client_resume(self) except -1:
         if self.relaying is not None and not self.held_back:
             self.relaying.resume_reading()
+        return 0
+
+    cdef int body_available(self) except -1:
+        if self.relaying is not None:
+            self.relaying.pump()
+        return 0
+
+    cdef int body_failed(self, int status, str code, str message) except -1:
+        """The streamed request body broke off (stalled, or over the size
+        limit): the worker will not get all of it."""
+        if self.head_sent:
+            self.break_stream(status, code, message)
+        else:
+            self.fail_to_client(status, code, message)
         return 0
 
     cdef int tick(self, double now) except -1:

@@ -24,6 +24,13 @@ cdef class RequestCycle:
     cdef public ResponseSource source    # set by hand_off
     cdef public Admission admission      # the slot held until the response ends
     cdef public bint done
+    # a streamed request body (--max-buffered-request-bytes): the parts
+    # received and not yet taken by the call, and whether the body ended
+    cdef public bint streaming
+    cdef list body_parts
+    cdef public Py_ssize_t body_buffered
+    cdef public bint body_ended
+    cdef public double body_last_at
 
     cdef int write(self, bytes data) except -1
     cpdef respond(self, int status, bytes body, bytes content_type, bytes extra_headers=*, str error_code=*)
@@ -35,6 +42,9 @@ cdef class RequestCycle:
     cdef bint closes(self)
     cdef bytes date_header(self)
     cdef int end(self) except -1
+    cdef int stream_part(self, bytes data) except -1
+    cdef int stream_end(self) except -1
+    cdef list take_body_parts(self)
 
 
 cdef RequestCycle new_cycle(Connection conn, Request req)
@@ -43,3 +53,4 @@ cdef RequestCycle new_cycle(Connection conn, Request req)
 cdef class RequestHandler:
     """A route served in Cython (the proxied routes); Python routes use plain callables."""
     cdef int handle(self, RequestCycle cycle) except -1
+    cdef bint can_stream(self, Request req)

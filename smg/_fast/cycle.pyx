@@ -7,6 +7,7 @@ hands the answer to something else (a proxied call, the admission queue)
 registers it as the cycle's source, which the connection then keeps
 informed: the client leaving, back-pressure, the deadline."""
 
+from cpython.bytes cimport PyBytes_GET_SIZE
 from smg._fast.clock cimport monotonic
 from smg._fast.routes cimport Route, status_line, error_body, anthropic_error_body
 
@@ -37,7 +38,40 @@ cdef RequestCycle new_cycle(Connection conn, Request req):
     return cycle
 
 
+# a streamed request body waiting for its call beyond this stops reading the client
+DEF STREAM_BUFFER_BYTES = 262144
+
+
 cdef class RequestCycle:
+
+    # --- a streamed request body (the client connection feeds it, the call takes it) ---
+
+    cdef int stream_part(self, bytes data) except -1:
+        if self.body_parts is None:
+            self.body_parts = []
+        self.body_parts.append(data)
+        self.body_buffered += PyBytes_GET_SIZE(data)
+        self.body_last_at = monotonic()
+        if self.body_buffered > STREAM_BUFFER_BYTES:
+            self.flow.pause_reading()
+        if self.source is not None:
+            self.source.body_available()
+        return 0
+
+    cdef int stream_end(self) except -1:
+        self.body_ended = True
+        if self.source is not None:
+            self.source.body_available()
+        return 0
+
+    cdef list take_body_parts(self):
+        """The body received since the last call (the call sends it on)."""
+        cdef list parts = self.body_parts
+        self.body_parts = None
+        self.body_buffered = 0
+        if not self.body_ended and self.flow.read_paused and not self.conn.closed:
+            self.flow.resume_reading()
+        return parts if parts is not None else []
 
     cdef int write(self, bytes data) except -1:
         if not self.conn.closed:
@@ -123,3 +157,8 @@ cdef class RequestHandler:
     cdef int handle(self, RequestCycle cycle) except -1:
         cycle.respond_error(500, "internal_error", "route has no handler")
         return 0
+
+    cdef bint can_stream(self, Request req):
+        """Whether `req` may be handled before its body has arrived (the body
+        then streams: RequestCycle.streaming)."""
+        return False

@@ -23,3 +23,5 @@ cdef class Exchange:
     # a reused keep-alive connection closed under the request before any answer
     cdef int upstream_stale(self, object conn) except -1
     cdef bint wants_decoded(self)
+    # the upstream socket's send buffer filled (False) or drained (True)
+    cdef int upstream_writable(self, bint writable) except -1

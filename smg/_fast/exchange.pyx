@@ -36,3 +36,6 @@ cdef class Exchange:
 
     cdef bint wants_decoded(self):
         return False
+
+    cdef int upstream_writable(self, bint writable) except -1:
+        return 0

@@ -11,6 +11,10 @@ cdef class ResponseSource:
     cdef int expired(self, double now) except -1
     # the connection's periodic tick while this source produces the response
     cdef int tick(self, double now) except -1
+    # a streamed request body (RequestCycle.streaming): more of it can be
+    # taken (or its end), or it stalled / broke a limit
+    cdef int body_available(self) except -1
+    cdef int body_failed(self, int status, str code, str message) except -1
 
 
 cdef class FlowControl:

@@ -23,6 +23,12 @@ cdef class ResponseSource:
     cdef int tick(self, double now) except -1:
         return 0
 
+    cdef int body_available(self) except -1:
+        return 0
+
+    cdef int body_failed(self, int status, str code, str message) except -1:
+        return 0
+
 
 cdef class FlowControl:
 

@@ -157,7 +157,44 @@ cdef class ProxiedRoute(RequestHandler):
 
 cdef class ProxyHandler(ProxiedRoute):
 
+    cdef bint can_stream(self, Request req):
+        """A body over --max-buffered-request-bytes may stream to the worker
+        when the gateway does not need to read it: one model served, a
+        policy that does not route by text, no alias to rewrite, no rank to
+        name (--dp-aware), and a route whose answer it passes through. The
+        worker validates such a body; the request is not retried."""
+        cdef CallSettings settings = self.settings
+        cdef list groups
+        cdef WorkerGroup g
+        cdef Worker w
+        if self.endpoint == EP_RERANK or self.endpoint == EP_MESSAGES or self.endpoint == EP_COUNT_TOKENS \
+                or settings.model_aliases:
+            return False
+        groups = settings.router.groups_of(TYPE_REGULAR)
+        if len(groups) != 1:
+            return False
+        g = <WorkerGroup>groups[0]
+        if g.policy.needs_text or not g.ready:
+            return False
+        for w in g.ready:
+            if w.dp_rank >= 0:
+                return False
+        return True
+
+    cdef int handle_streamed(self, RequestCycle cycle) except -1:
+        """A request whose body is still arriving (can_stream said yes)."""
+        cdef WorkerGroup group = resolve_group(self.settings.router, cycle, None, TYPE_REGULAR)
+        self.settings.count_routed("regular", "unknown", self.endpoint_name, False)
+        if group is None:
+            self.no_group(cycle, "regular", "unknown", TYPE_REGULAR)
+            return 0
+        key = cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req)
+        self.launch(new_proxy_call(self, cycle, group, None, key, "unknown"))
+        return 0
+
     cdef int handle(self, RequestCycle cycle) except -1:
+        if cycle.streaming:
+            return self.handle_streamed(cycle)
         cdef object obj = parse_body(cycle, self.endpoint)
         cdef WorkerGroup group
         cdef str text = None
@@ -221,7 +258,11 @@ cdef class ProxyCall(ClientCall):
 
     cdef int start(self) except -1:
         cdef Request req = self.req
-        self.head_common = forwarded_head(req, PyBytes_GET_SIZE(req.body))
+        if self.cycle.streaming:
+            # the client's framing: its Content-Length, or chunks
+            self.head_common = forwarded_head(req, -1 if req.chunked else int(req.content_length))
+        else:
+            self.head_common = forwarded_head(req, PyBytes_GET_SIZE(req.body))
         self.head_start = b"POST " + req.url + b" HTTP/1.1\r\n"
         if req.authorization is not None:
             self.client_auth = b"authorization: " + req.authorization + b"\r\n"
@@ -248,6 +289,8 @@ cdef class ProxyCall(ClientCall):
             head = self.head_start + w.host_header + auth + self.head_common
         # an HTTP/1.0 client cannot take chunked bodies: relay the payload only
         leg = new_leg(self, w, head, body, self.req.http_minor == 0 or self.wants_payload)
+        if self.cycle.streaming:
+            leg.stream_body(self.req.chunked)
         self.relaying = leg
         leg.begin()
         return 0

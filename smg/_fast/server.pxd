@@ -12,6 +12,11 @@ cdef class ServerCore:
     cdef public Route not_found
     cdef public object loop
     cdef public long long max_payload
+    # --max-buffered-request-bytes: a body larger than this streams to the
+    # worker when its route can take it so (-1: never);
+    # --stream-body-stall-timeout-secs: a streamed body idle this long is given up
+    cdef public long long max_buffered_body
+    cdef public double body_stall_timeout
     cdef public long long max_header_bytes
     cdef public int max_headers
     cdef public int max_pipeline
@@ -52,9 +57,10 @@ cdef class ClientConnection(Connection):
     cdef public object peer
 
     cdef int configured_header(self, Request req, bytes lname, bytes value) except -1
-    cdef int begin(self, Request req) except -1
+    cdef int begin(self, Request req, bint streaming=*) except -1
     cdef int serve(self, RequestCycle cycle) except -1
     cdef int linger(self) except -1
     cdef bint may_read_more(self)
+    cdef bint may_stream(self, Request req)
     cdef int refuse(self, int status, str code, str message) except -1
     cdef int check_timeouts(self, double now) except -1

@@ -52,6 +52,8 @@ cdef class ServerCore:
         self.not_found = Route("unmatched", ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
         self.loop = loop
         self.max_payload = max_payload
+        self.max_buffered_body = -1
+        self.body_stall_timeout = 300.0
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.max_pipeline = max_pipeline
@@ -436,14 +438,34 @@ cdef class ClientConnection(Connection):
         if (declared > 0 and req.expect is not None and req.expect.lower() == b"100-continue"
                 and self.active is None and not self.pending and req.http_minor == 1):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.core.max_buffered_body >= 0 and (declared > self.core.max_buffered_body
+                                                 or (self.core.max_buffered_body == 0 and req.chunked)) \
+                and self.may_stream(req):
+            self.begin(req, True)
 
     def on_body(self, bytes body):
         cdef Request req = self.parsing
+        cdef RequestCycle cycle = self.active
         if req.refusal is not None:
             return  # never read: dropped
+        if cycle is not None and cycle.req is req:
+            # a streamed body: on to the call as it comes
+            req.body_len += len(body)
+            if cycle.done:
+                return
+            if req.body_len > self.core.max_payload:
+                req.keep_alive = False
+                cycle.source.body_failed(413, "request_body_too_large", _TOO_LARGE)
+                return
+            cycle.stream_part(body)
+            return
         if req.body_len + len(body) > self.core.max_payload:
             self.fail_parse(413, "request_body_too_large", _TOO_LARGE)
         req.add_body(body)
+        if req.chunked and req.body_len > self.core.max_buffered_body >= 0 and self.may_stream(req):
+            # a chunked body grew past what is kept for retries: stream it from here
+            self.begin(req, True)
+            return
         if self.active is not None and self.pending_bytes + req.body_len > PIPELINE_BUFFER_BYTES:
             # a response is pending: bound what waits behind it
             self.flow.pause_reading()
@@ -451,8 +473,12 @@ cdef class ClientConnection(Connection):
     def on_message_complete(self):
         cdef Request req = self.parsing
         self.parsing = None
-        if self.closed or (self.active is not None and self.active.req is req):
-            return  # answered already (refused on its headers), or closing
+        if self.active is not None and self.active.req is req:
+            if self.active.streaming and not self.active.done:
+                self.active.stream_end()
+            return  # streamed, or answered already (refused on its headers)
+        if self.closed:
+            return
         req.finish_body()
         if self.active is None and not self.pending:
             self.begin(req)
@@ -468,6 +494,13 @@ cdef class ClientConnection(Connection):
         self.error_code = code
         self.error_message = message
         raise _Refused()
+
+    cdef bint may_stream(self, Request req):
+        """Handle `req` before its body has arrived: the route can, and no
+        other request is ahead of it on this connection."""
+        return (self.active is None and not self.pending and req.refusal is None and not self.closed
+                and (<Route>req.route).native is not None
+                and (<RequestHandler>(<Route>req.route).native).can_stream(req))
 
     cdef bint may_read_more(self):
         """Room for more pipelined requests behind the pending response."""
@@ -495,12 +528,19 @@ cdef class ClientConnection(Connection):
 
     # --- serving ---
 
-    cdef int begin(self, Request req) except -1:
+    cdef int begin(self, Request req, bint streaming=False) except -1:
         """`req`'s turn: answer it, turning an unexpected error into a 500
         (or, once the response has begun, a closed connection) instead of a
-        stuck client."""
+        stuck client. `streaming`: its body is still arriving, and what has
+        arrived goes to the cycle."""
         cdef RequestCycle cycle = new_cycle(self, req)
         self.active = cycle
+        if streaming:
+            cycle.streaming = True
+            cycle.body_last_at = monotonic()
+            if req.body_len:
+                cycle.stream_part(req.finish_body())
+                req.body = b""
         try:
             self.serve(cycle)
         except Exception as e:
@@ -553,6 +593,8 @@ cdef class ClientConnection(Connection):
         self.active = None
         if self.closed:
             return 0
+        if cycle.streaming and not cycle.body_ended:
+            cycle.req.keep_alive = False  # answered before its body ended: the rest is not read
         if self.closes_after(cycle.req):
             if self.parsing is not None or self.close_after:
                 self.linger()  # input is left unread
@@ -626,16 +668,24 @@ cdef class ClientConnection(Connection):
 
     cdef int check_timeouts(self, double now) except -1:
         cdef ResponseSource source
+        cdef RequestCycle cycle
         if self.closed:
             if self.lingering and now >= self.linger_until:
                 self.lingering = False
                 self.transport.abort()
             return 0
         if self.active is not None:
-            source = self.active.source
+            cycle = self.active
+            source = cycle.source
             if source is not None:
                 if source.deadline > 0 and now >= source.deadline:
                     source.expired(now)
+                elif (cycle.streaming and not cycle.body_ended and cycle.body_buffered == 0
+                      and self.core.body_stall_timeout > 0 and now - cycle.body_last_at > self.core.body_stall_timeout):
+                    # the worker has all the body sent so far and waits on the client
+                    cycle.req.keep_alive = False
+                    source.body_failed(408, "request_timeout", "the request body stalled "
+                                       "(--stream-body-stall-timeout-secs)")
                 else:
                     source.tick(now)
             return 0

@@ -21,7 +21,7 @@ cdef class UpstreamPool:
     cdef object loop
 
     cdef UpstreamConnection take_idle(self)
-    cdef ConnectWaiter acquire(self, Exchange ex)
+    cdef ConnectWaiter acquire(self, Exchange ex, bint fresh=*)
     cdef int connect(self, ConnectWaiter waiter) except -1
     cdef int release(self, UpstreamConnection conn) except -1
     cdef int forget(self, UpstreamConnection conn) except -1
@@ -48,6 +48,7 @@ cdef class UpstreamConnection:
     cdef bint reading_paused
     cdef double idle_since
     cdef list decoded
+    cdef public bint sending            # the request's body is still being sent (not reusable yet)
 
     cdef int attach(self, Exchange ex, bint head_only) except -1
     cdef int send(self, bytes data) except -1

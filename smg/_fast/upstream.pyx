@@ -59,11 +59,12 @@ cdef class UpstreamPool:
                 return conn
         return None
 
-    cdef ConnectWaiter acquire(self, Exchange ex):
-        """Give `ex` a connection: an idle one at once, else a new one when
-        connected (ex.upstream_ready) or the connect error (ex.upstream_failed).
-        Returns the waiter of a new connection (to cancel it), else None."""
-        cdef UpstreamConnection conn = self.take_idle()
+    cdef ConnectWaiter acquire(self, Exchange ex, bint fresh=False):
+        """Give `ex` a connection: an idle one at once (unless `fresh`), else a
+        new one when connected (ex.upstream_ready) or the connect error
+        (ex.upstream_failed). Returns the waiter of a new connection (to
+        cancel it), else None."""
+        cdef UpstreamConnection conn = None if fresh else self.take_idle()
         cdef ConnectWaiter waiter
         if conn is not None:
             conn.reused = True
@@ -209,6 +210,7 @@ cdef class UpstreamConnection:
         self.reading_paused = False
         self.idle_since = 0.0
         self.decoded = None
+        self.sending = False
 
     # asyncio protocol
     def connection_made(self, transport):
@@ -287,10 +289,12 @@ cdef class UpstreamConnection:
             ex.upstream_failed(self, exc or UpstreamClosed("worker closed the connection mid-response"), FAIL_BODY)
 
     def pause_writing(self):
-        pass
+        if self.ex is not None:
+            self.ex.upstream_writable(False)
 
     def resume_writing(self):
-        pass
+        if self.ex is not None:
+            self.ex.upstream_writable(True)
 
     # used by exchanges
     def resend(self, Exchange ex):
@@ -300,6 +304,7 @@ cdef class UpstreamConnection:
     cdef int attach(self, Exchange ex, bint head_only) except -1:
         self.ex = ex
         self.got_bytes = False
+        self.sending = False
         self.sent_at = monotonic()
         self.parser.reset(head_only)
         self.decoded = [] if ex.wants_decoded() else None
@@ -326,7 +331,7 @@ cdef class UpstreamConnection:
         self.ex = None
         if self.closed:
             return 0
-        if self.parser.done():
+        if self.parser.done() and not self.sending:
             self._message_done()
         else:
             self.abort()
@@ -355,7 +360,7 @@ cdef class UpstreamConnection:
         self.ex = None
         if self.reading_paused:
             self.resume_reading()
-        if self.parser.keep_alive and not self.closed:
+        if self.parser.keep_alive and not self.closed and not self.sending:
             self.pool.release(self)
         else:
             self.abort()
