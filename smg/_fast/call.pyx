@@ -433,9 +433,10 @@ cdef class ClientCall(ResponseSource):
         self.wrap = False
         self.status = 0
         self.held_back = False
+        # what the client gets when no worker can take the request (the reference's words)
         self.error_status = 503
         self.error_code = "no_available_workers"
-        self.error_message = "No available workers"
+        self.error_message = "All workers are unavailable (circuit breaker open or unhealthy)"
         return 0
 
     def start_py(self):
@@ -583,9 +584,12 @@ cdef class ClientCall(ResponseSource):
         return 0
 
     cdef int fail_to_client(self, int status, str code, str message, bytes extra_headers=b"") except -1:
-        """Answer with an error (nothing has reached the client yet)."""
+        """Answer with an error (nothing has reached the client yet). No
+        worker to take it is temporary: the client may retry in a second."""
         if self.done:
             return 0
+        if status == 503 and not extra_headers:
+            extra_headers = b"retry-after: 1\r\n"
         if self.attempts > 1 or code == "upstream_error":
             self.settings.count_exhausted(self.worker_type, self.endpoint_name)
         self.end_call(LEG_STOP)

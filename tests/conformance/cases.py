@@ -198,8 +198,15 @@ REFUSED = Setup("worker_refused", 1, ["--retry-max-retries", "2", "--disable-cir
                     Case("refused_chat", "POST", "/v1/chat/completions", CHAT),
                 ], clients=[ClientCase("openai_refused", "openai", "chat")])
 
+BREAKER = Setup("breaker_open", 1, ["--retry-max-retries", "1", "--cb-failure-threshold", "1"],
+                worker_config={"fail_status": 500}, cases=[
+                    Case("breaker_trips", "POST", "/generate", {"text": "hi"}),
+                    Case("breaker_open_generate", "POST", "/generate", {"text": "hi"}),
+                    Case("breaker_open_chat", "POST", "/v1/chat/completions", CHAT),
+                ], clients=[ClientCase("openai_breaker_open", "openai", "chat")])
+
 SETUPS = [REGULAR, AUTH, EMPTY, _failing(400), _failing(429), _failing(500), _failing(503), BROKEN_STREAM, RESET,
-          REFUSED]
+          REFUSED, BREAKER]
 
 
 # --- running -------------------------------------------------------------------
