@@ -192,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--prefill-queue-timeout-secs", type=_positive_float, default=None, metavar="SECS",
                     help="longest wait for a prefill worker (default 60 with a limit)")
 
+    f = p.add_argument_group("file discovery")
+    f.add_argument("--discovery-provider", choices=("kubernetes", "file"), default=None,
+                   help="kubernetes: the same as --service-discovery; file: the workers --discovery-file lists")
+    f.add_argument("--discovery-file", default=None, metavar="PATH",
+                   help='JSON manifest {"version": 1, "workers": [{"url": ...}, ...]}; it may appear after start-up')
+    f.add_argument("--discovery-check-interval-secs", type=_positive_float, default=d.discovery_check_interval_secs,
+                   help="reread the manifest this often (it is also reread within a second of changing)")
+
     k = p.add_argument_group("Kubernetes service discovery")
     k.add_argument("--service-discovery", action="store_true")
     k.add_argument("--selector", nargs="+", action="extend", default=[], metavar="SELECTOR")
@@ -334,8 +342,13 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
         values["prefill"] = _parse_prefill(values["prefill"])
         if values["log_level"] == "warning":
             values["log_level"] = "warn"
+        if values["discovery_provider"] is not None and values["service_discovery"]:
+            raise ValueError("give --discovery-provider or --service-discovery, not both")
+        if values["discovery_provider"] == "kubernetes":
+            values["service_discovery"] = True
         if values["remove_unhealthy_workers"] is None:
-            values["remove_unhealthy_workers"] = values["service_discovery"]
+            # discovery adds a removed worker back once it is healthy again
+            values["remove_unhealthy_workers"] = values["service_discovery"] or values["discovery_provider"] == "file"
         cfg = Config(**values)
         cfg.startup_notices = notices
         validate(cfg)
@@ -398,6 +411,10 @@ def validate(cfg: Config) -> None:
                 raise ValueError(f"--model-id-from must be namespace, label:<key> or annotation:<key>, got {src!r}")
     elif cfg.selector or cfg.prefill_selector or cfg.decode_selector:
         raise ValueError("--selector, --prefill-selector and --decode-selector need --service-discovery")
+    if cfg.discovery_provider == "file" and not cfg.discovery_file:
+        raise ValueError("--discovery-provider file needs --discovery-file PATH")
+    if cfg.discovery_file and cfg.discovery_provider != "file":
+        raise ValueError("--discovery-file needs --discovery-provider file")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

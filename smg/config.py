@@ -67,6 +67,10 @@ class Config:
 
     # Kubernetes service discovery
     service_discovery: bool = False
+    # --discovery-provider file: the workers a JSON manifest lists
+    discovery_provider: Optional[str] = None
+    discovery_file: Optional[str] = None
+    discovery_check_interval_secs: float = 30.0
     selector: list[str] = dataclasses.field(default_factory=list)
     service_discovery_namespace: Optional[str] = None
     service_discovery_port: int = 80

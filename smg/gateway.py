@@ -325,6 +325,11 @@ class ControlPlane:
 
             self.discovery = Discovery(self)
             self.discovery.start()
+        elif cfg.discovery_provider == "file":
+            from smg.discovery.files import FileDiscovery
+
+            self.discovery = FileDiscovery(self)
+            self.discovery.start()
 
     def _add_static_workers(self) -> None:
         cfg = self.cfg

@@ -116,9 +116,6 @@ NOT_YET = (
         _f("--ca-cert-paths", nargs="*"),
     )),
     FlagGroup("OpenTelemetry tracing", (_f("--enable-trace", nargs=0), _f("--otlp-traces-endpoint"))),
-    FlagGroup("file-based worker discovery", (
-        _f("--discovery-provider"), _f("--discovery-file"), _f("--discovery-check-interval-secs"),
-    )),
 )
 
 NO_EFFECT = (
