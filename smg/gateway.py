@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import logging
 import signal
 import socket
@@ -21,7 +22,7 @@ from typing import Awaitable, Callable, Iterator, Optional
 
 import uvloop
 
-from smg import logs
+from smg import __version__, logs
 from smg._fast.pd import PDHandler, PrefillQueue
 from smg._fast.policies import (
     ASSIGNMENT_MODES,
@@ -124,6 +125,35 @@ def policy_factory(cfg: Config) -> Callable[[int], Policy]:
         raise ValueError(f"unknown policy {name!r}")
 
     return make
+
+
+def log_startup(cfg: Config, addresses: list[str]) -> None:
+    """One line saying what this gateway does, and a warning when it is open
+    to anyone who can reach it."""
+    static = len(cfg.worker_urls) + len(cfg.prefill) + len(cfg.decode)
+    if cfg.service_discovery:
+        source = "Kubernetes discovery"
+    elif cfg.discovery_provider == "file":
+        source = f"the manifest {cfg.discovery_file}"
+    else:
+        source = "the admin API (POST /workers)"
+    workers = f"{static} static worker{'' if static == 1 else 's'}" + (
+        f" and {source}" if static or cfg.service_discovery or cfg.discovery_provider else f"; add them with {source}")
+    mode = "prefill/decode, " if cfg.pd_disaggregation else ""
+    auth = "API key required" if cfg.api_key else "no API key"
+    log.info("smg %s on %s | %spolicy %s | %s | %s", __version__, ", ".join(addresses), mode, cfg.policy, workers,
+             auth)
+    if not cfg.api_key and not is_loopback(cfg.host):
+        log.warning("SECURITY: no --api-key while listening on %s: anyone who can reach it can use the workers%s. "
+                    "Set --api-key (and --admin-api-key), or listen on 127.0.0.1 behind a proxy that authenticates.",
+                    cfg.host, "" if cfg.admin_api_key else " and change the fleet through the admin API")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def sticky_max_idle(cfg: Config) -> float:
@@ -390,9 +420,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.data.listen()
-        for server in self.data.servers:
-            for sock in server.sockets:
-                log.info("smg listening on %s", sock_address(sock))
+        log_startup(self.cfg, [sock_address(sock) for server in self.data.servers for sock in server.sockets])
         self._schedule_tick()
         await self.control.start()
 

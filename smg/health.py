@@ -21,6 +21,7 @@ import random
 from smg._fast.fetch import fetch
 from smg._fast.worker import DRAINING, FAILED, NOT_READY, PENDING, READY, TYPE_NAMES, Worker
 from smg.config import Config
+from smg.registration import probe_failure
 from smg.workers import Registry
 
 log = logging.getLogger("smg.health")
@@ -56,8 +57,11 @@ class HealthChecker:
             res = await fetch(w.control_pool, "GET", self.cfg.health_check_endpoint, headers=headers,
                               timeout=self.cfg.health_check_timeout_secs)
             ok = 200 <= res.status < 300
-        except (OSError, asyncio.TimeoutError):
+            if not ok:
+                w.note_error(f"health check: {self.cfg.health_check_endpoint} answered {res.status}")
+        except (OSError, asyncio.TimeoutError) as e:
             ok = False
+            w.note_error("health check: " + probe_failure(e, self.cfg.health_check_timeout_secs))
         key = (TYPE_NAMES[w.worker_type], "success" if ok else "failure")
         self.results[key] = self.results.get(key, 0) + 1
         return ok

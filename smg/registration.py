@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any, Optional
 
 import orjson
@@ -21,6 +22,19 @@ log = logging.getLogger("smg.registration")
 
 class RegistrationFailed(Exception):
     pass
+
+
+def probe_failure(e: BaseException, timeout: float) -> str:
+    """Why a probe failed, in an operator's words."""
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no answer within {timeout:g} s (timed out)"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port)"
+    if isinstance(e, socket.gaierror):
+        return f"DNS lookup failed ({e.strerror or e})"
+    if isinstance(e, ConnectionResetError):
+        return "connection reset by the worker"
+    return str(e) or type(e).__name__
 
 
 async def get_json(w: Worker, path: str, timeout: float) -> tuple[int, Any]:
@@ -97,21 +111,33 @@ class Registrar:
             await asyncio.sleep(self.cfg.worker_startup_delay)
         delay = min(0.1, interval)
         last_error = "no answer"
+        started = self.loop.time()
+        warn_at = started + 1.0   # a worker starting up may refuse for a moment: say so after a second
+        warn_every = 2.0
         while True:
             try:
                 status, _ = await get_json(w, self.cfg.health_check_endpoint,
                                            min(self.cfg.health_check_timeout_secs, interval))
                 if 200 <= status < 300:
+                    if self.loop.time() > warn_at:
+                        log.info("Worker %s is healthy after %.0f s", w.url, self.loop.time() - started)
                     return
-                last_error = f"health check answered {status}"
+                last_error = f"{self.cfg.health_check_endpoint} answered {status}"
             except (OSError, asyncio.TimeoutError) as e:
-                last_error = str(e) or type(e).__name__
+                last_error = probe_failure(e, self.cfg.health_check_timeout_secs)
             if self.registry.get(w.id) is not w:
                 raise asyncio.CancelledError()
-            remaining = deadline - self.loop.time()
+            now = self.loop.time()
+            remaining = deadline - now
             if remaining <= 0:
                 raise RegistrationFailed(
                     f"not healthy within {self.cfg.worker_startup_timeout_secs:g} s ({last_error})")
+            if now >= warn_at:
+                # repeated with backoff, up to once a minute
+                log.warning("Worker %s is not reachable yet: %s (waiting up to %.0f s more, "
+                            "--worker-startup-timeout-secs)", w.url, last_error, remaining)
+                warn_at = now + warn_every
+                warn_every = min(warn_every * 2, 60.0)
             log.debug("worker %s not ready yet (%s); next check in %.2f s", w.url, last_error, delay)
             await asyncio.sleep(min(delay, remaining))
             # start quick (a pod that just turned Ready answers at once) and

@@ -33,7 +33,7 @@ from smg._fast.request import Request
 from smg._fast.worker import Worker
 from smg.config import Config
 from smg.dataplane import ENV, config_to_json
-from smg.gateway import TICK_SECONDS, ControlPlane, policy_factory, sock_address, sticky_max_idle
+from smg.gateway import TICK_SECONDS, ControlPlane, log_startup, policy_factory, sock_address, sticky_max_idle
 from smg.ipc import Channel
 from smg.metrics import merge_snapshots
 from smg.workers import Registry
@@ -307,8 +307,8 @@ class Supervisor:
             log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, e)
             return 1
         self.slots = [Slot(i, socks) for i, socks in enumerate(sockets)]
-        for sock in self.slots[0].sockets:
-            log.info("smg listening on %s (%d data-plane processes)", sock_address(sock), cfg.workers)
+        log_startup(cfg, [f"{sock_address(sock)} ({cfg.workers} data-plane processes)"
+                          for sock in self.slots[0].sockets])
         await self.control.start()
         for slot in self.slots:
             await self._spawn(slot)

@@ -8,8 +8,10 @@ metrics in step. Nothing else mutates the worker set."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
+import time
 import uuid
 from typing import Awaitable, Callable, Optional
 
@@ -290,6 +292,9 @@ class Registry:
             "status": STATE_NAMES[w.state],
             "load": w.inflight,
             "http2": False,
+            # why a healthy-looking worker may get no traffic, and what failed last
+            "circuit_breaker": _breaker(w),
+            "last_error": {"message": w.last_error, "at": _iso(w.last_error_at)} if w.last_error else None,
             **self._dp_info(w),
         }
 
@@ -301,6 +306,23 @@ class Registry:
         return {"dp_size": w.dp_size,
                 "dp_ranks": [{"dp_rank": v.dp_rank, "url": v.url, "load": v.inflight,
                               "circuit_breaker": v.cb_state_name} for v in w.dp_views]}
+
+
+def _iso(wall: float) -> str:
+    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _breaker(w: Worker) -> dict:
+    """The worker's circuit breaker: its state, the failures counted, and
+    when an open one lets a request through again."""
+    if not w.cb_enabled:
+        return {"state": "disabled"}
+    out: dict = {"state": w.cb_state_name, "consecutive_failures": w.cb_failures}
+    if w.cb_state_name == "open":
+        open_for = time.monotonic() - w.cb_opened_at
+        out["opened_at"] = _iso(time.time() - open_for)
+        out["retry_in_secs"] = round(max(0.0, w.cb_timeout - open_for), 1)
+    return out
 
 
 def dp_size_of(info: dict) -> int:

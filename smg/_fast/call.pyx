@@ -403,6 +403,7 @@ cdef class Leg(Exchange):
         self.stop(0)
         if self.status == 0:
             call.settings.count_upstream(502, "worker_unreachable" if stage == FAIL_CONNECT else "upstream_error")
+        self.worker.note_error(("connect: " if stage == FAIL_CONNECT else "request: ") + (str(exc) or type(exc).__name__))
         call.leg_failed(self, exc, stage)
         return 0
 

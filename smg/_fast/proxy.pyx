@@ -303,6 +303,8 @@ cdef class ProxyCall(ClientCall):
     cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
         cdef int status = p.status
         leg.worker.record_outcome(not failure_status(status), monotonic())
+        if failure_status(status):
+            leg.worker.note_error(f"answered {status} to {self.req.path}")
         if retryable_status(status) and self.can_retry():
             leg.end(LEG_STOP)
             self.failed_worker = leg.worker

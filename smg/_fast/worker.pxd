@@ -70,6 +70,9 @@ cdef class Worker:
     # --dp-aware: a worker whose engine runs dp_size data-parallel ranks is
     # routed to as one view per rank (each its own cache and load); a view
     # has dp_rank >= 0 and its registered worker as dp_parent
+    # the last failure seen talking to it (a request or a health check), for GET /workers
+    cdef public str last_error
+    cdef public double last_error_at    # time.time()
     cdef public int dp_size
     cdef public int dp_rank
     cdef public Worker dp_parent

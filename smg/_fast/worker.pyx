@@ -3,6 +3,7 @@
 control plane (registry, health checks)."""
 
 import logging
+import time
 import re
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -123,10 +124,19 @@ cdef class Worker:
         self.capacity_listener = None
         self.cb_outcome_success = 0
         self.cb_outcome_failure = 0
+        self.last_error = None
+        self.last_error_at = 0.0
         self.dp_size = 0
         self.dp_rank = -1
         self.dp_parent = None
         self.dp_views = []
+
+    def note_error(self, str message):
+        """Remember the last failure (views report it to their worker too)."""
+        self.last_error = message
+        self.last_error_at = time.time()
+        if self.dp_parent is not None:
+            self.dp_parent.note_error(f"rank {self.dp_rank}: {message}")
 
     def rank_views(self):
         """--dp-aware: one view of this worker per data-parallel rank (made
