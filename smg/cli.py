@@ -9,6 +9,7 @@ Invalid flags or combinations exit with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import sys
 from typing import NoReturn, Optional, Sequence
@@ -191,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests that may wait for a prefill worker (default 100 with a limit; 0: none wait)")
     pd.add_argument("--prefill-queue-timeout-secs", type=_positive_float, default=None, metavar="SECS",
                     help="longest wait for a prefill worker (default 60 with a limit)")
+
+    t = p.add_argument_group("TLS")
+    t.add_argument("--tls-cert-path", default=None, metavar="PEM",
+                   help="serve HTTPS on --port with this certificate (chain); reloaded on SIGHUP or when it changes")
+    t.add_argument("--tls-key-path", default=None, metavar="PEM", help="the private key of --tls-cert-path")
+    t.add_argument("--client-cert-path", default=None, metavar="PEM",
+                   help="the certificate smg presents to https:// workers that ask for one (mTLS)")
+    t.add_argument("--client-key-path", default=None, metavar="PEM", help="the private key of --client-cert-path")
+    t.add_argument("--ca-cert-paths", nargs="*", action="extend", default=[], metavar="PEM",
+                   help="CA certificates (files or directories) that https:// workers' certificates must chain to "
+                        "(default: the system's)")
 
     f = p.add_argument_group("file discovery")
     f.add_argument("--discovery-provider", choices=("kubernetes", "file"), default=None,
@@ -411,6 +423,15 @@ def validate(cfg: Config) -> None:
                 raise ValueError(f"--model-id-from must be namespace, label:<key> or annotation:<key>, got {src!r}")
     elif cfg.selector or cfg.prefill_selector or cfg.decode_selector:
         raise ValueError("--selector, --prefill-selector and --decode-selector need --service-discovery")
+    if bool(cfg.tls_cert_path) != bool(cfg.tls_key_path):
+        raise ValueError("--tls-cert-path and --tls-key-path go together")
+    if bool(cfg.client_cert_path) != bool(cfg.client_key_path):
+        raise ValueError("--client-cert-path and --client-key-path go together")
+    for flag, path in (("--tls-cert-path", cfg.tls_cert_path), ("--tls-key-path", cfg.tls_key_path),
+                       ("--client-cert-path", cfg.client_cert_path), ("--client-key-path", cfg.client_key_path),
+                       *(("--ca-cert-paths", p) for p in cfg.ca_cert_paths)):
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag} {path}: no such file")
     if cfg.discovery_provider == "file" and not cfg.discovery_file:
         raise ValueError("--discovery-provider file needs --discovery-file PATH")
     if cfg.discovery_file and cfg.discovery_provider != "file":

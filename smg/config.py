@@ -67,6 +67,12 @@ class Config:
 
     # Kubernetes service discovery
     service_discovery: bool = False
+    # TLS: HTTPS on the main port; to https:// workers, CAs and a client certificate (mTLS)
+    tls_cert_path: Optional[str] = None
+    tls_key_path: Optional[str] = None
+    client_cert_path: Optional[str] = None
+    client_key_path: Optional[str] = None
+    ca_cert_paths: list[str] = dataclasses.field(default_factory=list)
     # --discovery-provider file: the workers a JSON manifest lists
     discovery_provider: Optional[str] = None
     discovery_file: Optional[str] = None

@@ -142,6 +142,8 @@ class DataPlaneProcess:
         self.loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         # Ctrl-C reaches the whole process group; the supervisor orchestrates the stop
         self.loop.add_signal_handler(signal.SIGINT, lambda: None)
+        if self.data.certificate is not None:  # the supervisor passes SIGHUP on
+            self.loop.add_signal_handler(signal.SIGHUP, self.data.certificate.reload, "SIGHUP")
         _, self.channel = await self.loop.create_unix_connection(
             lambda: Channel(self.on_message, self.on_channel_lost), sock=control)
         await self.data.listen(listening)

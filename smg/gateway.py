@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import ssl
 from time import monotonic
 from typing import Awaitable, Callable, Iterator, Optional
 
@@ -53,6 +54,7 @@ from smg.handlers import GatewayRoutes
 from smg.health import HealthChecker
 from smg.metrics import GatewayCollector, MetricsEndpoint, SnapshotSource, dataplane_snapshot
 from smg.registration import Registrar
+from smg.tls import ServerCertificate
 from smg.workers import Registry
 
 log = logging.getLogger("smg.gateway")
@@ -212,6 +214,12 @@ class DataPlane:
             registry.limit_prefill(cfg.prefill_max_inflight_requests_per_worker, self.prefill_queue.worker_freed)
         self.core.date_header = date_header()
         self.servers: list[asyncio.AbstractServer] = []
+        self.certificate: Optional[ServerCertificate] = None
+        if cfg.tls_cert_path:
+            try:
+                self.certificate = ServerCertificate(cfg.tls_cert_path, cfg.tls_key_path)
+            except (OSError, ssl.SSLError) as e:
+                raise SystemExit(f"smg: error: --tls-cert-path/--tls-key-path do not load: {e}") from None
         self._last_slow_tick = 0.0
         self._last_eviction = monotonic()
         handler_class = PDHandler if cfg.pd_disaggregation else ProxyHandler
@@ -226,14 +234,16 @@ class DataPlane:
             self.core.add_route(Route(path, list(methods), handler=handler_for(path), auth=auth), prefix=prefix)
 
     async def listen(self, sockets: Optional[list[socket.socket]] = None) -> None:
-        """Serve on cfg.host:cfg.port, or on listening sockets made for us."""
+        """Serve on cfg.host:cfg.port, or on listening sockets made for us
+        (HTTPS with --tls-cert-path)."""
+        tls = self.certificate.context if self.certificate is not None else None
         if sockets is None:
             self.servers.append(await self.loop.create_server(
-                self.core.protocol_factory, self.cfg.host, self.cfg.port, backlog=4096))
+                self.core.protocol_factory, self.cfg.host, self.cfg.port, backlog=4096, ssl=tls))
         else:
             for sock in sockets:
                 self.servers.append(await self.loop.create_server(self.core.protocol_factory, sock=sock,
-                                                                  backlog=4096))
+                                                                  backlog=4096, ssl=tls))
 
     def tick(self, now: float) -> None:
         self.core.tick(now)
@@ -243,6 +253,8 @@ class DataPlane:
         if now - self._last_slow_tick >= 1.0:
             self._last_slow_tick = now
             self.core.date_header = date_header()
+            if self.certificate is not None:
+                self.certificate.check(now)
             for w in self.registry.all():
                 w.pool.sweep(now)
         if now - self._last_eviction >= self.cfg.eviction_interval_secs:
@@ -453,6 +465,8 @@ class Gateway:
     async def serve(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop)
+        if self.data.certificate is not None:
+            self.loop.add_signal_handler(signal.SIGHUP, self.data.certificate.reload, "SIGHUP")
         await self.start()
         await self.stopping.wait()
         await self.shutdown()

@@ -111,10 +111,6 @@ NOT_SUPPORTED = (
 )
 
 NOT_YET = (
-    FlagGroup("TLS and mTLS", (
-        _f("--tls-cert-path"), _f("--tls-key-path"), _f("--client-cert-path"), _f("--client-key-path"),
-        _f("--ca-cert-paths", nargs="*"),
-    )),
     FlagGroup("OpenTelemetry tracing", (_f("--enable-trace", nargs=0), _f("--otlp-traces-endpoint"))),
 )
 

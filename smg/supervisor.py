@@ -297,10 +297,19 @@ class Supervisor:
             log.info("Shutdown requested")
             self.stopping.set()
 
+    def _reload_certificate(self) -> None:
+        """SIGHUP: the data-plane processes serve TLS; each reloads its certificate."""
+        log.info("SIGHUP: telling the data-plane processes to reload the TLS certificate")
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                slot.proc.send_signal(signal.SIGHUP)
+
     async def serve(self) -> int:
         cfg = self.cfg
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop)
+        if cfg.tls_cert_path:
+            self.loop.add_signal_handler(signal.SIGHUP, self._reload_certificate)
         try:
             sockets = listening_sockets(cfg.host, cfg.port, cfg.workers)
         except OSError as e:

@@ -272,9 +272,13 @@ class FakeWorker:
     """An SGLang-like worker on (host, port). Use `start()` / `stop()` to run it
     in a background thread, or `await serve()` inside a running loop."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, name: str | None = None, **config: Any):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, name: str | None = None,
+                 ssl_context: Any = None, **config: Any):
+        """ssl_context: serve HTTPS with it (an ssl.SSLContext), e.g. one
+        that requires client certificates (mTLS)."""
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.config = FakeWorkerConfig(**config)
         self.stats = FakeWorkerStats()
         self._name = name
@@ -296,7 +300,7 @@ class FakeWorker:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.ssl_context is not None else 'http'}://{host}:{self.port}"
 
     # lifecycle
     async def serve(self) -> None:
@@ -307,7 +311,8 @@ class FakeWorker:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        self._server = await self._loop.create_server(lambda: _WorkerProtocol(self), sock=sock, backlog=4096)
+        self._server = await self._loop.create_server(lambda: _WorkerProtocol(self), sock=sock, backlog=4096,
+                                                      ssl=self.ssl_context)
         await self._stopped.wait()
         self._server.close()
         # a stopped worker is gone: its open connections die with it

@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import json
 import logging
+import ssl
 import time
 import uuid
 from typing import Awaitable, Callable, Optional
@@ -65,6 +66,7 @@ class Registry:
         # --prefill-max-inflight-requests-per-worker, and the data plane's
         # prefill queue told when a prefill worker frees a slot (limit_prefill)
         self.prefill_limit = 0
+        self._tls_client: Optional[ssl.SSLContext] = None
         self.prefill_capacity_listener: Optional[Callable[[Worker], None]] = None
         self.listeners: list[Callable[[str, Worker], None]] = []
         self._drains: dict[str, asyncio.Task] = {}
@@ -104,10 +106,11 @@ class Registry:
             raise DuplicateWorker(existing)
         w = Worker(worker_id or str(uuid.uuid4()), url, model_id or "unknown", worker_type, bootstrap_port,
                    dict(labels or {}), api_key)
+        tls = self.tls_client() if w.tls else None
         w.pool = UpstreamPool(w.host, w.port, self.cfg.upstream_pool_idle_timeout_secs, self.loop,
-                              self.cfg.worker_connect_timeout_secs, self.cfg.max_connections_per_worker)
+                              self.cfg.worker_connect_timeout_secs, self.cfg.max_connections_per_worker, tls)
         w.control_pool = UpstreamPool(w.host, w.port, self.cfg.upstream_pool_idle_timeout_secs, self.loop,
-                                      self.cfg.worker_connect_timeout_secs)
+                                      self.cfg.worker_connect_timeout_secs, 0, tls)
         w.cb_enabled = not self.cfg.disable_circuit_breaker
         w.cb_failure_threshold = self.cfg.cb_failure_threshold
         w.cb_success_threshold = self.cfg.cb_success_threshold
@@ -217,6 +220,15 @@ class Registry:
         tasks = list(self._drains.values())
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def tls_client(self) -> ssl.SSLContext:
+        """The TLS context of https:// workers (made once, when the first one comes)."""
+        if self._tls_client is None:
+            from smg.tls import client_context
+
+            self._tls_client = client_context(self.cfg.ca_cert_paths, self.cfg.client_cert_path,
+                                              self.cfg.client_key_path)
+        return self._tls_client
 
     def limit_prefill(self, limit: int, listener: Callable[[Worker], None]) -> None:
         """Prefill workers take at most `limit` requests in flight; `listener`

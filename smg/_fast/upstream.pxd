@@ -16,6 +16,7 @@ cdef class UpstreamPool:
     cdef public double connect_timeout  # seconds; 0: none
     cdef public int max_connections     # open and connecting at most; 0: no cap
     cdef public long long connect_timeouts_total
+    cdef object ssl_context             # TLS to the worker, or None
     cdef list idle                      # LIFO stack of UpstreamConnection
     cdef object queue                   # ConnectWaiters waiting for a connection slot (FIFO)
     cdef object loop

@@ -29,9 +29,11 @@ class UpstreamClosed(ConnectionError):
 cdef class UpstreamPool:
 
     def __init__(self, str host, int port, double idle_timeout=3.0, loop=None, double connect_timeout=0.0,
-                 int max_connections=0):
+                 int max_connections=0, ssl_context=None):
+        """ssl_context: TLS to the worker (an https:// URL), verified for `host`."""
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
@@ -83,8 +85,12 @@ cdef class UpstreamPool:
 
     cdef int connect(self, ConnectWaiter waiter) except -1:
         self.connecting += 1
-        task = self.loop.create_task(
-            self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port))
+        if self.ssl_context is None:
+            connecting = self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
+        else:
+            connecting = self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
+                                                     ssl=self.ssl_context, server_hostname=self.host)
+        task = self.loop.create_task(connecting)
         if self.connect_timeout > 0:
             waiter.timer = self.loop.call_later(self.connect_timeout, waiter.time_out, task)
         task.add_done_callback(waiter)

@@ -28,6 +28,7 @@ cdef class Worker:
     cdef public str url
     cdef public str host
     cdef public int port
+    cdef public bint tls                # an https:// worker
     cdef public str model_id
     cdef public int worker_type
     cdef public object bootstrap_port

@@ -46,9 +46,10 @@ def split_url(str url):
         rest = url[7:]
         default_port = 80
     elif url.startswith("https://"):
-        raise ValueError(f"{url}: https workers are not supported")
+        rest = url[8:]
+        default_port = 443
     else:
-        raise ValueError(f"{url}: URL must start with http://")
+        raise ValueError(f"{url}: URL must start with http:// or https://")
     rest = rest.rstrip("/")
     if "/" in rest or "?" in rest or "#" in rest or "@" in rest:
         raise ValueError(f"{url}: URL must be scheme://host[:port] with no path")
@@ -91,6 +92,7 @@ cdef class Worker:
         self.id = worker_id
         self.url = url.rstrip("/")
         self.host, self.port = split_url(self.url)
+        self.tls = self.url.startswith("https://")
         self.model_id = model_id
         self.worker_type = worker_type
         self.bootstrap_port = bootstrap_port
