@@ -1,8 +1,15 @@
 """Builds the Cython data plane in smg/_fast/. There is no pure-Python fallback:
-the gateway does not import without its compiled extensions."""
+the gateway does not import without its compiled extensions.
+
+The extensions are linked stripped (no symbols, no debug information);
+SMG_DEBUG_SYMBOLS=1 keeps them, for gdb."""
+
+import os
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+LINK_ARGS = [] if os.environ.get("SMG_DEBUG_SYMBOLS") == "1" else ["-s"]
 
 FAST_MODULES = [
     "http1",
@@ -30,6 +37,7 @@ extensions = [
         f"smg._fast.{name}",
         [f"smg/_fast/{name}.pyx"],
         extra_compile_args=["-O3"],
+        extra_link_args=LINK_ARGS,
     )
     for name in FAST_MODULES
 ]

@@ -193,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--prefill-queue-timeout-secs", type=_positive_float, default=None, metavar="SECS",
                     help="longest wait for a prefill worker (default 60 with a limit)")
 
+    o2 = p.add_argument_group("tracing")
+    o2.add_argument("--enable-trace", action="store_true",
+                    help="export a span per proxied request over OTLP (W3C traceparent honoured and passed on)")
+    o2.add_argument("--otlp-traces-endpoint", default=d.otlp_traces_endpoint, metavar="HOST:PORT|URL",
+                    help="the OTLP collector: host:port over gRPC, or an http(s):// URL over HTTP")
+
     t = p.add_argument_group("TLS")
     t.add_argument("--tls-cert-path", default=None, metavar="PEM",
                    help="serve HTTPS on --port with this certificate (chain); reloaded on SIGHUP or when it changes")
@@ -423,6 +429,12 @@ def validate(cfg: Config) -> None:
                 raise ValueError(f"--model-id-from must be namespace, label:<key> or annotation:<key>, got {src!r}")
     elif cfg.selector or cfg.prefill_selector or cfg.decode_selector:
         raise ValueError("--selector, --prefill-selector and --decode-selector need --service-discovery")
+    if cfg.enable_trace:
+        try:
+            import opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # noqa: F401
+            import opentelemetry.sdk.trace  # noqa: F401
+        except ImportError:
+            raise ValueError("--enable-trace needs the OpenTelemetry SDK: pip install 'smg[tracing]'") from None
     if bool(cfg.tls_cert_path) != bool(cfg.tls_key_path):
         raise ValueError("--tls-cert-path and --tls-key-path go together")
     if bool(cfg.client_cert_path) != bool(cfg.client_key_path):

@@ -67,6 +67,9 @@ class Config:
 
     # Kubernetes service discovery
     service_discovery: bool = False
+    # OpenTelemetry: a span per proxied request, over OTLP
+    enable_trace: bool = False
+    otlp_traces_endpoint: str = "localhost:4317"
     # TLS: HTTPS on the main port; to https:// workers, CAs and a client certificate (mTLS)
     tls_cert_path: Optional[str] = None
     tls_key_path: Optional[str] = None

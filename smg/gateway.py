@@ -205,6 +205,11 @@ class DataPlane:
         self.core.set_routing_key_headers(cfg.routing_key_headers)
         self.core.set_cors_origins(cfg.cors_allowed_origins)
         self.call_settings.model_aliases = dict(cfg.model_alias)
+        self.tracer = None
+        if cfg.enable_trace:
+            from smg.tracing import Tracer
+
+            self.tracer = self.call_settings.tracer = Tracer(cfg.otlp_traces_endpoint)
         self.prefill_queue: Optional[PrefillQueue] = None
         if cfg.pd_disaggregation and cfg.prefill_max_inflight_requests_per_worker > 0:
             self.prefill_queue = PrefillQueue(
@@ -280,6 +285,8 @@ class DataPlane:
             log.warning("Grace period over: dropping %d requests", core.active_requests)
         for conn in list(core.connections):
             conn.abort()
+        if self.tracer is not None:
+            await self.loop.run_in_executor(None, self.tracer.shutdown)  # the spans still queued
 
 
 class ControlPlane:

@@ -111,7 +111,6 @@ NOT_SUPPORTED = (
 )
 
 NOT_YET = (
-    FlagGroup("OpenTelemetry tracing", (_f("--enable-trace", nargs=0), _f("--otlp-traces-endpoint"))),
 )
 
 NO_EFFECT = (

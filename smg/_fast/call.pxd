@@ -46,6 +46,7 @@ cdef class CallSettings:
     cdef public double sse_keepalive     # seconds of silence before a keep-alive comment (0: none)
     cdef public dict model_aliases       # --model-alias: client-facing name -> served model
     cdef public object prefill_queue     # smg._fast.pd.PrefillQueue (None: no prefill limit)
+    cdef public object tracer            # smg.tracing.Tracer (None: tracing off, nothing is spent)
     cdef public dict retries
     cdef public dict retries_exhausted
     # smg_router_* (the reference's family), read by smg.metrics
@@ -117,13 +118,17 @@ cdef class ClientCall(ResponseSource):
     cdef bint sse                        # relaying an event stream to an HTTP/1.1 client
     cdef bint at_event_end               # what was relayed last ends an SSE event
     cdef double last_write               # when the client was last written to
+    cdef object trace                    # --enable-trace: the span under way (Tracer.begin)
+    cdef double head_at                  # when the response head went to the client (time to first byte)
+    cdef Worker last_worker              # the worker of the last leg made
     cdef int error_status                # what the client gets if no attempt succeeds
     cdef str error_code
     cdef str error_message
 
     cdef int setup(self, CallSettings settings, str endpoint_name, RequestCycle cycle, int worker_type,
                    str backend, str model_label) except -1
-    cdef int record_end(self, str error_code) except -1
+    cdef int record_end(self, str error_code, int status) except -1
+    cdef int end_trace(self, int status, str error_code) except -1
     cdef int start(self) except -1
     cdef int attempt(self) except -1
     cdef int end_legs(self, int how) except -1

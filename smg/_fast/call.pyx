@@ -161,6 +161,7 @@ cdef class CallSettings:
         self.sse_keepalive = sse_keepalive
         self.model_aliases = {}
         self.prefill_queue = None
+        self.tracer = None
         self.retries = {}
         self.retries_exhausted = {}
         self.routed = {}
@@ -251,6 +252,7 @@ cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint d
     leg.parts = []
     leg.finish_by = 0
     leg.streamed = False
+    call.last_worker = worker
     worker.take_request()
     return leg
 
@@ -438,6 +440,9 @@ cdef class ClientCall(ResponseSource):
         self.error_status = 503
         self.error_code = "no_available_workers"
         self.error_message = "All workers are unavailable (circuit breaker open or unhealthy)"
+        if settings.tracer is not None:
+            # before any leg's head is made: the worker gets this span as its parent
+            self.trace = settings.tracer.begin(self.req)
         return 0
 
     def start_py(self):
@@ -522,6 +527,7 @@ cdef class ClientCall(ResponseSource):
         self.status = p.status
         self.relayed = p
         self.head_sent = True
+        self.head_at = monotonic()
         self.sse = (self.req.http_minor == 1 and p.content_type is not None
                     and p.content_type.startswith(b"text/event-stream"))
         self.at_event_end = True
@@ -571,9 +577,12 @@ cdef class ClientCall(ResponseSource):
         self.drop_buffers()
         return 0
 
-    cdef int record_end(self, str error_code) except -1:
-        """The router metrics of a call that ends (error_code None: success)."""
+    cdef int record_end(self, str error_code, int status) except -1:
+        """The router metrics (and with --enable-trace, the span) of a call
+        that ends (error_code None: success)."""
         cdef Histogram h
+        if self.trace is not None:
+            self.end_trace(status, error_code)
         key = (self.backend, self.model_label, self.endpoint_name)
         h = self.settings.durations.get(key)
         if h is None:
@@ -582,6 +591,16 @@ cdef class ClientCall(ResponseSource):
         h.observe(monotonic() - self.req.start)
         if error_code is not None:
             self.settings.count_error(self.backend, self.model_label, self.endpoint_name, error_type_of(error_code))
+        return 0
+
+    cdef int end_trace(self, int status, str error_code) except -1:
+        """--enable-trace: hand the call's span to the tracer (exported in batches, off the event loop)."""
+        trace = self.trace
+        self.trace = None
+        self.settings.tracer.end(trace, self.req, self.endpoint_name, self.model_label,
+                                 self.last_worker.url if self.last_worker is not None else None,
+                                 self.attempts, status, error_code,
+                                 self.head_at - self.req.start if self.head_at > 0 else -1.0)
         return 0
 
     cdef int fail_to_client(self, int status, str code, str message, bytes extra_headers=b"") except -1:
@@ -594,7 +613,7 @@ cdef class ClientCall(ResponseSource):
         if self.attempts > 1 or code == "upstream_error":
             self.settings.count_exhausted(self.worker_type, self.endpoint_name)
         self.end_call(LEG_STOP)
-        self.record_end(code)
+        self.record_end(code, status)
         self.cycle.respond_error(status, code, message, None, None, extra_headers)
         return 0
 
@@ -606,7 +625,7 @@ cdef class ClientCall(ResponseSource):
             return 0
         self.req.keep_alive = False
         self.end_call(LEG_STOP)
-        self.record_end(code)
+        self.record_end(code, status)
         end_stream_with_error(self.cycle, self.relayed, self.wrap, status, code, message)
         self.cycle.finish(self.status, "stream_error")
         return 0
@@ -616,7 +635,7 @@ cdef class ClientCall(ResponseSource):
         if self.done:
             return 0
         self.end_call(LEG_FINISH)
-        self.record_end(None if self.status < 500 else "upstream_status")
+        self.record_end(None if self.status < 500 else "upstream_status", self.status)
         self.cycle.finish(self.status, error_code)
         return 0
 
@@ -625,6 +644,8 @@ cdef class ClientCall(ResponseSource):
     cdef int client_lost(self) except -1:
         if not self.done:
             self.end_call(LEG_STOP)
+            if self.trace is not None:
+                self.end_trace(499, "client_closed_request")
         return 0
 
     cdef int client_pause(self) except -1:
