@@ -63,3 +63,32 @@ def test_the_wheel_metadata(wheel):
     requires = meta.get_all("Requires-Dist")
     assert any(r.startswith("uvloop") for r in requires)
     assert not any(r.startswith("opentelemetry") and "extra" not in r for r in requires)  # tracing is optional
+
+
+def test_discovery_needs_no_kubernetes_aio():
+    """The image deletes kubernetes/aio (the client's asyncio copy, ~70 MB):
+    smg's discovery must import and build its API client without it."""
+    code = (
+        "import sys\n"
+        "class Trimmed:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'kubernetes.aio' or name.startswith('kubernetes.aio.'):\n"
+        "            raise ImportError('trimmed from the image')\n"
+        "sys.meta_path.insert(0, Trimmed())\n"
+        "import smg.discovery.kubernetes, smg.discovery.reconcile, smg.gateway\n"
+        "from kubernetes import client, config, watch\n"
+        "from kubernetes.client.rest import ApiException\n"
+        "client.CoreV1Api(client.ApiClient(client.Configuration()))\n"
+        "assert not any(m.startswith('kubernetes.aio') for m in sys.modules)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_image_checks_its_health_and_keeps_no_build_layers():
+    dockerfile = open(os.path.join(ROOT, "Dockerfile")).read()
+    assert "HEALTHCHECK" in dockerfile and "/liveness" in dockerfile
+    runtime = dockerfile.split("\nFROM ")[-1]
+    assert "COPY --from" not in runtime  # the wheels come through a bind mount, not a layer
+    assert "--mount=type=bind,from=build" in runtime and "USER 10001" in runtime
+    assert "gcc" not in runtime
