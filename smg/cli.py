@@ -14,6 +14,7 @@ import math
 import sys
 from typing import NoReturn, Optional, Sequence
 
+from smg import __version__
 from smg.config import POLICIES, PREFILL_ONLY_POLICIES, Config, PrefillSpec
 from smg.reference_flags import all_groups
 
@@ -26,36 +27,48 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"smg: error: {message}\n")
 
 
+def _parse(value: str, convert, what: str):
+    """value as a number, or argparse's error naming what was expected (never the Python type)."""
+    try:
+        return convert(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+
+
+def _int(value: str) -> int:
+    return _parse(value, int, "an integer")
+
+
 def _positive_int(value: str) -> int:
-    n = int(value)
+    n = _parse(value, int, "a positive integer")
     if n <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return n
 
 
 def _non_negative_int(value: str) -> int:
-    n = int(value)
+    n = _parse(value, int, "a non-negative integer")
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
     return n
 
 
 def _port(value: str) -> int:
-    n = int(value)
+    n = _parse(value, int, "a port number 0-65535")
     if not 0 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value!r}")
     return n
 
 
 def _non_negative_float(value: str) -> float:
-    f = float(value)
+    f = _parse(value, float, "a finite number >= 0")
     if not math.isfinite(f) or f < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
     return f
 
 
 def _positive_float(value: str) -> float:
-    f = float(value)
+    f = _parse(value, float, "a finite number > 0")
     if not math.isfinite(f) or f <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
     return f
@@ -97,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idle-connection-timeout-secs", type=_non_negative_float,
                    default=d.idle_connection_timeout_secs, help="close keep-alive connections idle this long (0 disables)")
     s.add_argument("--shutdown-grace-period-secs", type=_non_negative_float, default=d.shutdown_grace_period_secs)
-    s.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+    s.add_argument("--max-concurrent-requests", type=_int, default=d.max_concurrent_requests,
                    help="proxied requests served at once (-1 or 0: unlimited)")
     s.add_argument("--queue-size", type=_non_negative_int, default=d.queue_size,
                    help="requests waiting for a slot when --max-concurrent-requests is reached")
@@ -184,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--pd-disaggregation", action="store_true")
     pd.add_argument("--prefill", nargs="+", action="append", default=[], metavar="URL [BOOTSTRAP_PORT|none]")
     pd.add_argument("--decode", action="append", default=[], metavar="URL")
-    pd.add_argument("--prefill-max-inflight-requests-per-worker", type=int,
+    pd.add_argument("--prefill-max-inflight-requests-per-worker", type=_int,
                     default=d.prefill_max_inflight_requests_per_worker, metavar="N",
                     help="a prefill worker with N requests in flight takes no more; the next wait in the prefill "
                          "queue (<= 0: no limit)")
@@ -271,7 +284,63 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--log-json", action="store_true")
     o.add_argument("--log-dir", default=None)
     _add_reference_flags(p)
+    p.add_argument("--version", "-V", action="version", version=f"smg {__version__}",
+                   help="print the version and exit")
+    for action in p._actions:
+        if action.help is None and action.option_strings:
+            action.help = HELP[action.option_strings[0]]
     return p
+
+
+# the flags whose help is not given where they are added
+HELP = {
+    "--host": "address to listen on (0.0.0.0: every IPv4 address; :: for IPv6 too)",
+    "--port": "port of the gateway (proxied routes, the admin API, probes)",
+    "--request-timeout-secs": "longest a proxied request may take, retries included (then 504)",
+    "--shutdown-grace-period-secs": "on SIGTERM, how long in-flight requests may take to finish",
+    "--queue-timeout-secs": "longest a request waits in the admission queue (then 429)",
+    "--worker-startup-timeout-secs": "how long a new worker may take to become healthy before it is given up",
+    "--worker-startup-check-interval": "seconds between health probes of a worker being registered",
+    "--cache-threshold": "cache_aware: the prefix match (0-1) above which a request goes to the worker that has it",
+    "--balance-abs-threshold": "cache_aware: in-flight difference above which load beats cache affinity ...",
+    "--balance-rel-threshold": "cache_aware: ... together with this ratio of the busiest to the least busy worker",
+    "--eviction-interval-secs": "cache_aware: seconds between trims of the prefix trees to --max-tree-size",
+    "--max-tree-size": "cache_aware: characters each model's prefix tree keeps",
+    "--pd-disaggregation": "prefill/decode disaggregation: each request goes to a prefill and a decode worker",
+    "--prefill": "a prefill worker: URL and optional bootstrap port (or none); repeatable",
+    "--decode": "a decode worker URL; repeatable",
+    "--service-discovery": "find workers among Kubernetes pods matching --selector",
+    "--selector": "label selector(s) of worker pods, key=value (repeatable; all must match)",
+    "--service-discovery-namespace": "namespace to watch (default: all the service account may list)",
+    "--service-discovery-port": "the workers' port in discovered pods",
+    "--prefill-selector": "PD discovery: label selector(s) of prefill pods",
+    "--decode-selector": "PD discovery: label selector(s) of decode pods",
+    "--model-id-from": "where a discovered pod's model id comes from (default: the worker's own model info)",
+    "--bootstrap-port-annotation": "pod annotation holding a prefill pod's bootstrap port",
+    "--worker-ports-annotation": "pod annotation listing several worker ports of one pod (comma-separated)",
+    "--health-check-interval-secs": "seconds between health checks of a registered worker",
+    "--health-check-timeout-secs": "a health check not answered this long fails",
+    "--health-failure-threshold": "consecutive failed checks that make a worker not ready",
+    "--health-success-threshold": "consecutive passed checks that make it ready again",
+    "--health-check-endpoint": "the workers' health path",
+    "--disable-health-check": "no periodic health checks (a worker stays as registration left it)",
+    "--no-remove-unhealthy-workers": "keep workers that keep failing health checks (see --remove-unhealthy-workers)",
+    "--cb-failure-threshold": "circuit breaker: consecutive failures that open it",
+    "--cb-success-threshold": "circuit breaker: successes in half-open that close it",
+    "--cb-timeout-duration-secs": "circuit breaker: how long it stays open before a trial request",
+    "--cb-window-duration-secs": "circuit breaker: failures count only within this long of the first of them",
+    "--disable-circuit-breaker": "never stop routing to a worker because of its failures",
+    "--retry-initial-backoff-ms": "the first retry's backoff",
+    "--retry-max-backoff-ms": "the longest backoff between retries",
+    "--retry-backoff-multiplier": "backoff growth per retry",
+    "--retry-jitter-factor": "random share (0-1) of each backoff",
+    "--disable-retries": "send each request once",
+    "--prometheus-host": "address of the metrics listener (GET /metrics)",
+    "--prometheus-port": "port of the metrics listener",
+    "--log-level": "debug, info, warn or error (RUST_LOG-style filters such as smg::discovery=debug work too)",
+    "--log-json": "one JSON object per log line",
+    "--log-dir": "also write the log to a daily file in this directory",
+}
 
 
 def _flag_dest(name: str) -> str:
@@ -456,11 +525,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(argv)
     if argv and argv[0] == "launch":  # the reference's subcommand spelling
         argv = argv[1:]
-    if argv and argv[0] in ("--version", "-V"):
-        from smg import __version__
-
-        print(f"smg {__version__}")
-        return
     cfg = config_from_args(argv)
     from smg.gateway import run
 

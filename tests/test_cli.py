@@ -197,3 +197,34 @@ def test_no_effect_flags_are_logged_at_start_up(fake_workers, gateway):
     g = gateway(["--worker-urls", w.url, "--disable-tokenizer-autoload", "--backend", "sglang"], wait_workers=1)
     assert "--disable-tokenizer-autoload has no effect: smg never loads a tokenizer" in g.logs()
     assert "--backend has no effect" in g.logs()
+
+
+def test_help_describes_every_flag_with_its_default():
+    import argparse
+
+    from smg.cli import build_parser
+
+    p = build_parser()
+    text = p.format_help()
+    for action in p._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, action.option_strings[0]
+        assert action.option_strings[0] in text
+    assert "(default: 30000)" in text and "--version" in text
+
+
+def test_bad_values_never_show_python_type_names(capsys):
+    import argparse
+
+    from smg.cli import build_parser
+
+    typed = [a for a in build_parser()._actions
+             if a.option_strings and callable(a.type) and a.nargs in (None, "?") and a.help != argparse.SUPPRESS]
+    assert len(typed) > 30
+    for action in typed:
+        with pytest.raises(SystemExit) as e:
+            config_from_args([action.option_strings[0], "not-a-number"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("smg: error: argument"), (action.option_strings, err)
+        assert "invalid" not in err and "_" not in err.split(":", 2)[2].split("got")[0], err

@@ -177,6 +177,7 @@ def test_api_server_down_keeps_workers(k8s, pod_workers, gateway):
         # two failed attempts in a row
         wait_for(lambda: g.logs().count("Kubernetes API unreachable") >= 2, message="unreachable, retried")
         assert ready_urls(g) == [w0.url]  # an unreachable API server never empties the worker set
+        assert "Retrying (Retry(" not in g.logs()  # one smg line per attempt, no urllib3 chatter
         k8s.up()
         k8s.add(make_pod("sglang-worker-1", w1.host, LABELS))
         wait_urls(g, [w0.url, w1.url], message="recovered")

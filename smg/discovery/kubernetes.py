@@ -189,7 +189,11 @@ class PodWatcher:
             from kubernetes import client
 
             load_credentials()
-            self._api = client.CoreV1Api()
+            configuration = client.Configuration.get_default_copy()
+            # no retries inside urllib3 (each logging a warning): the watch loop
+            # retries with its own backoff and logs one line per failed attempt
+            configuration.retries = 0
+            self._api = client.CoreV1Api(client.ApiClient(configuration))
         return self._api
 
     def _run(self) -> None:
