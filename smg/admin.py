@@ -44,16 +44,23 @@ class AdminRoutes:
         self.inflight_source = inflight_source
 
     def _with_host_loads(self, respond):
-        """With --workers N the requests in flight are counted in the
-        data-plane processes: fetch them before answering."""
+        """With --workers N the data-plane processes count the requests in
+        flight and run the circuit breakers: fetch what they know before
+        answering."""
         source = self.inflight_source
         if source is None:
             return respond()
 
         async def later() -> Response:
-            inflight = await source()
+            known = await source()
             for w in self.registry.all():
-                w.inflight = inflight.get(w.id, 0)
+                seen = known.get(w.id)
+                if seen is None:
+                    w.inflight = 0
+                    continue
+                w.inflight, w.cb_state, w.cb_failures, w.cb_opened_at = seen[0], seen[1], seen[2], seen[3]
+                if seen[4] is not None and seen[5] > w.last_error_at:
+                    w.last_error, w.last_error_at = seen[4], seen[5]
             return respond()
 
         return later()

@@ -351,17 +351,11 @@ def _add_reference_flags(p: argparse.ArgumentParser) -> None:
     """The reference's flags smg does not implement: parsed with the
     reference's arity, then refused (or accepted as no-ops) by
     check_reference_flags."""
-    listed = {"not supported yet": p.add_argument_group("reference flags not supported yet (exit 2)"),
-              "no effect": p.add_argument_group("reference flags accepted with no effect")}
+    no_effect = p.add_argument_group("reference flags accepted with no effect")
     for kind, group in all_groups():
-        target = listed.get(kind, p)
+        target = no_effect if kind == "no effect" else p
         for names, nargs in group.flags:
-            if kind == "not supported":
-                help_text = argparse.SUPPRESS
-            elif kind == "no effect":
-                help_text = f"no effect: {group.feature}"
-            else:
-                help_text = f"not supported yet: {group.feature}"
+            help_text = f"no effect: {group.feature}" if kind == "no effect" else argparse.SUPPRESS
             kwargs = {"dest": _flag_dest(names[0]), "default": None, "help": help_text}
             if nargs == 0:
                 target.add_argument(*names, action="store_const", const=True, **kwargs)

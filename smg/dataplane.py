@@ -109,7 +109,10 @@ class DataPlaneProcess:
         elif op == "snapshot":
             self.channel.reply(header, {"snapshot": dataplane_snapshot(self.data)})
         elif op == "inflight":
-            self.channel.reply(header, {"inflight": {w.id: w.inflight for w in self.registry.all()}})
+            # what this process knows of each worker: load, circuit breaker, last error
+            self.channel.reply(header, {"workers": {
+                w.id: [w.inflight, w.cb_state, w.cb_failures, w.cb_opened_at, w.last_error, w.last_error_at]
+                for w in self.registry.all()}})
         elif op == "stop":
             self.request_stop()
         else:

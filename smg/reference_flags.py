@@ -7,7 +7,6 @@ parses here, with the reference's arity. What happens then:
 - NOT_SUPPORTED: features smg deliberately leaves out (they need an
   in-gateway tokenizer, gRPC/ZMQ engines, storage, ...). Giving the flag
   exits with status 2 and one line naming the flag and the feature.
-- NOT_YET: features smg will have but does not have yet; the same exit.
 - NO_EFFECT: flags that tune machinery smg does not have, where smg
   already behaves as the flag asks (e.g. --disable-tokenizer-autoload:
   smg never loads a tokenizer). Accepted; the gateway logs one line
@@ -110,9 +109,6 @@ NOT_SUPPORTED = (
     FlagGroup("jemalloc heap profiles", (_f("--jemalloc-prof-dir"),)),
 )
 
-NOT_YET = (
-)
-
 NO_EFFECT = (
     FlagGroup("smg never loads a tokenizer", (_f("--disable-tokenizer-autoload", nargs=0),)),
     FlagGroup("smg does not poll worker loads", (_f("--disable-load-monitoring", nargs=0),)),
@@ -132,5 +128,4 @@ NO_EFFECT = (
 
 def all_groups() -> tuple[tuple[str, FlagGroup], ...]:
     return (tuple(("not supported", g) for g in NOT_SUPPORTED)
-            + tuple(("not supported yet", g) for g in NOT_YET)
             + tuple(("no effect", g) for g in NO_EFFECT))

@@ -107,6 +107,10 @@ def listening_sockets(host: str, port: int, count: int) -> list[list[socket.sock
     return slots
 
 
+
+# how far a circuit breaker is from closed (Worker.cb_state: 0 closed, 1 open, 2 half-open)
+CB_SEVERITY = {0: 0, 2: 1, 1: 2}
+
 class Slot:
     """One data-plane process's place: its sockets, and the process now in it."""
 
@@ -271,11 +275,22 @@ class Supervisor:
         return merge_snapshots([h["snapshot"] for _, h in answers])
 
     async def _inflight(self) -> dict:
-        total: dict[str, int] = {}
+        """Per worker id, over the data-plane processes: the requests in flight
+        (summed), the circuit breaker that has failed most (open before
+        half-open before closed; each process has its own), the latest error."""
+        merged: dict[str, list] = {}
         for _, header in await self._ask_all("inflight"):
-            for wid, n in header["inflight"].items():
-                total[wid] = total.get(wid, 0) + n
-        return total
+            for wid, (inflight, cb_state, cb_failures, cb_opened_at, error, error_at) in header["workers"].items():
+                m = merged.get(wid)
+                if m is None:
+                    merged[wid] = [inflight, cb_state, cb_failures, cb_opened_at, error, error_at]
+                    continue
+                m[0] += inflight
+                if (CB_SEVERITY[cb_state], cb_failures) > (CB_SEVERITY[m[1]], m[2]):
+                    m[1:4] = [cb_state, cb_failures, cb_opened_at]
+                if error is not None and error_at > m[5]:
+                    m[4:6] = [error, error_at]
+        return merged
 
     def _process_info(self) -> list[dict]:
         return [{"index": s.index, "alive": s.alive, "requests": s.requests, "restarts": s.restarts}

@@ -6,10 +6,9 @@ here the same cases run against smg. An answer matches when the status,
 the error's code/type/param, an event stream's ending and the retry-after
 header are the same, and smg's JSON has at least the reference's keys.
 
-Where they differ, DIFFERENT says why: "better" differences are smg's
-deliberate choice (the README's compatibility table lists them); "not yet"
-ones are features smg does not have yet, kept as strict xfails so that the
-list shrinks as they land.
+Where they differ, BETTER says why: each difference is smg's deliberate
+choice (the README's compatibility table lists them), and a case listed
+there that comes to match fails, so that the list stays true.
 """
 
 import json
@@ -32,9 +31,6 @@ BETTER = {
     "generate_text_not_string": "400 invalid_type, param 'text' (reference: 422, plain text)",
     "conversations_bad_json": "400 json_parse_error in the JSON error shape (reference: plain text)",
 }
-
-NOT_YET: dict[str, str] = {}
-
 
 def matches(ref: dict, ours: dict) -> bool:
     if ref.get("status") != ours.get("status"):
@@ -61,16 +57,11 @@ def test_the_recording_covers_every_case():
     cases = [c.id for s in SETUPS for c in s.cases + s.clients]
     assert len(cases) == len(set(cases)) >= 80
     assert sorted(RECORDED) == sorted(cases)
-    assert not (set(BETTER) & set(NOT_YET))
 
 
 @pytest.mark.parametrize("case", sorted(RECORDED))
 def test_smg_answers_as_the_reference(case, answers):
     ref, ours = RECORDED[case], answers[case]
-    if case in NOT_YET:
-        if matches(ref, ours):
-            pytest.fail(f"{case} now matches the reference: take it off NOT_YET")
-        pytest.xfail(f"not yet: {NOT_YET[case]}")
     if case in BETTER:
         assert not matches(ref, ours), f"{case} now matches the reference: take it off BETTER"
         return

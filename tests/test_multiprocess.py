@@ -221,3 +221,15 @@ def test_discovery_feeds_every_process(k8s, pod_workers, gateway):
     assert {who(g.post("/generate", {"text": f"r{i}"})) for i in range(20)} == {w1.url}
     # one watch for the host, not one per process
     assert g.logs().count("Watching pods in namespace") == 1
+
+
+def test_workers_show_the_data_planes_circuit_breakers_and_errors(fake_workers, gateway):
+    """With --workers N the breakers run in the data-plane processes: GET
+    /workers shows the most open one and the latest error among them."""
+    (w,) = fake_workers(1, fail_status=500)
+    g = gateway(["--workers", "2", "--worker-urls", w.url, "--cb-failure-threshold", "1", "--retry-max-retries", "1",
+                 "--disable-health-check"], wait_workers=1)
+    assert g.post("/generate", {"text": "fails"}).status == 500
+    info = g.workers()[0]
+    assert info["circuit_breaker"]["state"] == "open"
+    assert info["last_error"]["message"] == "answered 500 to /generate"
