@@ -493,11 +493,17 @@ def validate(cfg: Config) -> None:
     elif cfg.selector or cfg.prefill_selector or cfg.decode_selector:
         raise ValueError("--selector, --prefill-selector and --decode-selector need --service-discovery")
     if cfg.enable_trace:
-        try:
-            import opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # noqa: F401
-            import opentelemetry.sdk.trace  # noqa: F401
-        except ImportError:
-            raise ValueError("--enable-trace needs the OpenTelemetry SDK: pip install 'smg[tracing]'") from None
+        import importlib.util
+
+        for module in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.grpc",
+                       "opentelemetry.exporter.otlp.proto.http"):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                raise ValueError("--enable-trace needs the OpenTelemetry SDK and exporters: "
+                                 "pip install 'smg[tracing]'")
     if bool(cfg.tls_cert_path) != bool(cfg.tls_key_path):
         raise ValueError("--tls-cert-path and --tls-key-path go together")
     if bool(cfg.client_cert_path) != bool(cfg.client_key_path):

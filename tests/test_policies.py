@@ -468,7 +468,7 @@ def test_passthrough_sends_everything_to_the_first_worker_that_can_take_it(caplo
     assert {policy.pick_py(ws).id for _ in range(10)} == {"w0"}
     ws[0].state = 2
     assert {policy.pick_py(ws).id for _ in range(10)} == {"w1"}
-    g = group(PassthroughPolicy(), ws)  # three ready workers: logged
+    group(PassthroughPolicy(), ws)  # three ready workers: logged
     assert "passthrough policy serves one backend, but" in caplog.text
 
 

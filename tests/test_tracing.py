@@ -9,7 +9,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from helpers import free_port, wait_for
+from helpers import wait_for
 
 
 class Receiver:
@@ -140,3 +140,20 @@ def test_without_tracing_the_callers_traceparent_passes_unchanged(fake_workers, 
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     assert g.post("/generate", {"text": "x"}, headers={"traceparent": tp}).status == 200
     assert w.stats.last_headers["traceparent"] == tp
+
+
+def test_tracing_without_the_sdk_says_what_to_install():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Missing:\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.startswith('opentelemetry'):\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Missing())\n"
+            "from smg.cli import main\n"
+            "main(['--enable-trace'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--enable-trace needs the OpenTelemetry SDK and exporters: pip install 'smg[tracing]'" in out.stderr
