@@ -42,7 +42,6 @@ class ServerCertificate:
         self.context.load_cert_chain(cert_path, key_path)  # a bad pair at start-up: the caller exits
         self.stamps = (_stamp(cert_path), _stamp(key_path))
         self.last_check = 0.0
-        self.reloads = 0
 
     def reload(self, reason: str) -> bool:
         """Load the files again into the same context (new handshakes use
@@ -57,7 +56,6 @@ class ServerCertificate:
             self.stamps = stamps  # reported once per change of the files
             return False
         self.stamps = stamps
-        self.reloads += 1
         log.info("TLS certificate reloaded (%s) from %s", reason, self.cert_path)
         return True
 

@@ -26,9 +26,6 @@ from typing import Optional
 log = logging.getLogger("smg.tracing")
 
 _TRACEPARENT = re.compile(rb"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_ROUTES = {"generate": "/generate", "chat": "/v1/chat/completions", "completions": "/v1/completions",
-           "embeddings": "/v1/embeddings", "rerank": "/v1/rerank", "classify": "/v1/classify",
-           "responses": "/v1/responses", "messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens"}
 
 
 def exporter_for(endpoint: str):
@@ -64,7 +61,6 @@ class Tracer:
                                             schedule_delay_millis=1000, max_export_batch_size=512)
         self.resource = Resource.create({"service.name": service_name, "service.version": __version__})
         self.scope = InstrumentationScope("smg", __version__)
-        self.started = 0
         log.info("Tracing: spans exported over OTLP to %s", endpoint)
 
     def begin(self, req) -> tuple:
@@ -77,17 +73,16 @@ class Tracer:
             trace_id, parent, flags = int.from_bytes(os.urandom(16), "big"), 0, 1
         span_id = int.from_bytes(os.urandom(8), "big") or 1
         req.traceparent = b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)
-        self.started += 1
         # the span starts when the request arrived
         return trace_id, span_id, parent, flags, time.time_ns() - int((time.monotonic() - req.start) * 1e9)
 
-    def end(self, trace: tuple, req, endpoint: str, model: str, worker: Optional[str], attempts: int, status: int,
+    def end(self, trace: tuple, req, model: str, worker: Optional[str], attempts: int, status: int,
             error_code: Optional[str], first_byte_secs: float) -> None:
         api = self.api
         trace_id, span_id, parent, flags, start_ns = trace
         if not flags & 1:
             return  # the caller did not sample this trace
-        route = _ROUTES.get(endpoint, endpoint)
+        route = req.path  # proxied routes are exact paths
         attributes = {
             "http.request.method": "POST",
             "http.route": route,

@@ -597,7 +597,7 @@ cdef class ClientCall(ResponseSource):
         """--enable-trace: hand the call's span to the tracer (exported in batches, off the event loop)."""
         trace = self.trace
         self.trace = None
-        self.settings.tracer.end(trace, self.req, self.endpoint_name, self.model_label,
+        self.settings.tracer.end(trace, self.req, self.model_label,
                                  self.last_worker.url if self.last_worker is not None else None,
                                  self.attempts, status, error_code,
                                  self.head_at - self.req.start if self.head_at > 0 else -1.0)

@@ -143,17 +143,11 @@ cdef class PrefillQueue:
     cdef object waiting             # deque of [PDCall, enqueued at]
     cdef public Py_ssize_t size
     cdef public double timeout
-    cdef public long long queued_total
-    cdef public long long rejected_full
-    cdef public long long rejected_timeout
 
     def __init__(self, Py_ssize_t size, double timeout):
         self.waiting = deque()
         self.size = size
         self.timeout = timeout
-        self.queued_total = 0
-        self.rejected_full = 0
-        self.rejected_timeout = 0
 
     def __len__(self):
         return len(self.waiting)
@@ -161,12 +155,10 @@ cdef class PrefillQueue:
     cdef int wait(self, PDCall call, double now) except -1:
         """Queue `call` (or answer it 429 when the queue is full)."""
         if len(self.waiting) >= self.size:
-            self.rejected_full += 1
             call.fail_to_client(429, "prefill_queue_full",
                                 "Every prefill worker is at --prefill-max-inflight-requests-per-worker "
                                 "and the prefill queue is full", b"retry-after: 1\r\n")
             return 0
-        self.queued_total += 1
         self.waiting.append([call, now])
         return 0
 
@@ -203,7 +195,6 @@ cdef class PrefillQueue:
                 keep.append(entry)
         self.waiting = keep
         for call in expired:
-            self.rejected_timeout += 1
             call.fail_to_client(429, "prefill_queue_timeout",
                                 "The request waited too long for a prefill worker (--prefill-queue-timeout-secs)",
                                 b"retry-after: 1\r\n")

@@ -302,8 +302,9 @@ cdef class ProxyCall(ClientCall):
 
     cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
         cdef int status = p.status
-        leg.worker.record_outcome(not failure_status(status), monotonic())
-        if failure_status(status):
+        cdef bint failed = failure_status(status)
+        leg.worker.record_outcome(not failed, monotonic())
+        if failed:
             leg.worker.note_error(f"answered {status} to {self.req.path}")
         if retryable_status(status) and self.can_retry():
             leg.end(LEG_STOP)

@@ -85,12 +85,9 @@ cdef class UpstreamPool:
 
     cdef int connect(self, ConnectWaiter waiter) except -1:
         self.connecting += 1
-        if self.ssl_context is None:
-            connecting = self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
-        else:
-            connecting = self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
-                                                     ssl=self.ssl_context, server_hostname=self.host)
-        task = self.loop.create_task(connecting)
+        task = self.loop.create_task(self.loop.create_connection(
+            lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl_context,
+            server_hostname=self.host if self.ssl_context is not None else None))
         if self.connect_timeout > 0:
             waiter.timer = self.loop.call_later(self.connect_timeout, waiter.time_out, task)
         task.add_done_callback(waiter)

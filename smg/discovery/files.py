@@ -137,7 +137,6 @@ class FileDiscovery:
         self.task: Optional[asyncio.Task] = None
         self.stamp: Optional[tuple] = None          # (inode, size, mtime) last read
         self.reported: Optional[tuple] = None       # the stamp whose problem was logged
-        self.passes = 0
         self.errors = 0
         self.added = 0
         self.removed = 0
@@ -196,7 +195,6 @@ class FileDiscovery:
                           "(%d workers)", self.path, e, len(self.owned))
             return
         self.reported = None
-        self.passes += 1
         self.apply(desired)
 
     def _problem(self, stamp: Optional[tuple], level: int, message: str, *args: Any) -> None:
