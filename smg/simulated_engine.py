@@ -84,13 +84,18 @@ class SimulatedEngine:
         self.prefill_lock = asyncio.Lock()   # FIFO: one prefill at a time, in arrival order
         self.running = 0
         self.slot_freed = asyncio.Condition()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
         self.prompt_chars = 0
         self.cached_chars = 0
         self.requests = 0
+        self.prefill_secs = 0.0     # time spent prefilling: busy / elapsed is the prefill utilisation
 
     def stats(self) -> dict:
         return {"prompt_chars": self.prompt_chars, "cached_chars": self.cached_chars,
-                "requests": self.requests, "cached_blocks": len(self.cache.blocks), "running": self.running}
+                "requests": self.requests, "cached_blocks": len(self.cache.blocks), "running": self.running,
+                "prefill_secs": self.prefill_secs}
 
     async def generate(self, prompt: str, max_new_tokens: int) -> AsyncIterator[int]:
         """Yields the index of each token as it is produced."""
@@ -105,7 +110,9 @@ class SimulatedEngine:
                 cached = min(self.cache.cached_blocks(keys) * m.block_chars, len(prompt))
                 self.prompt_chars += len(prompt)
                 self.cached_chars += cached
-                await asyncio.sleep(m.prefill_overhead + (len(prompt) - cached) / m.prefill_chars_per_sec)
+                took = m.prefill_overhead + (len(prompt) - cached) / m.prefill_chars_per_sec
+                self.prefill_secs += took
+                await asyncio.sleep(took)
                 self.cache.insert(keys)
             yield 0
             for i in range(1, max(1, max_new_tokens)):

@@ -368,7 +368,7 @@ class FakeWorker:
     def reset_stats(self) -> None:
         self.stats = FakeWorkerStats()
         if self._engine is not None:
-            self._engine.prompt_chars = self._engine.cached_chars = self._engine.requests = 0
+            self._engine.reset_stats()
 
     @property
     def engine(self):
