@@ -50,7 +50,8 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
                          "cb_failures": w.cb_failures, "cb_successes": w.cb_successes,
                          "cb_ok": w.cb_outcome_success, "cb_fail": w.cb_outcome_failure,
                          "connections": pool.open_count, "waiting": pool.waiting,
-                         "connect_timeouts": pool.connect_timeouts_total}
+                         "connect_timeouts": pool.connect_timeouts_total,
+                         "prefill_queue_chars": w.prefill_queue_chars}
     cache_aware = []
     for (wtype, model), group in list(dp.router.groups.items()):
         policy = group.policy
@@ -63,7 +64,8 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
                 shares[w.url] = policy.tree.chars_of(slot)
         cache_aware.append([TYPE_NAMES[wtype], model, policy.tree.total_chars, shares,
                             {"hit": policy.hits, "miss": policy.misses, "spill": policy.spills,
-                             "handover": policy.handovers, "rebalance": policy.rebalanced}])
+                             "move": policy.moves},
+                            [[change, reason, n] for (change, reason), n in policy.placement_changes.items()]])
     adm = dp.call_settings.admission
     settings = dp.call_settings
     return {
@@ -119,7 +121,7 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
                 workers[wid] = dict(w)
                 continue
             for k in ("requests", "inflight", "cb_failures", "cb_successes", "cb_ok", "cb_fail", "connections",
-                      "waiting", "connect_timeouts"):
+                      "waiting", "connect_timeouts", "prefill_queue_chars"):
                 have[k] += w[k]
             if _CB_SEVERITY[w["cb_state"]] > _CB_SEVERITY[have["cb_state"]]:
                 have["cb_state"] = w["cb_state"]
@@ -130,16 +132,21 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
             have = router_durations.get((backend, model, endpoint))
             router_durations[(backend, model, endpoint)] = [list(counts), total] if have is None else \
                 [[a + b for a, b in zip(have[0], counts)], have[1] + total]
-        for tname, model, total, shares, decisions in snap["cache_aware"]:
+        for tname, model, total, shares, decisions, changes in snap["cache_aware"]:
             have = cache_aware.get((tname, model))
             if have is None:
-                cache_aware[(tname, model)] = [tname, model, total, dict(shares), dict(decisions)]
+                cache_aware[(tname, model)] = [tname, model, total, dict(shares), dict(decisions),
+                                               [list(row) for row in changes]]
                 continue
             have[2] = max(have[2], total)
             for url, chars in shares.items():
                 have[3][url] = max(have[3].get(url, 0), chars)
             for k, n in decisions.items():
                 have[4][k] = have[4].get(k, 0) + n
+            sums = {(c, r): n for c, r, n in have[5]}
+            for change, reason, n in changes:
+                sums[change, reason] = sums.get((change, reason), 0) + n
+            have[5] = [[c, r, n] for (c, r), n in sums.items()]
     out["routes"] = {path: {"requests": r["requests"],
                             "responses": [[s, c, n] for (s, c), n in r["responses"].items()],
                             "durations": r["durations"]} for path, r in routes.items()}
@@ -270,9 +277,15 @@ class GatewayCollector:
         timeouts = CounterMetricFamily("smg_worker_connect_timeouts",
                                        "Connections to a worker given up after --worker-connect-timeout-secs",
                                        labels=["worker"])
+        prefill_queue = GaugeMetricFamily("smg_worker_prefill_queue_chars",
+                                          "cache_aware's estimate of a worker's queued prefill: characters of "
+                                          "prompt sent and not yet answered (a streamed answer's first token), "
+                                          "less what the routing tree says the worker holds",
+                                          labels=["worker"])
         pool_size: dict[tuple[str, str], int] = {}
         zero = {"requests": 0, "inflight": 0, "cb_state": 0, "cb_failures": 0, "cb_successes": 0,
-                "cb_ok": 0, "cb_fail": 0, "connections": 0, "waiting": 0, "connect_timeouts": 0}
+                "cb_ok": 0, "cb_fail": 0, "connections": 0, "waiting": 0, "connect_timeouts": 0,
+                "prefill_queue_chars": 0}
         for url, w in by_url.items():
             c = counters.get(w.id, zero)
             req_total.add_metric([url, w.model_id], c["requests"])
@@ -286,6 +299,7 @@ class GatewayCollector:
             connections.add_metric([url], c["connections"])
             waiting.add_metric([url], c["waiting"])
             timeouts.add_metric([url], c["connect_timeouts"])
+            prefill_queue.add_metric([url], c["prefill_queue_chars"])
             key = (TYPE_NAMES[w.worker_type], w.model_id)
             pool_size[key] = pool_size.get(key, 0) + 1
         yield req_total
@@ -298,6 +312,7 @@ class GatewayCollector:
         yield connections
         yield waiting
         yield timeouts
+        yield prefill_queue
         transitions = CounterMetricFamily("smg_worker_cb_transitions",
                                           "Circuit breaker state transitions by worker, from, to",
                                           labels=["worker", "from", "to"])
@@ -333,20 +348,28 @@ class GatewayCollector:
         share = GaugeMetricFamily("smg_cache_aware_worker_tree_chars",
                                   "Characters of the routing tree a worker holds", labels=["model", "worker"])
         decisions = CounterMetricFamily("smg_cache_aware_decisions",
-                                        "cache_aware routing decisions: hit (prefix owner), miss (placed by "
-                                        "rendezvous hashing), spill (owner overloaded), handover (prefix moved "
-                                        "off an overloaded worker), rebalance (a hot prefix group moved to "
-                                        "spread the hot groups evenly)",
+                                        "cache_aware routing decisions: hit (to the prefix's owner), miss (placed "
+                                        "by rendezvous hashing), spill (once to another worker, the owner "
+                                        "overloaded), move (the prefix handed over: the owner kept spilling)",
                                         labels=["model", "worker_type", "decision"])
-        for tname, model, total, shares, counts in snap["cache_aware"]:
+        changes = CounterMetricFamily("smg_cache_aware_placement_changes",
+                                      "cache_aware requests sent away from their prefix's owner: change (spill: "
+                                      "this request; move: the prefix's home) by reason (inflight: the owner's "
+                                      "in-flight count over the spill gate; prefill_queue: its queued prefill "
+                                      "costs more than re-prefilling elsewhere)",
+                                      labels=["model", "worker_type", "change", "reason"])
+        for tname, model, total, shares, counts, by_reason in snap["cache_aware"]:
             tree.add_metric([model, tname], total)
             for url, chars in shares.items():
                 share.add_metric([model, url], chars)
-            for decision in ("hit", "miss", "spill", "handover", "rebalance"):
+            for decision in ("hit", "miss", "spill", "move"):
                 decisions.add_metric([model, tname, decision], counts.get(decision, 0))
+            for change, reason, n in by_reason:
+                changes.add_metric([model, tname, change, reason], n)
         yield tree
         yield share
         yield decisions
+        yield changes
 
     def _processes(self, processes: list[dict]) -> Iterator[Metric]:
         live = GaugeMetricFamily("smg_dataplane_processes", "Data-plane processes running (--workers)")

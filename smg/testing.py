@@ -495,8 +495,8 @@ class FakeWorker:
             return True
         if path == "/_fake/stats":
             stats = self.stats.as_json()
-            if self._engine is not None:
-                stats["engine"] = self._engine.stats()
+            if self.config.simulate:
+                stats["engine"] = self.engine.stats()
             self._json(proto, 200, stats)
             return True
         if path == "/_fake/reset_stats":

@@ -324,31 +324,122 @@ def test_routing_text_never_raises_on_random_shapes():
             assert isinstance(routing_text(ep, body), str)
 
 
-def test_hot_prefix_groups_are_spread_evenly_and_alike_in_every_replica():
-    """8 prefixes carrying all the traffic: hashing alone may put 3 or 4 on
-    one worker. Rebalancing spreads them 2 per worker, and two replicas that
-    see the traffic in different orders end with the same assignment."""
-    prefixes = [f"[{i}] system prompt {i} " + "x" * 300 for i in range(8)]
+def shuffled_workers(seed, n):
+    ws = [Worker(f"{seed}-{i}", f"http://10.1.0.{i}:8000", "m") for i in range(1, n + 1)]
+    for w in ws:
+        w.state = READY
+    random.Random(seed).shuffle(ws)
+    return ws
+
+
+def test_a_hot_prefix_spreads_when_its_owner_queues_prefill_alike_in_every_replica():
+    """A shared prompt stays with its owner while the owner keeps up. Once
+    the owner's queued prefill costs more than re-prefilling the prompt
+    elsewhere, requests spill, all to one other worker (the same in two
+    replicas that see the same load); once that worker holds the prompt
+    too, a much shorter queue sends requests there. Its home stays."""
+    prompt = "[sys] a shared system prompt " + "x" * 2000
 
     def replica(seed):
-        rng = random.Random(seed)
-        ws = [Worker(f"{seed}-{i}", f"http://10.1.0.{i}:8000", "m") for i in range(1, 5)]
-        for w in ws:
-            w.state = READY
-        rng.shuffle(ws)
+        ws = shuffled_workers(seed, 4)
         p = CacheAwarePolicy()
-        t = 0.0
-        for _ in range(6000):  # 6 s of traffic: placement, then rebalancing settles
-            t += 0.001
-            route(p, ws, rng.choice(prefixes) + str(rng.random()), now=t)
-        # steady state: where each prefix goes now
-        return p, {pre: route(p, ws, pre + "?", now=t + 0.001).url for pre in prefixes}
+        owner = route(p, ws, prompt + " q0")
+        for i in range(200):
+            assert route(p, ws, prompt + f" q{i}", now=0.001 * i) is owner
+        # queued prefill shorter than re-prefilling ~2,000 characters elsewhere: stay
+        owner.prefill_queue_chars = 3000
+        assert route(p, ws, prompt + " q-a", now=1.0) is owner
+        owner.prefill_queue_chars = 5000
+        spilled = {route(p, ws, prompt + f" q-b{i}", now=1.0 + 0.001 * i).url for i in range(5)}
+        assert len(spilled) == 1 and owner.url not in spilled
+        target = next(w for w in ws if w.url in spilled)
+        # the other worker holds the prompt now: leaving costs little there
+        owner.prefill_queue_chars = 500
+        assert route(p, ws, prompt + " q-c", now=2.0) is owner
+        owner.prefill_queue_chars = 2500
+        assert route(p, ws, prompt + " q-d", now=2.1) is target
+        # ... unless its own queue is as long
+        target.prefill_queue_chars = 2500
+        assert route(p, ws, prompt + " q-e", now=2.2) is owner
+        owner.prefill_queue_chars = target.prefill_queue_chars = 0
+        assert route(p, ws, prompt + " q-f", now=2.3) is owner
+        assert p.spills == 6 and p.moves == 0
+        assert p.placement_changes[("spill", "prefill_queue")] == 6
+        return owner.url, target.url
 
-    pa, a = replica(1)
-    pb, b = replica(2)
-    assert a == b
-    assert sorted(collections.Counter(a.values()).values()) == [2, 2, 2, 2]
-    assert pa.spills == 0 and pa.handovers == 0
+    assert replica(1) == replica(2)
+
+
+def test_a_cached_conversation_stays_on_its_worker_unless_that_worker_is_overloaded():
+    """16 conversations at different rates over 8 workers, each growing to
+    ~12,000 characters, on a fleet that is busy but not overloaded: equal
+    in-flight counts, prefill queues up to 1,500 characters. Every turn of
+    a conversation goes where its first turn went: leaving would re-prefill
+    thousands of characters to save a short wait. (Counting busy
+    conversations as hot groups and spreading those evenly moved them.)"""
+    rng = random.Random(11)
+    ws = workers(8)
+    p = CacheAwarePolicy()
+    convs = [{"text": f"[conversation {c}] " + "opening " * 250, "rate": rng.uniform(0.5, 2.0), "first": None}
+             for c in range(16)]
+    events = sorted((rng.uniform(0, 1.0), c) for c in range(16))
+    t = 0.0
+    turns = 0
+    while events and t < 60.0:
+        t, c = events.pop(0)
+        conv = convs[c]
+        conv["text"] += f" USER: question {turns} " + "words " * 30
+        for w in ws:
+            w.inflight = 3
+            w.prefill_queue_chars = rng.randint(0, 1500)
+        w = route(p, ws, conv["text"], now=t)
+        if conv["first"] is None:
+            conv["first"] = w
+        assert w is conv["first"], f"conversation {c} moved after {len(conv['text'])} characters"
+        turns += 1
+        conv["text"] += " ASSISTANT: " + "answer " * 60
+        if len(conv["text"]) < 12_000:
+            events.append((t + rng.expovariate(conv["rate"]), c))
+            events.sort()
+    assert turns > 200
+    assert p.spills == 0 and p.moves == 0
+    assert len({c["first"].id for c in convs}) >= 5
+
+
+def test_a_conversation_leaves_a_worker_whose_queue_outweighs_its_cache():
+    ws = workers(4)
+    p = CacheAwarePolicy()
+    text = "[conv] " + "history " * 1000          # 8,000 characters held by the owner
+    owner = route(p, ws, text)
+    assert owner.next_prefill_chars == len(text)  # what the request will prefill there (the leg counts it)
+    owner.prefill_queue_chars = 12_000             # shorter than re-prefilling 8k x 1.5 + the floor
+    assert route(p, ws, text + " next turn", now=1.0) is owner
+    assert owner.next_prefill_chars == len(" next turn")
+    owner.prefill_queue_chars = 14_000
+    assert route(p, ws, text + " another turn", now=1.1) is not owner
+    assert p.placement_changes[("spill", "prefill_queue")] == 1
+
+
+def test_an_owner_that_keeps_spilling_hands_the_prefix_over(caplog):
+    ws = workers(4)
+    p = CacheAwarePolicy()
+    prompt = "[sys] " + "y" * 1000
+    owner = route(p, ws, prompt)
+    owner.prefill_queue_chars = 100_000
+    t = 0.0
+    with caplog.at_level("DEBUG", logger="smg.policies"):
+        while p.moves == 0:
+            t += 0.001
+            w = route(p, ws, prompt + f" q{t}", now=t)
+            assert w is not owner
+            assert t < 1.0, "never handed over"
+    # handed over: from now on its requests go to the new worker, even with the old one idle
+    owner.prefill_queue_chars = 0
+    assert route(p, ws, prompt + " after", now=t + 0.001) is w
+    assert p.placement_changes[("move", "prefill_queue")] == 1
+    assert p.spills > 50
+    moved = [r.getMessage() for r in caplog.records if "moves from" in r.getMessage()]
+    assert len(moved) == 1 and owner.url in moved[0] and w.url in moved[0] and "prefill_queue" in moved[0]
 
 
 def test_many_small_groups_are_left_where_hashing_put_them():
@@ -361,23 +452,7 @@ def test_many_small_groups_are_left_where_hashing_put_them():
             t += 0.001
             w = route(p, ws, f"conversation {i} " + "y" * 300 + f" turn {r}", now=t)
             assert first.setdefault(i, w.id) == w.id
-    assert p.rebalanced == 0
-
-
-def test_unique_prompts_do_not_grow_the_group_table_without_bound():
-    ws = workers(4)
-    p = CacheAwarePolicy()
-    hot = "[hot] the one popular system prompt " + "h" * 300
-    t = 0.0
-    first = None
-    for i in range(140_000):
-        t += 0.00002
-        text = hot + str(i) if i % 4 == 0 else f"unique prompt {i} " + "u" * 40
-        w = route(p, ws, text, now=t)
-        if i % 4 == 0:
-            first = first or w.id
-            assert w.id == first  # the hot prefix stays put while the table is pruned
-    assert p.tracked_groups <= 65536
+    assert p.spills == 0 and p.moves == 0
 
 
 def test_responses_routing_text_is_instructions_then_input():

@@ -306,3 +306,30 @@ def test_dp_aware_in_pd_names_each_sides_rank(fake_workers, gateway):
     assert p.stats.dp_ranks == {0: 4, 1: 4}
     assert d.stats.dp_ranks == {0: 2, 1: 2, 2: 2, 3: 2}
     assert len(p.stats.bootstrap) == 8  # the bootstrap fields are still there
+
+
+def test_prefill_queue_estimate_counts_streamed_prompts_until_their_first_token(fake_workers, gateway):
+    """cache_aware's estimate of a worker's queued prefill: a streamed
+    request's uncached characters count from the send to its first token; a
+    request answered all at once never counts (its prefill's end cannot be
+    seen); nothing stays counted once requests end."""
+    (w,) = fake_workers(1, simulate=True, sim_prefill_chars_per_sec=20_000)
+    g = gateway(["--worker-urls", w.url], wait_workers=1)
+    pattern = r'smg_worker_prefill_queue_chars\{worker="%s"\} (\S+)' % re.escape(w.url)
+
+    def queued():
+        return float(re.search(pattern, g.metrics()).group(1))
+
+    prompt = "[doc] " + "z" * 19_994                    # a second of prefill
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(g.post, "/generate", {"text": prompt, "stream": True,
+                                                      "sampling_params": {"max_new_tokens": 2}})
+        wait_for(lambda: queued() == 20_000, timeout=5, message="the streamed prompt counted as queued")
+        assert streamed.result().status == 200
+        assert queued() == 0
+        plain = pool.submit(g.post, "/generate", {"text": "[other] " + "y" * 20_000,
+                                                   "sampling_params": {"max_new_tokens": 2}})
+        wait_for(lambda: w.stats.in_flight == 1, timeout=5, message="the plain request in flight")
+        assert queued() == 0
+        assert plain.result().status == 200
+    assert queued() == 0

@@ -78,6 +78,7 @@ cdef class Leg(Exchange):
     cdef bint finished
     cdef bint collecting                 # keep the body (in parts) instead of reporting it
     cdef int status
+    cdef long long prefill_chars         # what it adds to its worker's prefill_queue_chars until answered
     cdef list parts
     cdef double finish_by                # LEG_FINISH: stopped if still running then
     cdef bint streamed                   # the body streams from the client (RequestCycle.streaming)
@@ -89,6 +90,7 @@ cdef class Leg(Exchange):
     cdef int stream_body(self, bint chunked) except -1
     cdef int pump(self) except -1
     cdef int release(self, int outcome) except -1
+    cdef int answering(self) except -1
     cdef int end(self, int how) except -1
     cdef int stop(self, int outcome) except -1
     cdef int pause_reading(self) except -1

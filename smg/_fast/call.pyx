@@ -254,6 +254,9 @@ cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint d
     leg.streamed = False
     call.last_worker = worker
     worker.take_request()
+    leg.prefill_chars = worker.next_prefill_chars
+    worker.next_prefill_chars = 0
+    worker.prefill_queue_chars += leg.prefill_chars
     return leg
 
 
@@ -301,9 +304,20 @@ cdef class Leg(Exchange):
 
     cdef int release(self, int outcome) except -1:
         """outcome: 1 success, 0 failure (told to the circuit breaker), -1 none."""
+        self.answering()
         if self.counted:
             self.counted = False
             self.worker.end_request(outcome)
+        return 0
+
+    cdef int answering(self) except -1:
+        """The worker has begun answering: this leg's prompt is no longer in
+        its prefill queue. Called on the first body byte (a streamed answer
+        starts with the first token), at the end, and at the start for an
+        answer that shows nothing before it is complete (not streamed)."""
+        if self.prefill_chars:
+            self.worker.prefill_queue_chars -= self.prefill_chars
+            self.prefill_chars = 0
         return 0
 
     cdef int end(self, int how) except -1:
@@ -381,6 +395,8 @@ cdef class Leg(Exchange):
 
     cdef int upstream_body(self, object conn, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
         cdef ClientCall call = self.call
+        if self.prefill_chars:
+            self.answering()
         if self.collecting:
             self.parts.append(data[off:off + n])
         elif not self.finished:

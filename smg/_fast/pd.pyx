@@ -325,6 +325,9 @@ cdef class PDCall(ClientCall):
         prefill = new_leg(self, pw, start + pw.host_header + (pw.auth_header or client_auth) + phead, pbody, True)
         decode = new_leg(self, dw, start + dw.host_header + (dw.auth_header or client_auth) + dhead, dbody,
                          self.logprobs or req.http_minor == 0)
+        # a prefill worker answers when its prefill is done (that leg's
+        # queued prefill lasts until then); the decode side prefills nothing
+        decode.answering()
         self.prefill = prefill
         self.decode = decode
         self.relaying = decode

@@ -565,12 +565,13 @@ cdef class ConsistentHashPolicy(Policy):
 
 
 # Spill bookkeeping of cache_aware: a moving average over a worker's cache
-# hits (about 1/SPILL_AVERAGING of them) of how many spilled. A worker whose
-# hits spill more often than HANDOVER_SPILL_RATE is overloaded by the prefixes
-# it holds, not by a passing burst: the prefix of its next spill moves.
+# hits (about 1/SPILL_AVERAGING of them) of how many left it. A worker whose
+# requests leave more often than MOVE_SPILL_RATE is overloaded by the
+# prefixes it holds, not by a passing burst: the prefix of the next request
+# that leaves it moves (its home changes) instead of spilling once.
 DEF SPILL_AVERAGING = 0.0005
 DEF LOAD_SMOOTHING_SECS = 0.05
-DEF HANDOVER_SPILL_RATE = 0.05
+DEF MOVE_SPILL_RATE = 0.05
 
 # A new prefix is placed by the first PLACEMENT_KEY_CHARS characters of its
 # routing text: long enough to tell system prompts, documents and
@@ -579,38 +580,31 @@ DEF HANDOVER_SPILL_RATE = 0.05
 # characters form a *prefix group*.
 DEF PLACEMENT_KEY_CHARS = 256
 
-# Prefix groups that carry a large share of the traffic are "hot": at least
-# HOT_SHARE of one worker's fair share (half that to stay hot). Every
-# REBALANCE_SECS the hot groups are spread evenly over the routable workers
-# (see CacheAwarePolicy.rebalance); a group moved stays put MOVE_HOLD_SECS.
-DEF GROUP_RATE_SECS = 2.0
-DEF HOT_SHARE = 0.25
-DEF REBALANCE_SECS = 0.5
-DEF MOVE_HOLD_SECS = 2.0
-DEF GROUP_FORGET_SECS = 30.0
-# Prefix groups tracked at most (unique prompts each make one): past it, the
-# ones not seen for longest are forgotten, hot ones never.
-DEF MAX_GROUPS = 65536
+# What leaving costs. On a worker, a prompt costs the prefill queued there
+# ahead of it (Worker.prefill_queue_chars) plus the part of the prompt that
+# the worker does not hold. A request leaves the worker that holds its
+# prefix only when staying costs more than STAY_FACTOR times the cheapest
+# other worker plus STAY_FLOOR_CHARS. Leaving re-prefills what the owner
+# holds, so a long cached conversation stays unless its worker's queue is
+# longer than that re-prefill; a shared prompt that other workers hold too
+# spreads over them as soon as its owner's queue grows.
+DEF STAY_FACTOR = 1.5
+DEF STAY_FLOOR_CHARS = 1024
+
+# why a request left the worker that holds its prefix
+cdef enum:
+    LEFT_INFLIGHT = 0       # the owner's in-flight count is over the spill gate
+    LEFT_PREFILL = 1        # the owner's queued prefill costs more than re-prefilling elsewhere
+    LEFT_REASONS = 2
+
+LEFT_REASON_NAMES = ("inflight", "prefill_queue")
 
 
 cdef struct Gate:
-    double mean     # the routable workers' mean in-flight count
-    double margin   # how far above it a worker may go
-    int count       # routable workers
-
-
-cdef class PrefixGroup:
-    """What cache_aware knows of one prefix group (a placement key)."""
-    cdef uint64_t key
-    cdef Worker owner       # where its requests go (None: not known yet)
-    cdef double rate        # requests, decayed over GROUP_RATE_SECS
-    cdef double last
-    cdef bint hot
-    cdef Worker target      # rebalancing moves it here on its next request
-    cdef double moved_at
-
-    cdef double rate_at(self, double now):
-        return self.rate * exp(-(now - self.last) / GROUP_RATE_SECS) if now > self.last else self.rate
+    double mean             # the routable workers' mean in-flight count
+    double margin           # how far above it a worker may go
+    int count               # routable workers
+    long long min_queue     # the least prefill_queue_chars among them
 
 
 cdef inline uint64_t weight_of(uint64_t key, Worker w) noexcept:
@@ -618,23 +612,32 @@ cdef inline uint64_t weight_of(uint64_t key, Worker w) noexcept:
     return mix64(key ^ w.url_hash)
 
 
+cdef inline bint too_costly(long long stay, long long alternative) noexcept:
+    """Staying costs more than leaving for `alternative` by enough to leave."""
+    return stay > STAY_FACTOR * alternative + STAY_FLOOR_CHARS
+
+
 cdef class CacheAwarePolicy(Policy):
     """Cache-aware routing: send a prompt to the worker that already holds
-    its longest prefix, unless that worker is overloaded.
+    its longest prefix, unless staying there costs more than going
+    elsewhere (see STAY_FACTOR) or its in-flight count is over the spill
+    gate.
 
     Independent routers (replicas, --workers processes) must send a prefix
     to the same worker without talking to each other, so every choice that
-    is not "where the prefix already is" is a function of the prefix and the
-    worker set alone:
+    is not "where the prefix already is" depends on the prefix and the
+    worker set, and on load only where load is high:
     - a prompt whose prefix no worker holds yet is *placed* by rendezvous
       (highest random weight) hashing of its leading characters over the
-      routable workers that the load gate lets through;
-    - a one-off spill off an overloaded worker goes to the prefix's next
-      placement;
-    - hot prefix groups, few enough that hashing alone can pile them onto
-      one worker, are spread evenly (see rebalance). The outcome depends on
-      the set of hot groups, which every router sees alike, not on the order
-      their requests came in."""
+      routable workers whose load lets it through;
+    - a request that leaves an overloaded owner *spills*: it goes to the
+      cheapest other worker (rendezvous order among those that cost about
+      the same, so every router picks the same one), which from then on
+      holds the prefix too, without a claim on its traffic; the prefix's
+      home does not change, so routers that did not see the spill still
+      agree on it;
+    - only an owner that keeps spilling hands the prefix over (a *move*):
+      its requests go to the new worker from then on."""
     cdef readonly RadixTree tree
     cdef public double cache_threshold
     cdef public double balance_abs_threshold
@@ -643,19 +646,16 @@ cdef class CacheAwarePolicy(Policy):
     cdef dict slots          # worker id -> slot in the tree
     cdef list by_slot        # slot -> Worker (None once removed)
     cdef list free_slots
-    cdef list spill_rate     # slot -> moving average of how often its cache hits spill
+    cdef list spill_rate     # slot -> moving average of how often its cache hits left it
     cdef list load_avg       # slot -> in-flight count smoothed over LOAD_SMOOTHING_SECS
     cdef list load_time      # slot -> when load_avg was last updated
-    cdef dict groups         # placement key -> PrefixGroup
-    cdef dict candidates     # placement key -> PrefixGroup busy enough that it may be hot
-    cdef double total_rate   # all requests, decayed over GROUP_RATE_SECS
-    cdef double total_last
-    cdef double last_rebalance
+    cdef Py_ssize_t* held    # slot -> characters of the prompt being routed that the slot holds
+    cdef Py_ssize_t held_len # slots in `held` (a slot made since holds nothing)
+    cdef Py_ssize_t held_cap
     cdef public long long hits
     cdef public long long misses
-    cdef public long long spills
-    cdef public long long handovers
-    cdef public long long rebalanced
+    cdef long long spills_by[LEFT_REASONS]
+    cdef long long moves_by[LEFT_REASONS]
 
     def __init__(self, double cache_threshold=0.3, double balance_abs_threshold=64,
                  double balance_rel_threshold=1.5, long long max_tree_size=67108864):
@@ -672,16 +672,37 @@ cdef class CacheAwarePolicy(Policy):
         self.spill_rate = []
         self.load_avg = []
         self.load_time = []
-        self.groups = {}
-        self.candidates = {}
-        self.total_rate = 0.0
-        self.total_last = 0.0
-        self.last_rebalance = 0.0
         self.hits = 0
         self.misses = 0
-        self.spills = 0
-        self.handovers = 0
-        self.rebalanced = 0
+
+    def __dealloc__(self):
+        free(self.held)
+
+    @property
+    def spills(self):
+        """Requests that went once to another worker than their prefix's owner."""
+        cdef long long total = 0
+        for i in range(LEFT_REASONS):
+            total += self.spills_by[i]
+        return total
+
+    @property
+    def moves(self):
+        """Prefixes handed over to another worker (their home changed)."""
+        cdef long long total = 0
+        for i in range(LEFT_REASONS):
+            total += self.moves_by[i]
+        return total
+
+    @property
+    def placement_changes(self):
+        """{(change, reason): count}: spills and moves by why the request left
+        its prefix's owner (see LEFT_REASON_NAMES)."""
+        out = {}
+        for i in range(LEFT_REASONS):
+            out["spill", LEFT_REASON_NAMES[i]] = self.spills_by[i]
+            out["move", LEFT_REASON_NAMES[i]] = self.moves_by[i]
+        return out
 
     cdef int slot_for(self, Worker w) except -1:
         slot = self.slots.get(w.id)
@@ -703,49 +724,19 @@ cdef class CacheAwarePolicy(Policy):
         return <int>slot
 
     cpdef worker_removed(self, Worker worker):
-        cdef PrefixGroup pg
         slot = self.slots.pop(worker.id, None)
         if slot is None:
             return
         self.tree.remove_slot(<int>slot)
         self.by_slot[slot] = None
         self.free_slots.append(slot)
-        for pg in self.groups.values():
-            if pg.owner is worker:
-                pg.owner = None
-            if pg.target is worker:
-                pg.target = None
 
     def slot_of(self, Worker worker):
         return self.slots.get(worker.id)
 
-    @property
-    def tracked_groups(self):
-        """Prefix groups whose request rate is followed (at most MAX_GROUPS)."""
-        return len(self.groups)
-
-    def evict(self, double now=-1.0):
-        """Trim the tree to max_tree_size characters (least recently used
-        first), and forget prefix groups unseen for GROUP_FORGET_SECS."""
-        cdef PrefixGroup pg
-        if now < 0:
-            now = monotonic()
-        self.forget_groups(now, len(self.groups))
+    def evict(self):
+        """Trim the tree to max_tree_size characters, least recently used first."""
         return self.tree.evict_to(self.max_tree_size)
-
-    cdef int forget_groups(self, double now, Py_ssize_t keep) except -1:
-        """Forget prefix groups unseen for GROUP_FORGET_SECS, then the least
-        recently seen until at most `keep` remain; never a candidate."""
-        cdef PrefixGroup pg
-        cdef list old
-        for key in [k for k, pg in self.groups.items()
-                    if now - pg.last > GROUP_FORGET_SECS and k not in self.candidates]:
-            del self.groups[key]
-        if len(self.groups) > keep:
-            old = sorted((pg for k, pg in self.groups.items() if k not in self.candidates), key=_group_last)
-            for pg in old[:len(self.groups) - keep]:
-                del self.groups[pg.key]
-        return 0
 
     cdef Worker owner_at(self, Node* node, double now):
         """The routable owner of `node` with the most hits; on a tie, the
@@ -762,6 +753,36 @@ cdef class CacheAwarePolicy(Policy):
                 best_hits = node.owners[k].hits
         return best
 
+    cdef int note_holdings(self, Node* best, Py_ssize_t matched) except -1:
+        """held[slot]: how many leading characters of the prompt just matched
+        (`best`, `matched` from RadixTree.match) each worker slot holds."""
+        cdef Py_ssize_t slots = len(self.by_slot), i
+        cdef Py_ssize_t end, depth = matched
+        cdef Node* node = best
+        cdef int32_t k, s
+        cdef Py_ssize_t* grown
+        if slots > self.held_cap:
+            grown = <Py_ssize_t*>realloc(self.held, slots * sizeof(Py_ssize_t))
+            if grown == NULL:
+                raise MemoryError()
+            self.held = grown
+            self.held_cap = slots
+        for i in range(slots):
+            self.held[i] = 0
+        self.held_len = slots
+        if node == NULL:
+            return 0
+        end = node_end(node)
+        while node.parent != NULL:
+            for k in range(node.nowners):
+                s = node.owners[k].slot
+                if s < slots and self.held[s] == 0:
+                    self.held[s] = depth
+            end -= node.length
+            depth = end
+            node = node.parent
+        return 0
+
     cdef double smoothed_load(self, int slot, Worker w, double now):
         """w's in-flight count averaged over the last LOAD_SMOOTHING_SECS."""
         cdef double dt = now - <double>self.load_time[slot]
@@ -773,7 +794,8 @@ cdef class CacheAwarePolicy(Policy):
         return avg
 
     cdef Gate gate(self, list ready, double now):
-        """The spill gate's bar for this moment: the mean load and the margin.
+        """The spill gate's bar for this moment: the mean load and the margin,
+        and the shortest prefill queue.
 
         An in-flight count jitters by about its square root from one request
         to the next, and a spill on that noise gives up a cache hit for
@@ -784,9 +806,12 @@ cdef class CacheAwarePolicy(Policy):
         cdef Worker o
         cdef long total = 0
         g.count = 0
+        g.min_queue = 0
         for o in ready:
             if o.routable(now):
                 total += o.inflight
+                if g.count == 0 or o.prefill_queue_chars < g.min_queue:
+                    g.min_queue = o.prefill_queue_chars
                 g.count += 1
         g.mean = <double>total / g.count if g.count else 0.0
         g.margin = 2.0 * sqrt(g.mean)
@@ -811,11 +836,12 @@ cdef class CacheAwarePolicy(Policy):
             return True
         return w.inflight > g.mean + 2.0 * g.margin and w.inflight > self.balance_rel_threshold * g.mean
 
-    cdef Worker place(self, uint64_t key, list ready, Gate* g, double now, Worker avoid):
+    cdef Worker place(self, uint64_t key, list ready, Gate* g, double now, Worker avoid, Py_ssize_t n):
         """Where a prefix group that no worker holds goes: the routable worker
-        with the highest rendezvous weight for it, among those the load gate
-        lets through (and not `avoid`); when the gate stops every one, the
-        least-loaded worker."""
+        with the highest rendezvous weight for it, among those the in-flight
+        gate lets through whose prefill queue is not too long to wait on
+        (too_costly against the shortest queue); when every one is stopped,
+        the least-loaded worker. `n`: the prompt's length."""
         cdef uint64_t weight, best_weight = 0
         cdef Worker best = None, w
         for w in ready:
@@ -824,7 +850,7 @@ cdef class CacheAwarePolicy(Policy):
             weight = weight_of(key, w)
             if best is not None and weight <= best_weight:
                 continue
-            if self.overloaded(w, g, now):
+            if too_costly(w.prefill_queue_chars + n, g.min_queue + n) or self.overloaded(w, g, now):
                 continue
             best = w
             best_weight = weight
@@ -835,98 +861,50 @@ cdef class CacheAwarePolicy(Policy):
     def place_py(self, list ready, str text, double now=0.0, Worker avoid=None):
         """Python entry point to place(), for tests."""
         cdef Gate g = self.gate(ready, now)
-        return self.place(group_key(text), ready, &g, now, avoid)
+        return self.place(group_key(text), ready, &g, now, avoid, len(text))
 
-    cdef PrefixGroup note(self, uint64_t key, double now, Py_ssize_t workers):
-        """The group of a request, its rate counting this request. A group
-        busy enough to be hot becomes a rebalancing candidate."""
-        cdef PrefixGroup pg = self.groups.get(key)
-        if pg is None:
-            if len(self.groups) >= MAX_GROUPS:
-                self.forget_groups(now, MAX_GROUPS // 2)
-            pg = PrefixGroup()
-            pg.key = key
-            pg.moved_at = -MOVE_HOLD_SECS
-            self.groups[key] = pg
-        pg.rate = pg.rate_at(now) + 1.0
-        pg.last = now
-        if now > self.total_last:
-            self.total_rate *= exp(-(now - self.total_last) / GROUP_RATE_SECS)
-            self.total_last = now
-        self.total_rate += 1.0
-        if workers and pg.rate >= 0.5 * HOT_SHARE * self.total_rate / workers:
-            self.candidates[key] = pg
-        return pg
-
-    cdef int rebalance(self, list ready, double now) except -1:
-        """Spread the hot prefix groups evenly over the routable workers, with
-        as few moves as possible: a worker holding more than
-        ceil(hot groups / workers) of them gives up the excess, its weakest
-        claims first (lowest rendezvous weight), each to its highest-weight
-        worker still under that share. A group moves on its next request,
-        and not again within MOVE_HOLD_SECS. Every input (the hot set, where
-        the groups are, the weights) is the same in every router."""
-        cdef PrefixGroup pg
-        cdef Worker w, owner
-        cdef list routable = [w for w in ready if w.routable(now)]
-        cdef list hot = []
-        cdef list movers = []
-        cdef dict held = {}          # worker id -> its hot groups
-        cdef dict counts = {}
-        cdef double fair, r
-        cdef Py_ssize_t cap
-        self.last_rebalance = now
-        if len(routable) < 2:
-            return 0
-        fair = self.total_rate * exp(-(now - self.total_last) / GROUP_RATE_SECS) / len(routable)
-        for key, pg in list(self.candidates.items()):
-            r = pg.rate_at(now)
-            pg.hot = r >= HOT_SHARE * fair or (pg.hot and r >= 0.5 * HOT_SHARE * fair)
-            pg.target = None
-            if pg.hot:
-                hot.append(pg)
-            elif r < 0.5 * HOT_SHARE * fair:
-                del self.candidates[key]
-        if not hot:
-            return 0
-        hot.sort(key=_group_order)
-        cap = (len(hot) + len(routable) - 1) // len(routable)
-        routable_ids = {w.id for w in routable}
-        for pg in hot:
-            owner = pg.owner
-            if owner is None or owner.id not in routable_ids:
-                movers.append(pg)
-            else:
-                held.setdefault(owner.id, []).append(pg)
-        for wid, groups in held.items():
-            counts[wid] = len(groups)
-            if len(groups) > cap:
-                owner = (<PrefixGroup>groups[0]).owner
-                groups.sort(key=lambda g: weight_of((<PrefixGroup>g).key, owner))
-                movers.extend(groups[:len(groups) - cap])
-                counts[wid] = cap
-        movers.sort(key=_group_order)
-        for pg in movers:
-            for w in sorted(routable, key=lambda w: weight_of(pg.key, w), reverse=True):
-                if counts.get(w.id, 0) < cap:
-                    counts[w.id] = counts.get(w.id, 0) + 1
-                    if pg.owner is not None and pg.owner is not w and now - pg.moved_at >= MOVE_HOLD_SECS:
-                        pg.target = w
-                    break
-        return 0
+    cdef Worker cheapest(self, uint64_t key, list ready, Gate* g, double now, Worker avoid, Py_ssize_t n,
+                         long long* cost):
+        """The worker other than `avoid` where the prompt (`n` characters; the
+        holdings from note_holdings) costs least, among those the in-flight
+        gate lets through, and that cost. Costs within STAY_FLOOR_CHARS of the
+        least count alike: of those, the highest rendezvous weight wins, so
+        routers that see about the same load choose the same worker. None
+        when the gate stops every one."""
+        cdef Worker w, best = None
+        cdef long long c, least = -1
+        cdef int s
+        cdef uint64_t weight, best_weight = 0
+        cdef list costs = []
+        for w in ready:
+            if w is avoid or not w.routable(now) or self.overloaded(w, g, now):
+                continue
+            s = self.slot_for(w)
+            c = w.prefill_queue_chars + n - (self.held[s] if s < self.held_len else 0)
+            costs.append((w, c))
+            if least < 0 or c < least:
+                least = c
+        for w, c in costs:
+            if c <= least + STAY_FLOOR_CHARS:
+                weight = weight_of(key, w)
+                if best is None or weight > best_weight:
+                    best = w
+                    best_weight = weight
+                    cost[0] = c
+        return best
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0
         cdef ucs4* buf
         cdef Node* best
         cdef Node* node
-        cdef Py_ssize_t matched, depth
-        cdef Worker w = None, target
-        cdef int slot
+        cdef Py_ssize_t matched, depth, held
+        cdef Worker w = None, target = None
+        cdef int slot, reason
+        cdef long long stay, cost = 0
         cdef double rate
         cdef Gate g
         cdef uint64_t gkey
-        cdef PrefixGroup pg
         if not ready:
             return None
         if n == 0:
@@ -935,81 +913,68 @@ cdef class CacheAwarePolicy(Policy):
         try:
             g = self.gate(ready, now)
             gkey = hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
-            pg = self.note(gkey, now, len(ready))
-            if now - self.last_rebalance >= REBALANCE_SECS:
-                self.rebalance(ready, now)
             matched = self.tree.match(buf, n, &best, &depth)
             node = best
+            held = matched
             if node != NULL and matched > self.cache_threshold * n:
                 w = self.owner_at(node, now)
                 # the deepest owners are unavailable: fall back up the path
                 while w is None and node.parent != NULL and node.parent.parent != NULL:
                     node = node.parent
-                    depth = node_end(node)
-                    if depth <= self.cache_threshold * n:
+                    held = node_end(node)
+                    if held <= self.cache_threshold * n:
                         break
                     w = self.owner_at(node, now)
             if w is None:
                 # a cache miss: place the prefix; that worker starts holding it
                 self.misses += 1
-                w = self.place(gkey, ready, &g, now, None)
+                w = self.place(gkey, ready, &g, now, None, n)
                 if w is not None:
-                    pg.owner = w
                     self.tree.insert_matched(buf, n, best, matched, self.slot_for(w), now, INSERT_HIT)
+                    w.next_prefill_chars = n
                 return w
             slot = self.slot_for(w)
-            target = pg.target
-            if target is not None and target is not w and target.routable(now) \
-                    and not self.overloaded(target, &g, now):
-                # rebalancing: this hot group moves to its assigned worker
-                pg.target = None
-                pg.owner = target
-                pg.moved_at = now
-                self.rebalanced += 1
-                self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
-                return target
-            if not self.overloaded(w, &g, now):
+            stay = w.prefill_queue_chars + n - held
+            reason = -1
+            if self.overloaded(w, &g, now):
+                reason = LEFT_INFLIGHT
+            elif too_costly(stay, g.min_queue + n - matched):
+                # (no worker holds more than `matched`: no other can cost less)
+                reason = LEFT_PREFILL
+            if reason >= 0:
+                self.note_holdings(best, matched)
+                target = self.cheapest(gkey, ready, &g, now, w, n, &cost)
+                if target is not None and reason == LEFT_PREFILL and not too_costly(stay, cost):
+                    target = None
+            if target is None:
                 self.hits += 1
-                pg.owner = w
                 self.spill_rate[slot] = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING)
                 self.tree.insert_matched(buf, n, best, matched, slot, now, INSERT_HIT)
+                w.next_prefill_chars = n - held
                 return w
-            self.spills += 1
-            target = self.place(gkey, ready, &g, now, w)
-            if target is None:
-                self.tree.insert_matched(buf, n, best, matched, slot, now, INSERT_HIT)
-                return w
+            target.next_prefill_chars = cost - target.prefill_queue_chars
             rate = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING) + SPILL_AVERAGING
-            if rate > HANDOVER_SPILL_RATE and not pg.hot:
-                # w spills persistently, not by chance: hand this prefix over
-                # (to its next placement, where replicas that hand it over
-                # too will put it), so the load evens out instead of spilling
-                # forever. Hot groups are spread by rebalancing instead, the
-                # same way in every router.
-                self.handovers += 1
+            if rate > MOVE_SPILL_RATE:
+                # w's requests leave it persistently, not by chance: hand
+                # this prefix over, so the load evens out instead of
+                # spilling forever (replicas that see w overloaded too hand
+                # it to the same worker: cheapest() agrees across them)
+                self.moves_by[reason] += 1
                 self.spill_rate[slot] = 0.0
-                pg.owner = target
+                _log.debug("cache_aware: prefix group %016x moves from %s to %s (%s; %d of %d characters "
+                           "held there)", gkey, w.url, target.url, LEFT_REASON_NAMES[reason], held, n)
                 self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
                 return target
-            # a one-off spill, to the prefix's next placement: the spills of
-            # one prefix all land on the same second worker (which then has
-            # it cached), in every replica. The target caches the matched
-            # nodes too, but claims none of their traffic (and its own tail
-            # is not recorded), so that the prefix, and repeats of this very
-            # prompt, stay with their owner
+            # a one-off spill. The target holds the matched part from now on
+            # (a later spill of the prefix finds it there), but claims none
+            # of its traffic and its own tail is not recorded: the prefix,
+            # and repeats of this very prompt, stay with their owner
+            self.spills_by[reason] += 1
             self.spill_rate[slot] = rate
-            self.tree.insert(buf, depth, self.slot_for(target), now, INSERT_WEAK)
+            self.tree.insert_matched(buf, matched, best, matched, self.slot_for(target), now, INSERT_WEAK)
             return target
         finally:
             PyMem_Free(buf)
-
-
-def _group_order(PrefixGroup pg):
-    return pg.key
-
-
-def _group_last(PrefixGroup pg):
-    return pg.last
 
 
 def group_key(str text):

@@ -200,6 +200,7 @@ cdef class ProxyHandler(ProxiedRoute):
         cdef str text = None
         cdef str label
         cdef bytes key
+        cdef ProxyCall call
         if obj is None:
             return 0
         model = resolve_alias(self.settings, cycle, <dict>obj)
@@ -210,7 +211,8 @@ cdef class ProxyHandler(ProxiedRoute):
         group = resolve_group(self.settings.router, cycle, <str>model if model else None, TYPE_REGULAR)
         # the metrics' model label, from the group just resolved (model_label without a second lookup)
         label = "unknown" if not model else (<str>model if group is not None else "other")
-        self.settings.count_routed("regular", label, self.endpoint_name, (<dict>obj).get("stream") is True)
+        streamed = (<dict>obj).get("stream") is True
+        self.settings.count_routed("regular", label, self.endpoint_name, streamed)
         if group is None:
             self.no_group(cycle, "regular", label, TYPE_REGULAR)
             return 0
@@ -218,11 +220,13 @@ cdef class ProxyHandler(ProxiedRoute):
             text = routing_text(self.endpoint, <dict>obj)
         key = cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req)
         if self.endpoint == EP_RERANK:
-            self.launch(new_rerank_call(self, cycle, group, text, key, label, model))
+            call = new_rerank_call(self, cycle, group, text, key, label, model)
         elif self.endpoint == EP_MESSAGES or self.endpoint == EP_COUNT_TOKENS:
-            self.launch(new_messages_call(self, cycle, group, text, key, label))
+            call = new_messages_call(self, cycle, group, text, key, label)
         else:
-            self.launch(new_proxy_call(self, cycle, group, text, key, label))
+            call = new_proxy_call(self, cycle, group, text, key, label)
+        call.answer_streamed = streamed
+        self.launch(call)
         return 0
 
 
@@ -245,6 +249,7 @@ cdef class ProxyCall(ClientCall):
     cdef bytes client_auth
     cdef bytes session                   # --sticky-sessions: the request's session key
     cdef bint wants_payload              # the body without chunk framing (a call that rewrites it)
+    cdef bint answer_streamed            # the client asked for a streamed answer ("stream": true)
 
     cdef int init(self, ProxyHandler handler, RequestCycle cycle, WorkerGroup group, str text, bytes key,
                   str label) except -1:
@@ -289,6 +294,10 @@ cdef class ProxyCall(ClientCall):
             head = self.head_start + w.host_header + auth + self.head_common
         # an HTTP/1.0 client cannot take chunked bodies: relay the payload only
         leg = new_leg(self, w, head, body, self.req.http_minor == 0 or self.wants_payload)
+        if not self.answer_streamed:
+            # nothing of the answer arrives before all of it: when the
+            # prefill ends cannot be seen, so it is not counted as queued
+            leg.answering()
         if self.cycle.streaming:
             leg.stream_body(self.req.chunked)
         self.relaying = leg

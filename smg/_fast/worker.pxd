@@ -47,6 +47,13 @@ cdef class Worker:
     cdef public long inflight
     cdef public long long routed
     cdef public long long requests_total
+    # queued prefill as this gateway sees it: the characters of prompt it has
+    # sent the worker that are not answered yet, less what the routing tree
+    # says is cached there (only cache_aware estimates it; 0 otherwise).
+    # The policy that picks the worker puts the estimate for the request
+    # about to be sent in next_prefill_chars; its leg moves it here.
+    cdef public long long prefill_queue_chars
+    cdef public long long next_prefill_chars
 
     # circuit breaker
     cdef public bint cb_enabled

@@ -110,6 +110,8 @@ cdef class Worker:
         self.info = {}
         self.inflight = 0
         self.routed = 0
+        self.prefill_queue_chars = 0
+        self.next_prefill_chars = 0
         self.requests_total = 0
         self.cb_enabled = True
         self.cb_state = CB_CLOSED
