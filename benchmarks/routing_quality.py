@@ -13,7 +13,7 @@ that round_robin keeps the prefill queues busy (the utilisation column).
 
   shared-prompts     24 system prompts (3-8 KB, Zipf 1.1) + a unique question, Poisson
   multi-turn         48 short conversations (8 turns) over 6 shared system prompts
-  long-multi-turn    48 conversations, each its own opening of ~2,000 characters,
+  long-multi-turn    80 conversations, each its own opening of ~2,000 characters,
                      growing ~500 characters a turn to 10-20k; turns follow answers
                      after a think time; a finished conversation is replaced by a new one
   long-documents     16 documents (16-48 KB, Zipf 1.0), many questions each
@@ -21,7 +21,7 @@ that round_robin keeps the prefill queues busy (the utilisation column).
                      hot system prompt (40% of them) from the middle of the run, and 24
                      long conversations throughout
   eviction-pressure  64 long conversations and 24 documents (8-16 KB, Zipf 0.8): the
-                     working set is about 1.6x the fleet's cache
+                     working set is about 1.8x the fleet's cache
 
 Setups: 1-gateway; 2-gateways (two independent gateways, each request to
 one of them at random, as a Service spreads them); workers-2 (one gateway,
@@ -177,7 +177,7 @@ def multi_turn(rng: random.Random, duration: float) -> list[Session]:
 
 
 def long_multi_turn(rng: random.Random, duration: float) -> list[Session]:
-    return conversations(rng, duration, 48, "conv", (1800, 2200), (10_000, 20_000), 1.2)
+    return conversations(rng, duration, 80, "conv", (1800, 2200), (10_000, 20_000), 1.0)
 
 
 def long_documents(rng: random.Random, duration: float) -> list[Session]:
@@ -210,10 +210,10 @@ def eviction_pressure(rng: random.Random, duration: float) -> list[Session]:
 WORKLOADS = {w.name: w for w in (
     Workload("shared-prompts", 48_000, shared_prompts),
     Workload("multi-turn", 120_000, multi_turn),
-    Workload("long-multi-turn", 120_000, long_multi_turn),
+    Workload("long-multi-turn", 240_000, long_multi_turn),
     Workload("long-documents", 96_000, long_documents),
     Workload("mixed-bursty", 120_000, mixed_bursty),
-    Workload("eviction-pressure", 60_000, eviction_pressure),
+    Workload("eviction-pressure", 96_000, eviction_pressure),
 )}
 
 
@@ -344,12 +344,17 @@ def pct(values: list[float], q: float) -> float:
 
 
 def decisions(metrics_port: int) -> dict[str, float]:
-    """smg's cache-aware decisions by kind, from its /metrics."""
+    """smg's cache-aware decisions by kind (hit, miss, spill, move) and its
+    spills and moves by reason ("spill/inflight", ...), from its /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         body = r.read().decode()
     out: dict[str, float] = {}
     for m in re.finditer(r'^smg_cache_aware_decisions_total\{([^}]*)\} (\S+)$', body, re.M):
         kind = re.search(r'decision="([^"]+)"', m.group(1)).group(1)
+        out[kind] = out.get(kind, 0.0) + float(m.group(2))
+    for m in re.finditer(r'^smg_cache_aware_placement_changes_total\{([^}]*)\} (\S+)$', body, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        kind = f"{labels['change']}/{labels['reason']}"
         out[kind] = out.get(kind, 0.0) + float(m.group(2))
     return out
 
@@ -386,8 +391,8 @@ def measure(name: str, command: list[str], setup: str, policy: str, workload: Wo
             after = [decisions(g.metrics_port) for g in gateways]
             result["decisions"] = {k: sum(a.get(k, 0) - b.get(k, 0) for a, b in zip(after, before))
                                    for k in after[0]}
-            result["moves"] = sum(n for k, n in result["decisions"].items() if k.startswith("move"))
-            result["spills"] = sum(n for k, n in result["decisions"].items() if k.startswith("spill"))
+            result["moves"] = result["decisions"].get("move", 0)
+            result["spills"] = result["decisions"].get("spill", 0)
         return result
     finally:
         for g in gateways:

@@ -246,6 +246,30 @@ def test_cache_aware_overloaded_worker_spills():
     assert last is owner
 
 
+def test_an_inflight_spill_must_be_worth_its_reprefill():
+    """Over the in-flight gate, a request whose long prefix its owner holds
+    stays (many of those requests may be decoding, which its first token
+    does not wait for); twice over the gate, it leaves all the same."""
+    ws = workers(4)
+    p = CacheAwarePolicy()
+    prompt = "[sys] " + "s" * 5000
+    owner = route(p, ws, prompt + " q0")
+    for w in ws:
+        w.inflight = 2
+    owner.inflight = 10          # mean 3.5, gate at 7.5: over it, not twice over
+    t = 0.0
+    for i in range(50):
+        t += 0.01
+        assert route(p, ws, prompt + f" q{i}", now=t) is owner
+    assert p.spills == 0
+    owner.inflight = 40          # mean 11.5, gate at 18.3: twice over
+    for i in range(50):
+        t += 0.01
+        last = route(p, ws, prompt + f" r{i}", now=t)
+    assert last is not owner
+    assert p.placement_changes[("spill", "inflight")] > 0
+
+
 def test_cache_aware_brief_load_spike_does_not_spill():
     ws = workers(4)
     p = CacheAwarePolicy()

@@ -944,7 +944,16 @@ cdef class CacheAwarePolicy(Policy):
             if reason >= 0:
                 self.note_holdings(best, matched)
                 target = self.cheapest(gkey, ready, &g, now, w, n, &cost)
-                if target is not None and reason == LEFT_PREFILL and not too_costly(stay, cost):
+                if target is None:
+                    pass
+                elif reason == LEFT_PREFILL:
+                    if not too_costly(stay, cost):
+                        target = None
+                elif too_costly(cost, stay) and <double>self.load_avg[slot] <= 2.0 * (g.mean + g.margin):
+                    # over the in-flight gate, but not twice over it: not
+                    # worth re-prefilling what the owner holds (many
+                    # requests in flight there may be decoding, which a
+                    # prompt's first token does not wait for)
                     target = None
             if target is None:
                 self.hits += 1
