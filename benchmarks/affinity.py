@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--reference", default=os.environ.get("SMG_REFERENCE"))
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3,
-                    help="seconds of traffic before measuring (new prefixes settle: placement, rebalancing)")
+                    help="seconds of traffic before measuring (new prefixes settle: placement, spills)")
     ap.add_argument("--connections", type=int, default=32, help="in total, split over the entry points")
     ap.add_argument("--workers", type=int, default=4, help="fake workers")
     ap.add_argument("--rounds", type=int, default=1)

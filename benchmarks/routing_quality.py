@@ -12,7 +12,7 @@ workload is seeded and sets the fleet's cache size; its rate is chosen so
 that round_robin keeps the prefill queues busy (the utilisation column).
 
   shared-prompts     24 system prompts (3-8 KB, Zipf 1.1) + a unique question, Poisson
-  multi-turn         48 short conversations (8 turns) over 6 shared system prompts
+  multi-turn         96 short conversations (8 turns) over 6 shared system prompts
   long-multi-turn    80 conversations, each its own opening of ~2,000 characters,
                      growing ~500 characters a turn to 10-20k; turns follow answers
                      after a think time; a finished conversation is replaced by a new one
@@ -164,7 +164,7 @@ def shared_prompts(rng: random.Random, duration: float) -> list[Session]:
 def multi_turn(rng: random.Random, duration: float) -> list[Session]:
     systems = [f"[chat{i}] " + text(rng, rng.randint(2000, 4000)) for i in range(6)]
     sessions = []
-    for c in range(48):
+    for c in range(96):
         start = rng.uniform(0, duration / 2)
         history = rng.choice(systems) + f" conversation {c}:"
         prompts = []

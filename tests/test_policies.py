@@ -370,10 +370,11 @@ def test_a_hot_prefix_spreads_when_its_owner_queues_prefill_alike_in_every_repli
         owner = route(p, ws, prompt + " q0")
         for i in range(200):
             assert route(p, ws, prompt + f" q{i}", now=0.001 * i) is owner
-        # queued prefill shorter than re-prefilling ~2,000 characters elsewhere: stay
-        owner.prefill_queue_chars = 3000
+        # queued prefill shorter than re-prefilling ~2,000 characters elsewhere
+        # (counted twice, x 1.5, + 1,024): stay
+        owner.prefill_queue_chars = 6000
         assert route(p, ws, prompt + " q-a", now=1.0) is owner
-        owner.prefill_queue_chars = 5000
+        owner.prefill_queue_chars = 8000
         spilled = {route(p, ws, prompt + f" q-b{i}", now=1.0 + 0.001 * i).url for i in range(5)}
         assert len(spilled) == 1 and owner.url not in spilled
         target = next(w for w in ws if w.url in spilled)
@@ -436,10 +437,10 @@ def test_a_conversation_leaves_a_worker_whose_queue_outweighs_its_cache():
     text = "[conv] " + "history " * 1000          # 8,000 characters held by the owner
     owner = route(p, ws, text)
     assert owner.next_prefill_chars == len(text)  # what the request will prefill there (the leg counts it)
-    owner.prefill_queue_chars = 12_000             # shorter than re-prefilling 8k x 1.5 + the floor
+    owner.prefill_queue_chars = 24_000             # shorter than re-prefilling 8k (x 2, x 1.5, + 1,024)
     assert route(p, ws, text + " next turn", now=1.0) is owner
     assert owner.next_prefill_chars == len(" next turn")
-    owner.prefill_queue_chars = 14_000
+    owner.prefill_queue_chars = 26_000
     assert route(p, ws, text + " another turn", now=1.1) is not owner
     assert p.placement_changes[("spill", "prefill_queue")] == 1
 

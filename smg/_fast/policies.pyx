@@ -580,16 +580,20 @@ DEF MOVE_SPILL_RATE = 0.05
 # characters form a *prefix group*.
 DEF PLACEMENT_KEY_CHARS = 256
 
-# What leaving costs. On a worker, a prompt costs the prefill queued there
+# What leaving costs. On its owner, a prompt costs the prefill queued there
 # ahead of it (Worker.prefill_queue_chars) plus the part of the prompt that
-# the worker does not hold. A request leaves the worker that holds its
-# prefix only when staying costs more than STAY_FACTOR times the cheapest
-# other worker plus STAY_FLOOR_CHARS. Leaving re-prefills what the owner
-# holds, so a long cached conversation stays unless its worker's queue is
-# longer than that re-prefill; a shared prompt that other workers hold too
-# spreads over them as soon as its owner's queue grows.
+# the owner does not hold; on another worker, the queue there plus
+# REPREFILL_WEIGHT times what that worker does not hold: a re-prefill delays
+# the request itself, and as much again the requests that queue behind it
+# there (counted once, spills cascade: each one lengthens its target's
+# queue until that worker's own requests spill). A request leaves only when
+# staying costs more than STAY_FACTOR times the cheapest other worker plus
+# STAY_FLOOR_CHARS. So a long cached conversation stays unless its worker's
+# queue is far longer than re-prefilling it; a shared prompt that other
+# workers hold too spreads over them as soon as its owner's queue grows.
 DEF STAY_FACTOR = 1.5
 DEF STAY_FLOOR_CHARS = 1024
+DEF REPREFILL_WEIGHT = 2
 
 # why a request left the worker that holds its prefix
 cdef enum:
@@ -836,12 +840,15 @@ cdef class CacheAwarePolicy(Policy):
             return True
         return w.inflight > g.mean + 2.0 * g.margin and w.inflight > self.balance_rel_threshold * g.mean
 
-    cdef Worker place(self, uint64_t key, list ready, Gate* g, double now, Worker avoid, Py_ssize_t n):
+    cdef Worker place(self, uint64_t key, list ready, Gate* g, double now, Worker avoid):
         """Where a prefix group that no worker holds goes: the routable worker
         with the highest rendezvous weight for it, among those the in-flight
-        gate lets through whose prefill queue is not too long to wait on
-        (too_costly against the shortest queue); when every one is stopped,
-        the least-loaded worker. `n`: the prompt's length."""
+        gate lets through; when the gate stops every one, the least-loaded
+        worker. The worker placed becomes the prefix's home in
+        every router (each places it alike), so a queue there does not move
+        it: a router that placed it elsewhere to save one wait would disagree
+        with the others from then on, and each would prefill it on its own
+        worker."""
         cdef uint64_t weight, best_weight = 0
         cdef Worker best = None, w
         for w in ready:
@@ -850,7 +857,7 @@ cdef class CacheAwarePolicy(Policy):
             weight = weight_of(key, w)
             if best is not None and weight <= best_weight:
                 continue
-            if too_costly(w.prefill_queue_chars + n, g.min_queue + n) or self.overloaded(w, g, now):
+            if self.overloaded(w, g, now):
                 continue
             best = w
             best_weight = weight
@@ -861,7 +868,7 @@ cdef class CacheAwarePolicy(Policy):
     def place_py(self, list ready, str text, double now=0.0, Worker avoid=None):
         """Python entry point to place(), for tests."""
         cdef Gate g = self.gate(ready, now)
-        return self.place(group_key(text), ready, &g, now, avoid, len(text))
+        return self.place(group_key(text), ready, &g, now, avoid)
 
     cdef Worker cheapest(self, uint64_t key, list ready, Gate* g, double now, Worker avoid, Py_ssize_t n,
                          long long* cost):
@@ -880,7 +887,7 @@ cdef class CacheAwarePolicy(Policy):
             if w is avoid or not w.routable(now) or self.overloaded(w, g, now):
                 continue
             s = self.slot_for(w)
-            c = w.prefill_queue_chars + n - (self.held[s] if s < self.held_len else 0)
+            c = w.prefill_queue_chars + REPREFILL_WEIGHT * (n - (self.held[s] if s < self.held_len else 0))
             costs.append((w, c))
             if least < 0 or c < least:
                 least = c
@@ -928,7 +935,7 @@ cdef class CacheAwarePolicy(Policy):
             if w is None:
                 # a cache miss: place the prefix; that worker starts holding it
                 self.misses += 1
-                w = self.place(gkey, ready, &g, now, None, n)
+                w = self.place(gkey, ready, &g, now, None)
                 if w is not None:
                     self.tree.insert_matched(buf, n, best, matched, self.slot_for(w), now, INSERT_HIT)
                     w.next_prefill_chars = n
@@ -938,7 +945,7 @@ cdef class CacheAwarePolicy(Policy):
             reason = -1
             if self.overloaded(w, &g, now):
                 reason = LEFT_INFLIGHT
-            elif too_costly(stay, g.min_queue + n - matched):
+            elif too_costly(stay, g.min_queue + REPREFILL_WEIGHT * (n - matched)):
                 # (no worker holds more than `matched`: no other can cost less)
                 reason = LEFT_PREFILL
             if reason >= 0:
@@ -961,7 +968,7 @@ cdef class CacheAwarePolicy(Policy):
                 self.tree.insert_matched(buf, n, best, matched, slot, now, INSERT_HIT)
                 w.next_prefill_chars = n - held
                 return w
-            target.next_prefill_chars = cost - target.prefill_queue_chars
+            target.next_prefill_chars = (cost - target.prefill_queue_chars) // REPREFILL_WEIGHT
             rate = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING) + SPILL_AVERAGING
             if rate > MOVE_SPILL_RATE:
                 # w's requests leave it persistently, not by chance: hand
