@@ -87,7 +87,11 @@ def test_cache_aware_overloaded_worker_spills(fake_workers, gateway):
     spilled = [u for u in routed if u != owner_url]
     assert spilled, "no request left the overloaded worker"
     assert routed.count(owner_url) >= 4, "the owner should keep serving until it is overloaded"
-    assert 'decision="spill"' in g.metrics()
+    text = g.metrics()
+    assert re.search(r'smg_cache_aware_decisions_total\{decision="spill",model="fake-model",worker_type="regular"\} '
+                     r'%d\.0' % len(spilled), text)
+    assert re.search(r'smg_cache_aware_placement_changes_total\{change="spill",model="fake-model",reason="inflight",'
+                     r'worker_type="regular"\} %d\.0' % len(spilled), text)
     assert sum(served_by(workers, before).values()) == 24
 
 
