@@ -51,7 +51,7 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
                          "cb_ok": w.cb_outcome_success, "cb_fail": w.cb_outcome_failure,
                          "connections": pool.open_count, "waiting": pool.waiting,
                          "connect_timeouts": pool.connect_timeouts_total,
-                         "prefill_queue_chars": w.prefill_queue_chars}
+                         "prefill_queue_chars": w.prefill_queue_chars, "unanswered": w.unanswered}
     cache_aware = []
     for (wtype, model), group in list(dp.router.groups.items()):
         policy = group.policy
@@ -121,7 +121,7 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
                 workers[wid] = dict(w)
                 continue
             for k in ("requests", "inflight", "cb_failures", "cb_successes", "cb_ok", "cb_fail", "connections",
-                      "waiting", "connect_timeouts", "prefill_queue_chars"):
+                      "waiting", "connect_timeouts", "prefill_queue_chars", "unanswered"):
                 have[k] += w[k]
             if _CB_SEVERITY[w["cb_state"]] > _CB_SEVERITY[have["cb_state"]]:
                 have["cb_state"] = w["cb_state"]
@@ -282,10 +282,14 @@ class GatewayCollector:
                                           "prompt sent and not yet answered (a streamed answer's first token), "
                                           "less what the routing tree says the worker holds",
                                           labels=["worker"])
+        unanswered = GaugeMetricFamily("smg_worker_requests_unanswered",
+                                       "Requests in flight to a worker that it has not begun answering (a "
+                                       "streamed answer begins with its first token, any other when complete)",
+                                       labels=["worker"])
         pool_size: dict[tuple[str, str], int] = {}
         zero = {"requests": 0, "inflight": 0, "cb_state": 0, "cb_failures": 0, "cb_successes": 0,
                 "cb_ok": 0, "cb_fail": 0, "connections": 0, "waiting": 0, "connect_timeouts": 0,
-                "prefill_queue_chars": 0}
+                "prefill_queue_chars": 0, "unanswered": 0}
         for url, w in by_url.items():
             c = counters.get(w.id, zero)
             req_total.add_metric([url, w.model_id], c["requests"])
@@ -300,6 +304,7 @@ class GatewayCollector:
             waiting.add_metric([url], c["waiting"])
             timeouts.add_metric([url], c["connect_timeouts"])
             prefill_queue.add_metric([url], c["prefill_queue_chars"])
+            unanswered.add_metric([url], c["unanswered"])
             key = (TYPE_NAMES[w.worker_type], w.model_id)
             pool_size[key] = pool_size.get(key, 0) + 1
         yield req_total
@@ -313,6 +318,7 @@ class GatewayCollector:
         yield waiting
         yield timeouts
         yield prefill_queue
+        yield unanswered
         transitions = CounterMetricFamily("smg_worker_cb_transitions",
                                           "Circuit breaker state transitions by worker, from, to",
                                           labels=["worker", "from", "to"])

@@ -40,6 +40,12 @@ def workers(n):
     return out
 
 
+def waiting(w, n):
+    """n requests in flight on w, none answering yet (cache_aware's spill
+    gate counts those)."""
+    w.inflight = w.unanswered = n
+
+
 def group(policy, ws):
     g = WorkerGroup("m", 0, policy)
     g.workers.extend(ws)
@@ -189,22 +195,22 @@ def test_cache_aware_placement_skips_overloaded_and_unroutable_workers():
     first = p.place_py(ws, text)
     # the rendezvous choice is a function of the text and the workers alone
     assert CacheAwarePolicy().place_py(list(reversed(ws)), text) is first
-    first.inflight = 40
+    waiting(first, 40)
     for w in ws:
         if w is not first:
-            w.inflight = 2
+            waiting(w, 2)
     second = p.place_py(ws, text, now=1.0)
     assert second is not first
-    first.inflight = 2
+    waiting(first, 2)
     first.state = 2  # not ready
     assert p.place_py(ws, text, now=2.0) is second
     # every worker overloaded but one: that one, whatever the hash says
     for w in ws:
         w.state = READY
-        w.inflight = 0
-    ws[3].inflight = 0
+        waiting(w, 0)
+    waiting(ws[3], 0)
     for w in ws[:3]:
-        w.inflight = 60
+        waiting(w, 60)
     assert p.place_py(ws, "another prompt " * 10, now=3.0) is ws[3]
 
 
@@ -224,10 +230,10 @@ def test_cache_aware_overloaded_worker_spills():
     prompt = "shared prefix " * 20
     owner = p.pick_py(ws, prompt + "0", None, 0.0)
     # the owner is loaded far above the mean, and stays so
-    owner.inflight = 40
+    waiting(owner, 40)
     for w in ws:
         if w is not owner:
-            w.inflight = 2
+            waiting(w, 2)
     t = 0.0
     picks = []
     for i in range(50):
@@ -239,7 +245,7 @@ def test_cache_aware_overloaded_worker_spills():
     spilled = {w.id for w in picks if w is not owner}
     assert spilled == {p.place_py(ws, prompt, now=t, avoid=owner).id}
     # back to normal load: the prefix returns to its owner
-    owner.inflight = 2
+    waiting(owner, 2)
     for i in range(50):
         t += 0.01
         last = p.pick_py(ws, prompt + "again" + str(i), None, t)
@@ -247,27 +253,52 @@ def test_cache_aware_overloaded_worker_spills():
 
 
 def test_an_inflight_spill_must_be_worth_its_reprefill():
-    """Over the in-flight gate, a request whose long prefix its owner holds
-    stays (many of those requests may be decoding, which its first token
-    does not wait for); twice over the gate, it leaves all the same."""
+    """Over the spill gate, a request whose long prefix its owner holds
+    stays (answers that are not streamed count until complete: many may be
+    decoding, which its first token does not wait for); twice over the
+    gate, it leaves all the same."""
     ws = workers(4)
     p = CacheAwarePolicy()
     prompt = "[sys] " + "s" * 5000
     owner = route(p, ws, prompt + " q0")
     for w in ws:
-        w.inflight = 2
-    owner.inflight = 10          # mean 3.5, gate at 7.5: over it, not twice over
+        waiting(w, 2)
+    waiting(owner, 10)          # mean 3.5, gate at 7.5: over it, not twice over
     t = 0.0
     for i in range(50):
         t += 0.01
         assert route(p, ws, prompt + f" q{i}", now=t) is owner
     assert p.spills == 0
-    owner.inflight = 40          # mean 11.5, gate at 18.3: twice over
+    waiting(owner, 40)          # mean 11.5, gate at 18.3: twice over
     for i in range(50):
         t += 0.01
         last = route(p, ws, prompt + f" r{i}", now=t)
     assert last is not owner
     assert p.placement_changes[("spill", "inflight")] > 0
+
+
+def test_streams_already_answering_do_not_overload_their_worker():
+    """The worker of a hot prompt decodes many of its answers at once; a new
+    request's first token waits only for the requests not answering yet, so
+    those streams alone do not send it elsewhere to prefill the prompt again."""
+    ws = workers(4)
+    p = CacheAwarePolicy()
+    prompt = "[sys] " + "s" * 5000
+    owner = route(p, ws, prompt + " q0")
+    for w in ws:
+        w.inflight, w.unanswered = 2, 1
+    owner.inflight, owner.unanswered = 60, 2
+    t = 0.0
+    for i in range(100):
+        t += 0.01
+        assert route(p, ws, prompt + f" q{i}", now=t) is owner
+    assert p.spills == 0
+    # the same count of requests none of which has begun answering: spills
+    waiting(owner, 60)
+    for i in range(50):
+        t += 0.01
+        last = route(p, ws, prompt + f" r{i}", now=t)
+    assert last is not owner and p.placement_changes[("spill", "inflight")] > 0
 
 
 def test_cache_aware_brief_load_spike_does_not_spill():
@@ -276,10 +307,10 @@ def test_cache_aware_brief_load_spike_does_not_spill():
     prompt = "a stable prefix " * 20
     owner = p.pick_py(ws, prompt, None, 0.0)
     for w in ws:
-        w.inflight = 8
+        waiting(w, 8)
     for i in range(100):
         p.pick_py(ws, prompt + str(i), None, 0.001 * i)
-    owner.inflight = 16  # one request's worth of jitter, a millisecond long
+    waiting(owner, 16)  # one request's worth of jitter, a millisecond long
     assert p.pick_py(ws, prompt + "spike", None, 0.1001) is owner
 
 
@@ -415,7 +446,7 @@ def test_a_cached_conversation_stays_on_its_worker_unless_that_worker_is_overloa
         conv = convs[c]
         conv["text"] += f" USER: question {turns} " + "words " * 30
         for w in ws:
-            w.inflight = 3
+            waiting(w, 3)
             w.prefill_queue_chars = rng.randint(0, 1500)
         w = route(p, ws, conv["text"], now=t)
         if conv["first"] is None:

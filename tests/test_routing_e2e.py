@@ -189,6 +189,7 @@ def test_inflight_returns_to_zero_however_requests_end(fake_workers, gateway):
     assert g.post("/generate", {"text": "x"}).status == 400
     wait_for(lambda: g.workers()[0]["load"] == 0, message="in-flight count back to zero")
     assert re.search(r'smg_worker_requests_active\{worker="[^"]+"\} 0\.0', g.metrics())
+    assert re.search(r'smg_worker_requests_unanswered\{worker="[^"]+"\} 0\.0', g.metrics())
 
 
 def test_manual_policy_keeps_each_routing_key_on_one_worker(fake_workers, gateway):
@@ -337,3 +338,31 @@ def test_prefill_queue_estimate_counts_streamed_prompts_until_their_first_token(
         assert queued() == 0
         assert plain.result().status == 200
     assert queued() == 0
+
+
+def test_unanswered_requests_are_those_not_answering_yet(fake_workers, gateway):
+    """cache_aware's spill gate counts a worker's requests that have not begun
+    answering: a streamed answer from its first token on no longer counts
+    (it is decoding, which a new prompt does not wait for); an answer sent
+    all at once counts until it arrives."""
+    (w,) = fake_workers(1, stream_chunks=300, stream_interval=0.01)
+    g = gateway(["--worker-urls", w.url], wait_workers=1)
+    url = re.escape(w.url)
+
+    def gauge(name):
+        return float(re.search(r'%s\{worker="%s"\} (\S+)' % (name, url), g.metrics()).group(1))
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(g.post, "/generate", {"text": "x", "stream": True}, timeout=30)
+        wait_for(lambda: w.stats.in_flight == 1, timeout=5, message="the stream in flight")
+        wait_for(lambda: gauge("smg_worker_requests_unanswered") == 0, timeout=5,
+                 message="the stream's first token seen")
+        assert gauge("smg_worker_requests_active") == 1
+        assert streamed.result().status == 200
+        w.set(response_delay=1.0)
+        plain = pool.submit(g.post, "/generate", {"text": "y"}, timeout=30)
+        wait_for(lambda: w.stats.in_flight == 1, timeout=5, message="the plain request in flight")
+        assert gauge("smg_worker_requests_unanswered") == 1
+        assert plain.result().status == 200
+    assert gauge("smg_worker_requests_unanswered") == 0
+    assert gauge("smg_worker_requests_active") == 0

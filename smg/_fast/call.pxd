@@ -75,6 +75,7 @@ cdef class Leg(Exchange):
     cdef object body
     cdef bint decoded                    # the call wants the payload without chunk framing
     cdef bint counted
+    cdef bint awaiting_answer            # counted in its worker's unanswered
     cdef bint finished
     cdef bint collecting                 # keep the body (in parts) instead of reporting it
     cdef int status
@@ -91,6 +92,7 @@ cdef class Leg(Exchange):
     cdef int pump(self) except -1
     cdef int release(self, int outcome) except -1
     cdef int answering(self) except -1
+    cdef int unqueue_prefill(self) except -1
     cdef int end(self, int how) except -1
     cdef int stop(self, int outcome) except -1
     cdef int pause_reading(self) except -1

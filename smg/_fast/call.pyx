@@ -246,6 +246,7 @@ cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint d
     leg.body = body
     leg.decoded = decoded
     leg.counted = True
+    leg.awaiting_answer = True
     leg.finished = False
     leg.collecting = False
     leg.status = 0
@@ -311,10 +312,18 @@ cdef class Leg(Exchange):
         return 0
 
     cdef int answering(self) except -1:
-        """The worker has begun answering: this leg's prompt is no longer in
-        its prefill queue. Called on the first body byte (a streamed answer
-        starts with the first token), at the end, and at the start for an
-        answer that shows nothing before it is complete (not streamed)."""
+        """The worker has begun answering: on the first body byte (a streamed
+        answer starts with the first token), or at the end."""
+        if self.awaiting_answer:
+            self.awaiting_answer = False
+            self.worker.answered()
+        self.unqueue_prefill()
+        return 0
+
+    cdef int unqueue_prefill(self) except -1:
+        """This leg's prompt is no longer counted in its worker's prefill
+        queue: it has begun answering, or its prefill's end cannot be seen
+        (an answer that shows nothing before it is complete)."""
         if self.prefill_chars:
             self.worker.prefill_queue_chars -= self.prefill_chars
             self.prefill_chars = 0
@@ -395,7 +404,7 @@ cdef class Leg(Exchange):
 
     cdef int upstream_body(self, object conn, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
         cdef ClientCall call = self.call
-        if self.prefill_chars:
+        if self.awaiting_answer:
             self.answering()
         if self.collecting:
             self.parts.append(data[off:off + n])

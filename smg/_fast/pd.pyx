@@ -327,7 +327,7 @@ cdef class PDCall(ClientCall):
                          self.logprobs or req.http_minor == 0)
         # a prefill worker answers when its prefill is done (that leg's
         # queued prefill lasts until then); the decode side prefills nothing
-        decode.answering()
+        decode.unqueue_prefill()
         self.prefill = prefill
         self.decode = decode
         self.relaying = decode

@@ -597,7 +597,7 @@ DEF REPREFILL_WEIGHT = 2
 
 # why a request left the worker that holds its prefix
 cdef enum:
-    LEFT_INFLIGHT = 0       # the owner's in-flight count is over the spill gate
+    LEFT_INFLIGHT = 0       # the owner's unanswered requests are over the spill gate
     LEFT_PREFILL = 1        # the owner's queued prefill costs more than re-prefilling elsewhere
     LEFT_REASONS = 2
 
@@ -605,7 +605,7 @@ LEFT_REASON_NAMES = ("inflight", "prefill_queue")
 
 
 cdef struct Gate:
-    double mean             # the routable workers' mean in-flight count
+    double mean             # the routable workers' mean unanswered count
     double margin           # how far above it a worker may go
     int count               # routable workers
     long long min_queue     # the least prefill_queue_chars among them
@@ -624,7 +624,7 @@ cdef inline bint too_costly(long long stay, long long alternative) noexcept:
 cdef class CacheAwarePolicy(Policy):
     """Cache-aware routing: send a prompt to the worker that already holds
     its longest prefix, unless staying there costs more than going
-    elsewhere (see STAY_FACTOR) or its in-flight count is over the spill
+    elsewhere (see STAY_FACTOR) or its unanswered requests are over the spill
     gate.
 
     Independent routers (replicas, --workers processes) must send a prefix
@@ -651,7 +651,7 @@ cdef class CacheAwarePolicy(Policy):
     cdef list by_slot        # slot -> Worker (None once removed)
     cdef list free_slots
     cdef list spill_rate     # slot -> moving average of how often its cache hits left it
-    cdef list load_avg       # slot -> in-flight count smoothed over LOAD_SMOOTHING_SECS
+    cdef list load_avg       # slot -> unanswered count smoothed over LOAD_SMOOTHING_SECS
     cdef list load_time      # slot -> when load_avg was last updated
     cdef Py_ssize_t* held    # slot -> characters of the prompt being routed that the slot holds
     cdef Py_ssize_t held_len # slots in `held` (a slot made since holds nothing)
@@ -788,10 +788,10 @@ cdef class CacheAwarePolicy(Policy):
         return 0
 
     cdef double smoothed_load(self, int slot, Worker w, double now):
-        """w's in-flight count averaged over the last LOAD_SMOOTHING_SECS."""
+        """w's unanswered count averaged over the last LOAD_SMOOTHING_SECS."""
         cdef double dt = now - <double>self.load_time[slot]
         cdef double keep = exp(-dt / LOAD_SMOOTHING_SECS) if dt > 0 else 1.0
-        cdef double avg = <double>self.load_avg[slot] * keep + w.inflight * (1.0 - keep)
+        cdef double avg = <double>self.load_avg[slot] * keep + w.unanswered * (1.0 - keep)
         if dt > 0:
             self.load_avg[slot] = avg
             self.load_time[slot] = now
@@ -801,9 +801,15 @@ cdef class CacheAwarePolicy(Policy):
         """The spill gate's bar for this moment: the mean load and the margin,
         and the shortest prefill queue.
 
-        An in-flight count jitters by about its square root from one request
+        The load is the count of requests not answering yet
+        (Worker.unanswered): a new prompt's first token waits for those, not
+        for the streams a worker is already decoding, so a worker busy
+        decoding a hot prompt's answers is not overloaded by them. An answer
+        that is not streamed counts until it is complete.
+
+        That count jitters by about its square root from one request
         to the next, and a spill on that noise gives up a cache hit for
-        nothing (at 4 workers x 8 in flight, 1.6% of all requests would
+        nothing (at 4 workers x 8 unanswered, 1.6% of all requests would
         spill). So the margin is the natural swing of a count at that mean
         (2 sqrt(mean), at least 4), capped by balance_abs_threshold."""
         cdef Gate g
@@ -813,7 +819,7 @@ cdef class CacheAwarePolicy(Policy):
         g.min_queue = 0
         for o in ready:
             if o.routable(now):
-                total += o.inflight
+                total += o.unanswered
                 if g.count == 0 or o.prefill_queue_chars < g.min_queue:
                     g.min_queue = o.prefill_queue_chars
                 g.count += 1
@@ -838,11 +844,11 @@ cdef class CacheAwarePolicy(Policy):
         smoothed = self.smoothed_load(self.slot_for(w), w, now)
         if smoothed > g.mean + g.margin and smoothed > self.balance_rel_threshold * g.mean:
             return True
-        return w.inflight > g.mean + 2.0 * g.margin and w.inflight > self.balance_rel_threshold * g.mean
+        return w.unanswered > g.mean + 2.0 * g.margin and w.unanswered > self.balance_rel_threshold * g.mean
 
     cdef Worker place(self, uint64_t key, list ready, Gate* g, double now, Worker avoid):
         """Where a prefix group that no worker holds goes: the routable worker
-        with the highest rendezvous weight for it, among those the in-flight
+        with the highest rendezvous weight for it, among those the spill
         gate lets through; when the gate stops every one, the least-loaded
         worker. The worker placed becomes the prefix's home in
         every router (each places it alike), so a queue there does not move
@@ -873,7 +879,7 @@ cdef class CacheAwarePolicy(Policy):
     cdef Worker cheapest(self, uint64_t key, list ready, Gate* g, double now, Worker avoid, Py_ssize_t n,
                          long long* cost):
         """The worker other than `avoid` where the prompt (`n` characters; the
-        holdings from note_holdings) costs least, among those the in-flight
+        holdings from note_holdings) costs least, among those the spill
         gate lets through, and that cost. Costs within STAY_FLOOR_CHARS of the
         least count alike: of those, the highest rendezvous weight wins, so
         routers that see about the same load choose the same worker. None
@@ -957,10 +963,10 @@ cdef class CacheAwarePolicy(Policy):
                     if not too_costly(stay, cost):
                         target = None
                 elif too_costly(cost, stay) and <double>self.load_avg[slot] <= 2.0 * (g.mean + g.margin):
-                    # over the in-flight gate, but not twice over it: not
-                    # worth re-prefilling what the owner holds (many
-                    # requests in flight there may be decoding, which a
-                    # prompt's first token does not wait for)
+                    # over the spill gate, but not twice over it: not worth
+                    # re-prefilling what the owner holds (answers that are
+                    # not streamed count until complete, and may be
+                    # decoding, which a prompt's first token does not wait for)
                     target = None
             if target is None:
                 self.hits += 1

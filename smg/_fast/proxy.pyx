@@ -297,7 +297,7 @@ cdef class ProxyCall(ClientCall):
         if not self.answer_streamed:
             # nothing of the answer arrives before all of it: when the
             # prefill ends cannot be seen, so it is not counted as queued
-            leg.answering()
+            leg.unqueue_prefill()
         if self.cycle.streaming:
             leg.stream_body(self.req.chunked)
         self.relaying = leg

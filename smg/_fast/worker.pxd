@@ -45,6 +45,9 @@ cdef class Worker:
 
     # load: requests in flight through this gateway, and all ever routed
     cdef public long inflight
+    # of those in flight, the ones not answering yet: a streamed answer
+    # starts with its first token, any other arrives whole at the end
+    cdef public long unanswered
     cdef public long long routed
     cdef public long long requests_total
     # queued prefill as this gateway sees it: the characters of prompt it has
@@ -87,6 +90,7 @@ cdef class Worker:
     cdef public list dp_views
 
     cdef void take_request(self) noexcept
+    cdef void answered(self) noexcept
     cdef int end_request(self, int outcome) except -1
     cdef bint routable(self, double now) noexcept
     cpdef record_outcome(self, bint success, double now)

@@ -109,6 +109,7 @@ cdef class Worker:
         self.control_pool = None
         self.info = {}
         self.inflight = 0
+        self.unanswered = 0
         self.routed = 0
         self.prefill_queue_chars = 0
         self.next_prefill_chars = 0
@@ -196,10 +197,17 @@ cdef class Worker:
     cdef void take_request(self) noexcept:
         """A request (or one attempt of it) was sent here."""
         self.inflight += 1
+        self.unanswered += 1
         self.routed += 1
         self.requests_total += 1
         if self.dp_parent is not None:
             self.dp_parent.take_request()
+
+    cdef void answered(self) noexcept:
+        """A request sent here has begun answering (see unanswered)."""
+        self.unanswered -= 1
+        if self.dp_parent is not None:
+            self.dp_parent.answered()
 
     cdef int end_request(self, int outcome) except -1:
         """That request ended: outcome 1 success, 0 failure (both told to the
