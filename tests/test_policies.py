@@ -338,14 +338,29 @@ def test_removing_a_worker_frees_its_tree_share():
     assert all(p.pick_py(rest, f"prefix {i % 30} " + "y" * 100, None, 1.0) in rest for i in range(60))
 
 
-def test_eviction_keeps_the_budget():
+def test_the_tree_never_holds_more_than_its_budget():
+    """--max-tree-size holds between the periodic evictions too: a request
+    that grows the tree past it trims the least recently used prompts at
+    once, and a prompt longer than the budget is routed by its start."""
     ws = workers(2)
     p = CacheAwarePolicy(max_tree_size=1000)
+    recent = []
     for i in range(100):
-        route(p, ws, f"{i:04d} " + "z" * 100)
-    assert p.tree.total_chars > 1000
-    p.evict()
-    assert p.tree.total_chars <= 1000
+        text = f"{i:04d} " + "z" * 100
+        recent.append((text, route(p, ws, text, now=0.01 * i)))
+        assert p.tree.total_chars <= 1000
+    # trimmed by whole prompts to 7/8 of the budget, no further
+    assert 1000 * 7 // 8 - 110 < p.tree.total_chars <= 1000
+    # the latest prompts are the ones kept: each is a full match
+    assert all(p.tree.match_text(text)[0] == len(text) for text, _ in recent[-5:])
+    assert all(route(p, ws, text + " again", now=2.0) is w for text, w in recent[-5:])
+    huge = "[huge] " + "h" * 5000
+    owner = route(p, ws, huge, now=3.0)
+    assert p.tree.total_chars == 1000
+    # what the tree kept of it is its first 1,000 characters
+    assert p.tree.match_text(huge)[0] == 1000
+    assert route(p, ws, huge[:1000] + " a different ending", now=4.0) is owner
+    assert p.evict() == 0  # nothing left for the periodic eviction
 
 
 @pytest.mark.parametrize("endpoint, body, expected", [

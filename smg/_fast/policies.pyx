@@ -19,7 +19,7 @@ from cpython.mem cimport PyMem_Free
 from smg._fast.clock cimport monotonic
 from smg._fast.worker cimport Worker, STATE_READY
 from smg._fast.hashing cimport fnv1a, hash_code_points, mix64
-from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4, INSERT_HIT, INSERT_WEAK
+from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4, to_ucs4_prefix, INSERT_HIT, INSERT_WEAK
 
 _log = logging.getLogger("smg.policies")
 
@@ -327,7 +327,7 @@ cdef class PrefixHashPolicy(Policy):
         n = PyUnicode_GET_LENGTH(text)
         if n > self.prefix_chars:
             n = self.prefix_chars
-        buf = to_ucs4(text)
+        buf = to_ucs4_prefix(text, n)
         try:
             h = hash_code_points(buf, n)
         finally:
@@ -579,6 +579,10 @@ DEF MOVE_SPILL_RATE = 0.05
 # requests sharing them have in common. Prompts with the same leading
 # characters form a *prefix group*.
 DEF PLACEMENT_KEY_CHARS = 256
+
+# A tree grown past max_tree_size between periodic evictions is trimmed at
+# once, to this share of it (see CacheAwarePolicy.trim).
+DEF TRIM_TO = 0.875
 
 # What leaving costs. On its owner, a prompt costs the prefill queued there
 # ahead of it (Worker.prefill_queue_chars) plus the part of the prompt that
@@ -922,7 +926,11 @@ cdef class CacheAwarePolicy(Policy):
             return None
         if n == 0:
             return least_loaded(ready, now, None)
-        buf = to_ucs4(text)
+        if n > self.max_tree_size:
+            # the tree holds at most max_tree_size characters: a longer
+            # prompt is routed (and recorded) by that much of its start
+            n = self.max_tree_size
+        buf = to_ucs4_prefix(text, n)
         try:
             g = self.gate(ready, now)
             gkey = hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
@@ -997,14 +1005,28 @@ cdef class CacheAwarePolicy(Policy):
             return target
         finally:
             PyMem_Free(buf)
+            if self.tree.total_chars > self.max_tree_size:
+                self.trim(n)
+
+    cdef int trim(self, Py_ssize_t keep) except -1:
+        """The tree has grown past max_tree_size: evict the least recently
+        used prompts down to TRIM_TO of it, or to `keep` characters (the
+        prompt just routed, the most recent) if that is more. Eviction scans
+        the whole tree, so trimming below the cap spreads that scan over the
+        inserts that fill it again."""
+        cdef long long target = <long long>(self.max_tree_size * TRIM_TO)
+        self.tree.evict_to(keep if keep > target else target)
+        return 0
 
 
 def group_key(str text):
     """The placement key of a routing text (its prefix group)."""
     cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
-    cdef ucs4* buf = to_ucs4(text)
+    if n > PLACEMENT_KEY_CHARS:
+        n = PLACEMENT_KEY_CHARS
+    cdef ucs4* buf = to_ucs4_prefix(text, n)
     try:
-        return hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
+        return hash_code_points(buf, n)
     finally:
         PyMem_Free(buf)
 

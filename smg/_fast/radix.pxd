@@ -10,6 +10,7 @@ ctypedef Py_UCS4 ucs4
 
 
 cdef ucs4* to_ucs4(str text) except NULL
+cdef ucs4* to_ucs4_prefix(str text, Py_ssize_t n) except NULL
 
 
 cdef struct Owner:

@@ -13,8 +13,8 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_GET_LENGTH
-from cpython.mem cimport PyMem_Free
+from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_READ
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
 from smg._fast.clock cimport monotonic
 
@@ -24,6 +24,26 @@ cdef ucs4* to_ucs4(str text) except NULL:
     cdef ucs4* buf = PyUnicode_AsUCS4Copy(text)
     if buf == NULL:
         raise MemoryError()
+    return buf
+
+
+cdef ucs4* to_ucs4_prefix(str text, Py_ssize_t n) except NULL:
+    """The first n code points of text (all of them if it is shorter) in a
+    new buffer; free it with PyMem_Free. Copies n, not the whole text."""
+    cdef ucs4* buf
+    cdef unsigned int kind
+    cdef void* data
+    cdef Py_ssize_t i
+    if n >= PyUnicode_GET_LENGTH(text):
+        return to_ucs4(text)
+    buf = <ucs4*>PyMem_Malloc((n + 1) * sizeof(ucs4))
+    if buf == NULL:
+        raise MemoryError()
+    kind = PyUnicode_KIND(text)
+    data = PyUnicode_DATA(text)
+    for i in range(n):
+        buf[i] = PyUnicode_READ(kind, data, i)
+    buf[n] = 0
     return buf
 
 
