@@ -22,16 +22,29 @@ Workloads (load.py's, plus a large prompt):
 the commit before a change. Each round runs every gateway on a workload
 before the next workload, so noise hits all of them alike; the table shows
 the median over the rounds, and ratios of medians.
+
+CPU time still moves by 10-15% between runs on a shared machine (the
+gateway saturates a core, and how much it batches depends on what else
+runs). --instructions N counts instead the instructions the gateway
+executes in user space for N requests (valgrind's callgrind, zeroed after
+a warm-up and dumped after the N requests; a few clients, one request at a
+time each): the same from run to run to within about 1%. It leaves out the
+kernel's part (the socket reads and writes, which are the same two of each
+per request for every version of smg), so it is the measure for a change
+to smg's own code. valgrind must be installed (Debian package valgrind).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import http.client
 import json
 import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 
@@ -101,6 +114,60 @@ def measure(name: str, command: list[str], extra: list[str], workload: str, work
         gw.stop()
 
 
+def callgrind_instructions(out_prefix: str, pid: int) -> int:
+    """Dump the running callgrind's counters and return the instructions
+    counted since they were last zeroed."""
+    before = set(os.listdir(os.path.dirname(out_prefix)))
+    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True, timeout=60)
+    new = [f for f in os.listdir(os.path.dirname(out_prefix)) if f not in before
+           and f.startswith(os.path.basename(out_prefix))]
+    if not new:
+        raise RuntimeError("callgrind wrote no dump")
+    with open(os.path.join(os.path.dirname(out_prefix), new[0])) as f:
+        for line in f:
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+    raise RuntimeError("no summary line in the callgrind dump")
+
+
+def send_requests(port: int, path: str, bodies: list[str], count: int, clients: int) -> int:
+    """`count` requests over `clients` keep-alive connections, each waiting
+    for its answer (streamed ones read to the end); returns the non-2xx count."""
+    def client(k: int) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        bad = 0
+        for i in range(k, count, clients):
+            conn.request("POST", path, bodies[i % len(bodies)], {"content-type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            bad += not 200 <= r.status < 300
+        conn.close()
+        return bad
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return sum(pool.map(client, range(clients)))
+
+
+def measure_instructions(name: str, command: list[str], extra: list[str], workload: str, workers: Workers, pd,
+                         bodies: dict, args) -> dict:
+    tmp = tempfile.mkdtemp(prefix="smg-callgrind-")
+    out = os.path.join(tmp, "cg")
+    traced = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", *command]
+    gw_workload = "generate-cache_aware" if workload == "prompt-32k" else workload
+    gw = GatewayProc(name, traced, gateway_args(gw_workload, workers, pd) + extra)
+    try:
+        gw.wait_ready(timeout=180)
+        path, body_list = bodies[workload]
+        send_requests(gw.port, path, body_list, args.instructions // 4 + 100, 4)
+        subprocess.run(["callgrind_control", "--zero", str(gw.proc.pid)], check=True, capture_output=True,
+                       timeout=60)
+        errors = send_requests(gw.port, path, body_list, args.instructions, 4)
+        ir = callgrind_instructions(out, gw.proc.pid)
+        return {"gateway": name, "workload": workload, "requests": args.instructions, "errors": errors,
+                "instructions_per_request": ir / args.instructions}
+    finally:
+        gw.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", default=os.environ.get("SMG_REFERENCE"))
@@ -114,9 +181,14 @@ def main() -> None:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--gateway-arg", action="append", default=[],
                     help="an extra argument for every smg and baseline gateway (repeat it)")
+    ap.add_argument("--instructions", type=int, metavar="N",
+                    help="count user-space instructions per request over N requests (callgrind) instead of CPU time")
     ap.add_argument("--json")
     args = ap.parse_args()
-    if not shutil.which("wrk"):
+    if args.instructions:
+        if not shutil.which("callgrind_control"):
+            raise SystemExit("valgrind is needed for --instructions: apt-get install valgrind")
+    elif not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
     workloads = [w for w in args.workloads.split(",") if w]
     for w in workloads:
@@ -125,17 +197,21 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="smg-cpu-")
     scripts = {}
+    bodies = {}
     small = [json.dumps({"text": t, "sampling_params": {"max_new_tokens": 8}}) for t in prompts()]
     lua_script("/generate", small, os.path.join(tmp, "generate.lua"))
     for w in ("generate-cache_aware", "generate-round_robin", "pd"):
         scripts[w] = ("/generate", os.path.join(tmp, "generate.lua"))
+        bodies[w] = ("/generate", small)
     chat = [json.dumps({"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": t}]})
             for t in prompts()[:256]]
     lua_script("/v1/chat/completions", chat, os.path.join(tmp, "chat.lua"))
     scripts["chat-stream"] = ("/v1/chat/completions", os.path.join(tmp, "chat.lua"))
+    bodies["chat-stream"] = ("/v1/chat/completions", chat)
     big = [json.dumps({"text": t, "sampling_params": {"max_new_tokens": 8}}) for t in large_prompts()]
     lua_script("/generate", big, os.path.join(tmp, "big.lua"))
     scripts["prompt-32k"] = ("/generate", os.path.join(tmp, "big.lua"))
+    bodies["prompt-32k"] = ("/generate", big)
 
     gateways = [("smg", [sys.executable, "-m", "smg"])]
     if args.baseline:
@@ -156,10 +232,15 @@ def main() -> None:
                 order = gateways if rnd % 2 == 0 else list(reversed(gateways))
                 for name, cmd in order:
                     extra = [] if name == "reference" else args.gateway_arg
-                    r = measure(name, cmd, extra, workload, workers, pd, scripts, args)
+                    if args.instructions:
+                        r = measure_instructions(name, cmd, extra, workload, workers, pd, bodies, args)
+                        print(f"  round {rnd + 1} {name:9s} {workload:22s} {r['instructions_per_request']:9.0f} "
+                              f"instructions/request  errors {r['errors']}", file=sys.stderr, flush=True)
+                    else:
+                        r = measure(name, cmd, extra, workload, workers, pd, scripts, args)
+                        print(f"  round {rnd + 1} {name:9s} {workload:22s} {r['cpu_us_per_request']:8.1f} us "
+                              f"CPU/request  {r['rps']:8.0f} req/s  errors {r['errors']}", file=sys.stderr, flush=True)
                     results.append(r)
-                    print(f"  round {rnd + 1} {name:9s} {workload:22s} {r['cpu_us_per_request']:8.1f} us CPU/request"
-                          f"  {r['rps']:8.0f} req/s  errors {r['errors']}", file=sys.stderr, flush=True)
     finally:
         workers.stop()
         if pd:
@@ -170,21 +251,28 @@ def main() -> None:
         vals = [r[key] for r in results if r["gateway"] == name and r["workload"] == workload]
         return statistics.median(vals) if vals else None
 
-    print(f"\n{args.connections} connections, {args.duration} s per run, {args.workers} fake workers, "
-          f"median of {args.rounds} round(s)\n")
-    print("| workload | gateway | CPU us/request | req/s | ours/ref CPU | ours/baseline CPU |")
-    print("|---|---|---:|---:|---:|---:|")
+    if args.instructions:
+        key, title = "instructions_per_request", "user-space instructions/request"
+        print(f"\n{args.instructions} requests per run (4 clients), callgrind, {args.workers} fake workers, "
+              f"median of {args.rounds} round(s)\n")
+    else:
+        key, title = "cpu_us_per_request", "CPU us/request"
+        print(f"\n{args.connections} connections, {args.duration} s per run, {args.workers} fake workers, "
+              f"median of {args.rounds} round(s)\n")
+    print(f"| workload | gateway | {title} | each round | ours/ref | ours/baseline |")
+    print("|---|---|---:|---|---:|---:|")
     for workload in workloads:
-        ours = median("smg", workload, "cpu_us_per_request")
+        ours = median("smg", workload, key)
+        ref = median("reference", workload, key)
+        base = median("baseline", workload, key)
         for name, _ in gateways:
-            cpu = median(name, workload, "cpu_us_per_request")
-            if cpu is None:
+            value = median(name, workload, key)
+            if value is None:
                 continue
-            ref = median("reference", workload, "cpu_us_per_request")
-            base = median("baseline", workload, "cpu_us_per_request")
+            rounds = ", ".join(f"{r[key]:.0f}" for r in results if r["gateway"] == name and r["workload"] == workload)
             vs_ref = f"{ours / ref:.2f}" if name == "smg" and ref else ""
             vs_base = f"{ours / base:.2f}" if name == "smg" and base else ""
-            print(f"| {workload} | {name} | {cpu:.1f} | {median(name, workload, 'rps'):.0f} | {vs_ref} | {vs_base} |")
+            print(f"| {workload} | {name} | {value:.0f} | {rounds} | {vs_ref} | {vs_base} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
