@@ -48,7 +48,8 @@ import subprocess
 import sys
 import tempfile
 
-from load import CHECKOUTS, GatewayProc, Workers, gateway_args, lua_script, prompts, run_wrk
+from load import (GatewayProc, Workers, chat_bodies, gateway_args, gateway_commands, generate_bodies, lua_script,
+                  run_wrk, start_fleet)
 
 WORKLOADS = ("generate-cache_aware", "generate-round_robin", "chat-stream", "pd", "prompt-32k")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -198,13 +199,12 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="smg-cpu-")
     scripts = {}
     bodies = {}
-    small = [json.dumps({"text": t, "sampling_params": {"max_new_tokens": 8}}) for t in prompts()]
+    small = generate_bodies()
     lua_script("/generate", small, os.path.join(tmp, "generate.lua"))
     for w in ("generate-cache_aware", "generate-round_robin", "pd"):
         scripts[w] = ("/generate", os.path.join(tmp, "generate.lua"))
         bodies[w] = ("/generate", small)
-    chat = [json.dumps({"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": t}]})
-            for t in prompts()[:256]]
+    chat = chat_bodies()
     lua_script("/v1/chat/completions", chat, os.path.join(tmp, "chat.lua"))
     scripts["chat-stream"] = ("/v1/chat/completions", os.path.join(tmp, "chat.lua"))
     bodies["chat-stream"] = ("/v1/chat/completions", chat)
@@ -213,17 +213,8 @@ def main() -> None:
     scripts["prompt-32k"] = ("/generate", os.path.join(tmp, "big.lua"))
     bodies["prompt-32k"] = ("/generate", big)
 
-    gateways = [("smg", [sys.executable, "-m", "smg"])]
-    if args.baseline:
-        CHECKOUTS["baseline"] = os.path.abspath(args.baseline)
-        gateways.append(("baseline", [sys.executable, "-m", "smg"]))
-    if args.reference:
-        gateways.append(("reference", [args.reference, "launch"]))
-
-    workers = Workers(args.workers)
-    pd = None
-    if "pd" in workloads:
-        pd = (Workers(max(1, args.workers // 2), role="prefill"), Workers(max(1, args.workers // 2), role="decode"))
+    gateways = gateway_commands(args)
+    workers, pd = start_fleet(args.workers, workloads)
     results = []
     try:
         for rnd in range(args.rounds):

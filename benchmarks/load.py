@@ -235,6 +235,39 @@ def start_gateways(setup: str, name: str, command: list[str], args: list[str]) -
 WORKLOADS = ("generate-cache_aware", "generate-round_robin", "chat-stream", "pd")
 
 
+def generate_bodies() -> list[str]:
+    """The /generate request bodies of the generate and pd workloads."""
+    return [json.dumps({"text": t, "sampling_params": {"max_new_tokens": 8}}) for t in prompts()]
+
+
+def chat_bodies() -> list[str]:
+    """The streamed /v1/chat/completions request bodies of chat-stream."""
+    return [json.dumps({"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": t}]})
+            for t in prompts()[:256]]
+
+
+def gateway_commands(args) -> list[tuple[str, list[str]]]:
+    """(name, command) of each gateway to measure: this checkout, then
+    --baseline's checkout and the reference where given."""
+    gateways = [("smg", [sys.executable, "-m", "smg"])]
+    if args.baseline:
+        CHECKOUTS["baseline"] = os.path.abspath(args.baseline)
+        gateways.append(("baseline", [sys.executable, "-m", "smg"]))
+    if args.reference:
+        gateways.append(("reference", [args.reference, "launch"]))
+    return gateways
+
+
+def start_fleet(count: int, workloads: list[str]) -> tuple[Workers, Optional[tuple[Workers, Workers]]]:
+    """`count` fake workers, and for the pd workload half as many prefill and
+    decode workers."""
+    workers = Workers(count)
+    pd = None
+    if "pd" in workloads:
+        pd = (Workers(max(1, count // 2), role="prefill"), Workers(max(1, count // 2), role="decode"))
+    return workers, pd
+
+
 def gateway_args(workload: str, workers: Workers, pd: Optional[tuple[Workers, Workers]]) -> list[str]:
     if workload == "pd":
         prefill, decode = pd
@@ -302,28 +335,15 @@ def main() -> None:
             raise SystemExit(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
 
     tmp = tempfile.mkdtemp(prefix="smg-bench-")
-    bodies = prompts()
     scripts = {}
-    gen_bodies = [json.dumps({"text": t, "sampling_params": {"max_new_tokens": 8}}) for t in bodies]
-    lua_script("/generate", gen_bodies, os.path.join(tmp, "generate.lua"))
+    lua_script("/generate", generate_bodies(), os.path.join(tmp, "generate.lua"))
     scripts["generate-cache_aware"] = scripts["generate-round_robin"] = scripts["pd"] = (
         "/generate", os.path.join(tmp, "generate.lua"))
-    chat_bodies = [json.dumps({"model": "fake-model", "stream": True,
-                               "messages": [{"role": "user", "content": t}]}) for t in bodies[:256]]
-    lua_script("/v1/chat/completions", chat_bodies, os.path.join(tmp, "chat.lua"))
+    lua_script("/v1/chat/completions", chat_bodies(), os.path.join(tmp, "chat.lua"))
     scripts["chat-stream"] = ("/v1/chat/completions", os.path.join(tmp, "chat.lua"))
 
-    gateways = [("smg", [sys.executable, "-m", "smg"])]
-    if args.baseline:
-        CHECKOUTS["baseline"] = os.path.abspath(args.baseline)
-        gateways.append(("baseline", [sys.executable, "-m", "smg"]))
-    if args.reference:
-        gateways.append(("reference", [args.reference, "launch"]))
-
-    workers = Workers(args.workers)
-    pd = None
-    if "pd" in workloads:
-        pd = (Workers(max(1, args.workers // 2), role="prefill"), Workers(max(1, args.workers // 2), role="decode"))
+    gateways = gateway_commands(args)
+    workers, pd = start_fleet(args.workers, workloads)
     results: list[Result] = []
     try:
         for _ in range(args.rounds):

@@ -19,7 +19,7 @@ from cpython.mem cimport PyMem_Free
 from smg._fast.clock cimport monotonic
 from smg._fast.worker cimport Worker, STATE_READY
 from smg._fast.hashing cimport fnv1a, hash_code_points, mix64
-from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4, to_ucs4_prefix, INSERT_HIT, INSERT_WEAK
+from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4_prefix, INSERT_HIT, INSERT_WEAK
 
 _log = logging.getLogger("smg.policies")
 
