@@ -14,12 +14,12 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from libc.math cimport sqrt, exp
 from cpython.unicode cimport PyUnicode_GET_LENGTH
-from cpython.mem cimport PyMem_Free
 
 from smg._fast.clock cimport monotonic
 from smg._fast.worker cimport Worker, STATE_READY
-from smg._fast.hashing cimport fnv1a, hash_code_points, mix64
-from smg._fast.radix cimport RadixTree, Node, ucs4, node_end, to_ucs4_prefix, INSERT_HIT, INSERT_WEAK
+from smg._fast.hashing cimport fnv1a, hash_text, mix64
+from smg._fast.radix cimport RadixTree, Node, node_end, INSERT_HIT, INSERT_WEAK
+from smg._fast.text cimport Text, text_view
 
 _log = logging.getLogger("smg.policies")
 
@@ -320,18 +320,12 @@ cdef class PrefixHashPolicy(Policy):
         cdef uint64_t h, weight, best_weight = 0
         cdef Worker best = None, w
         cdef double total = 0.0, mean
-        cdef Py_ssize_t count = 0, n
-        cdef ucs4* buf
+        cdef Py_ssize_t count = 0
+        cdef Text view
         if text is None:
             return least_loaded(ready, now, None)
-        n = PyUnicode_GET_LENGTH(text)
-        if n > self.prefix_chars:
-            n = self.prefix_chars
-        buf = to_ucs4_prefix(text, n)
-        try:
-            h = hash_code_points(buf, n)
-        finally:
-            PyMem_Free(buf)
+        view = text_view(text, self.prefix_chars)
+        h = hash_text(&view, view.length)
         for w in ready:
             if w.routable(now):
                 total += w.inflight
@@ -912,7 +906,8 @@ cdef class CacheAwarePolicy(Policy):
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0
-        cdef ucs4* buf
+        cdef Text view
+        cdef Text* prompt = &view
         cdef Node* best
         cdef Node* node
         cdef Py_ssize_t matched, depth, held
@@ -930,11 +925,11 @@ cdef class CacheAwarePolicy(Policy):
             # the tree holds at most max_tree_size characters: a longer
             # prompt is routed (and recorded) by that much of its start
             n = self.max_tree_size
-        buf = to_ucs4_prefix(text, n)
+        view = text_view(text, n)
         try:
             g = self.gate(ready, now)
-            gkey = hash_code_points(buf, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
-            matched = self.tree.match(buf, n, &best, &depth)
+            gkey = hash_text(prompt, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
+            matched = self.tree.match(prompt, n, &best, &depth)
             node = best
             held = matched
             if node != NULL and matched > self.cache_threshold * n:
@@ -951,7 +946,7 @@ cdef class CacheAwarePolicy(Policy):
                 self.misses += 1
                 w = self.place(gkey, ready, &g, now, None)
                 if w is not None:
-                    self.tree.insert_matched(buf, n, best, matched, self.slot_for(w), now, INSERT_HIT)
+                    self.tree.insert_matched(prompt, n, best, matched, self.slot_for(w), now, INSERT_HIT)
                     w.next_prefill_chars = n
                 return w
             slot = self.slot_for(w)
@@ -979,7 +974,7 @@ cdef class CacheAwarePolicy(Policy):
             if target is None:
                 self.hits += 1
                 self.spill_rate[slot] = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING)
-                self.tree.insert_matched(buf, n, best, matched, slot, now, INSERT_HIT)
+                self.tree.insert_matched(prompt, n, best, matched, slot, now, INSERT_HIT)
                 w.next_prefill_chars = n - held
                 return w
             target.next_prefill_chars = (cost - target.prefill_queue_chars) // REPREFILL_WEIGHT
@@ -993,7 +988,7 @@ cdef class CacheAwarePolicy(Policy):
                 self.spill_rate[slot] = 0.0
                 _log.debug("cache_aware: prefix group %016x moves from %s to %s (%s; %d of %d characters "
                            "held there)", gkey, w.url, target.url, LEFT_REASON_NAMES[reason], held, n)
-                self.tree.hand_over(buf, n, slot, self.slot_for(target), now)
+                self.tree.hand_over(prompt, n, slot, self.slot_for(target), now)
                 return target
             # a one-off spill. The target holds the matched part from now on
             # (a later spill of the prefix finds it there), but claims none
@@ -1001,10 +996,9 @@ cdef class CacheAwarePolicy(Policy):
             # and repeats of this very prompt, stay with their owner
             self.spills_by[reason] += 1
             self.spill_rate[slot] = rate
-            self.tree.insert_matched(buf, matched, best, matched, self.slot_for(target), now, INSERT_WEAK)
+            self.tree.insert_matched(prompt, matched, best, matched, self.slot_for(target), now, INSERT_WEAK)
             return target
         finally:
-            PyMem_Free(buf)
             if self.tree.total_chars > self.max_tree_size:
                 self.trim(n)
 
@@ -1021,14 +1015,8 @@ cdef class CacheAwarePolicy(Policy):
 
 def group_key(str text):
     """The placement key of a routing text (its prefix group)."""
-    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
-    if n > PLACEMENT_KEY_CHARS:
-        n = PLACEMENT_KEY_CHARS
-    cdef ucs4* buf = to_ucs4_prefix(text, n)
-    try:
-        return hash_code_points(buf, n)
-    finally:
-        PyMem_Free(buf)
+    cdef Text view = text_view(text, PLACEMENT_KEY_CHARS)
+    return hash_text(&view, view.length)
 
 
 # --- groups and the router -------------------------------------------------

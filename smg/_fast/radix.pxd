@@ -6,11 +6,7 @@ cdef enum:
     INSERT_LEAD = 1     # a prefix handed over: the worker leads every node on the path
     INSERT_WEAK = 2     # the worker holds these nodes too, without a claim on their traffic
 
-ctypedef Py_UCS4 ucs4
-
-
-cdef ucs4* to_ucs4(str text) except NULL
-cdef ucs4* to_ucs4_prefix(str text, Py_ssize_t n) except NULL
+from smg._fast.text cimport Text, ucs4
 
 
 cdef struct Owner:
@@ -43,15 +39,15 @@ cdef class RadixTree:
     cdef int64_t* slot_chars        # characters owned per worker slot
     cdef int32_t slot_cap
 
-    cdef Py_ssize_t match(self, const ucs4* text, Py_ssize_t n, Node** best, Py_ssize_t* best_depth) noexcept
-    cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now, int mode=*) except -1
-    cdef int insert_matched(self, const ucs4* text, Py_ssize_t n, Node* best, Py_ssize_t matched, int32_t slot,
+    cdef Py_ssize_t match(self, const Text* text, Py_ssize_t n, Node** best, Py_ssize_t* best_depth) noexcept
+    cdef int insert(self, const Text* text, Py_ssize_t n, int32_t slot, double now, int mode=*) except -1
+    cdef int insert_matched(self, const Text* text, Py_ssize_t n, Node* best, Py_ssize_t matched, int32_t slot,
                             double now, int mode=*) except -1
-    cdef int _add_leaf(self, Node* parent, int32_t at, const ucs4* text, Py_ssize_t n, int32_t slot, double now,
-                       int mode) except -1
+    cdef int _add_leaf(self, Node* parent, int32_t at, const Text* text, Py_ssize_t start, Py_ssize_t end,
+                       int32_t slot, double now, int mode) except -1
     cdef int _own(self, Node* node, int32_t slot, double now, int mode) except -1
     cdef int remove_slot(self, int32_t slot) except -1
-    cdef int hand_over(self, const ucs4* text, Py_ssize_t n, int32_t from_slot, int32_t to_slot, double now) except -1
+    cdef int hand_over(self, const Text* text, Py_ssize_t n, int32_t from_slot, int32_t to_slot, double now) except -1
     cdef int _move_owner(self, Node* node, int32_t from_slot, int32_t to_slot) except -1
     cdef int64_t evict_to(self, int64_t max_chars) except -1
     cdef int _ensure_slot(self, int32_t slot) except -1

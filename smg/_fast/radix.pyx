@@ -13,38 +13,8 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from cpython.unicode cimport PyUnicode_AsUCS4Copy, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_READ
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
-
 from smg._fast.clock cimport monotonic
-
-
-cdef ucs4* to_ucs4(str text) except NULL:
-    """text's code points in a new buffer; free it with PyMem_Free."""
-    cdef ucs4* buf = PyUnicode_AsUCS4Copy(text)
-    if buf == NULL:
-        raise MemoryError()
-    return buf
-
-
-cdef ucs4* to_ucs4_prefix(str text, Py_ssize_t n) except NULL:
-    """The first n code points of text (all of them if it is shorter) in a
-    new buffer; free it with PyMem_Free. Copies n, not the whole text."""
-    cdef ucs4* buf
-    cdef unsigned int kind
-    cdef void* data
-    cdef Py_ssize_t i
-    if n >= PyUnicode_GET_LENGTH(text):
-        return to_ucs4(text)
-    buf = <ucs4*>PyMem_Malloc((n + 1) * sizeof(ucs4))
-    if buf == NULL:
-        raise MemoryError()
-    kind = PyUnicode_KIND(text)
-    data = PyUnicode_DATA(text)
-    for i in range(n):
-        buf[i] = PyUnicode_READ(kind, data, i)
-    buf[n] = 0
-    return buf
+from smg._fast.text cimport Text, char_at, text_view
 
 
 # --- labels ---------------------------------------------------------------
@@ -64,8 +34,13 @@ ctypedef fused label_char:
     uint16_t
     uint32_t
 
+ctypedef fused text_char:
+    uint8_t
+    uint16_t
+    uint32_t
 
-cdef inline Py_ssize_t _common(const label_char* label, const ucs4* t, Py_ssize_t m) noexcept nogil:
+
+cdef inline Py_ssize_t _common(const label_char* label, const text_char* t, Py_ssize_t m) noexcept nogil:
     """Whole blocks of BLOCK characters are compared first, with no branch
     inside a block (the compiler vectorises it): long prompts match mostly
     in long labels."""
@@ -84,44 +59,69 @@ cdef inline Py_ssize_t _common(const label_char* label, const ucs4* t, Py_ssize_
     return i
 
 
-cdef inline Py_ssize_t common_prefix(const Node* node, const ucs4* t, Py_ssize_t n) noexcept nogil:
-    """Leading characters node's label and t[:n] share."""
-    cdef Py_ssize_t m = node.length if node.length < n else n
+cdef inline Py_ssize_t _common_with(const label_char* label, const Text* t, Py_ssize_t pos, Py_ssize_t m) noexcept nogil:
+    if t.kind == 1:
+        return _common(label, (<const uint8_t*>t.data) + pos, m)
+    if t.kind == 2:
+        return _common(label, (<const uint16_t*>t.data) + pos, m)
+    return _common(label, (<const uint32_t*>t.data) + pos, m)
+
+
+cdef inline Py_ssize_t common_prefix(const Node* node, const Text* t, Py_ssize_t pos, Py_ssize_t n) noexcept nogil:
+    """Leading characters node's label and t[pos:n] share."""
+    cdef Py_ssize_t m = node.length if node.length < n - pos else n - pos
     if node.kind == 1:
-        return _common(<const uint8_t*>node.label, t, m)
+        return _common_with(<const uint8_t*>node.label, t, pos, m)
     if node.kind == 2:
-        return _common(<const uint16_t*>node.label, t, m)
-    return _common(<const uint32_t*>node.label, t, m)
+        return _common_with(<const uint16_t*>node.label, t, pos, m)
+    return _common_with(<const uint32_t*>node.label, t, pos, m)
 
 
-cdef int set_label(Node* node, const ucs4* t, Py_ssize_t n) except -1:
-    """Label `node` with t[:n], in the narrowest width that holds it."""
+cdef inline ucs4 _top(const text_char* chars, Py_ssize_t n) noexcept nogil:
     cdef ucs4 top = 0
     cdef Py_ssize_t i
-    cdef void* buf
     for i in range(n):
-        if t[i] > top:
-            top = t[i]
-    if top < 256:
-        buf = malloc(n if n else 1)
-        if buf == NULL:
-            raise MemoryError()
-        for i in range(n):
-            (<uint8_t*>buf)[i] = <uint8_t>t[i]
-        node.kind = 1
-    elif top < 65536:
-        buf = malloc(2 * n)
-        if buf == NULL:
-            raise MemoryError()
-        for i in range(n):
-            (<uint16_t*>buf)[i] = <uint16_t>t[i]
-        node.kind = 2
+        if chars[i] > top:
+            top = chars[i]
+    return top
+
+
+cdef inline void _narrow(const text_char* chars, label_char* out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = <label_char>chars[i]
+
+
+cdef int set_label(Node* node, const Text* t, Py_ssize_t start, Py_ssize_t end) except -1:
+    """Label `node` with t[start:end], in the narrowest width that holds it
+    (a str is only as wide as its widest character: a slice may be narrower)."""
+    cdef Py_ssize_t n = end - start
+    cdef ucs4 top
+    cdef int kind = t.kind
+    cdef const char* src = (<const char*>t.data) + start * t.kind
+    cdef void* buf
+    if kind == 2:
+        top = _top(<const uint16_t*>src, n)
+        if top < 256:
+            kind = 1
+    elif kind == 4:
+        top = _top(<const uint32_t*>src, n)
+        if top < 256:
+            kind = 1
+        elif top < 65536:
+            kind = 2
+    buf = malloc(n * kind if n else 1)
+    if buf == NULL:
+        raise MemoryError()
+    if kind == t.kind:
+        memcpy(buf, src, n * kind)
+    elif t.kind == 2:
+        _narrow(<const uint16_t*>src, <uint8_t*>buf, n)
+    elif kind == 1:
+        _narrow(<const uint32_t*>src, <uint8_t*>buf, n)
     else:
-        buf = malloc(4 * n)
-        if buf == NULL:
-            raise MemoryError()
-        memcpy(buf, t, 4 * n)
-        node.kind = 4
+        _narrow(<const uint32_t*>src, <uint16_t*>buf, n)
+    node.kind = kind
     node.label = buf
     node.length = <int32_t>n
     return 0
@@ -294,7 +294,7 @@ cdef class RadixTree:
         self.slot_cap = cap
         return 0
 
-    cdef Py_ssize_t match(self, const ucs4* text, Py_ssize_t n, Node** best, Py_ssize_t* best_depth) noexcept:
+    cdef Py_ssize_t match(self, const Text* text, Py_ssize_t n, Node** best, Py_ssize_t* best_depth) noexcept:
         """Characters of text[:n] found in the tree. `best` is the deepest node
         the match reached (its owners hold the matched characters; it may be
         matched only in part), `best_depth` the characters matched up to and
@@ -305,11 +305,11 @@ cdef class RadixTree:
         cdef Py_ssize_t pos = 0, common
         cdef int32_t i
         while pos < n:
-            i = child_index(node, text[pos])
+            i = child_index(node, char_at(text, pos))
             if i < 0:
                 break
             child = node.children[i]
-            common = common_prefix(child, text + pos, n - pos)
+            common = common_prefix(child, text, pos, n)
             pos += common
             deepest = child
             if common < child.length:
@@ -319,7 +319,7 @@ cdef class RadixTree:
         best_depth[0] = pos
         return pos
 
-    cdef int insert(self, const ucs4* text, Py_ssize_t n, int32_t slot, double now, int mode=INSERT_HIT) except -1:
+    cdef int insert(self, const Text* text, Py_ssize_t n, int32_t slot, double now, int mode=INSERT_HIT) except -1:
         """Record that text[:n] was sent to `slot` (see the INSERT_* modes).
         Every node on the path is owned by the slot afterwards."""
         cdef Node* node = self.root
@@ -328,12 +328,12 @@ cdef class RadixTree:
         cdef int32_t i
         self._ensure_slot(slot)
         while pos < n:
-            i = child_index(node, text[pos])
+            i = child_index(node, char_at(text, pos))
             if i < 0:
-                self._add_leaf(node, -i - 1, text + pos, n - pos, slot, now, mode)
+                self._add_leaf(node, -i - 1, text, pos, n, slot, now, mode)
                 return 0
             child = node.children[i]
-            common = common_prefix(child, text + pos, n - pos)
+            common = common_prefix(child, text, pos, n)
             if common < child.length:
                 self._split(node, i, common)
                 child = node.children[i]
@@ -343,7 +343,7 @@ cdef class RadixTree:
             node = child
         return 0
 
-    cdef int insert_matched(self, const ucs4* text, Py_ssize_t n, Node* best, Py_ssize_t matched, int32_t slot,
+    cdef int insert_matched(self, const Text* text, Py_ssize_t n, Node* best, Py_ssize_t matched, int32_t slot,
                             double now, int mode=INSERT_HIT) except -1:
         """insert(text, n, ...) for a text that match() just walked, with its
         result (best, matched): the same tree afterwards, without comparing
@@ -368,14 +368,15 @@ cdef class RadixTree:
             self._own(node, slot, now, mode)
             node = node.parent
         if matched < n:
-            i = child_index(best, text[matched])
-            self._add_leaf(best, -i - 1, text + matched, n - matched, slot, now, mode)
+            i = child_index(best, char_at(text, matched))
+            self._add_leaf(best, -i - 1, text, matched, n, slot, now, mode)
         return 0
 
-    cdef int _add_leaf(self, Node* parent, int32_t at, const ucs4* text, Py_ssize_t n, int32_t slot, double now,
-                       int mode) except -1:
+    cdef int _add_leaf(self, Node* parent, int32_t at, const Text* text, Py_ssize_t start, Py_ssize_t end,
+                       int32_t slot, double now, int mode) except -1:
+        """A new child of parent, at index `at`, labelled text[start:end]."""
         cdef Node* child = new_node(parent)
-        set_label(child, text, n)
+        set_label(child, text, start, end)
         add_child(parent, child, at)
         add_owner(child, slot, 0 if mode == INSERT_WEAK else 1, now)
         child.last_access = now
@@ -445,7 +446,7 @@ cdef class RadixTree:
         free_subtree(node)
         return 0
 
-    cdef int hand_over(self, const ucs4* text, Py_ssize_t n, int32_t from_slot, int32_t to_slot,
+    cdef int hand_over(self, const Text* text, Py_ssize_t n, int32_t from_slot, int32_t to_slot,
                        double now) except -1:
         """Move the prefix group of text[:n] from one worker slot to another.
 
@@ -466,11 +467,11 @@ cdef class RadixTree:
             if j >= 0:
                 total += self.root.children[i].owners[j].hits
         while pos < n:
-            i = child_index(node, text[pos])
+            i = child_index(node, char_at(text, pos))
             if i < 0:
                 break
             child = node.children[i]
-            common = common_prefix(child, text + pos, n - pos)
+            common = common_prefix(child, text, pos, n)
             if common < child.length:
                 break
             j = owner_index(child, from_slot)
@@ -572,47 +573,31 @@ cdef class RadixTree:
     # --- Python-facing API (tests, benchmarks, the policy's slow paths) ---
 
     def insert_text(self, str text, int slot, double now=-1.0, int mode=INSERT_HIT):
-        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
-        cdef ucs4* buf
-        if n == 0:
-            return
-        buf = to_ucs4(text)
-        try:
-            self.insert(buf, n, slot, now if now >= 0 else monotonic(), mode)
-        finally:
-            PyMem_Free(buf)
+        cdef Text view = text_view(text, -1)
+        if view.length:
+            self.insert(&view, view.length, slot, now if now >= 0 else monotonic(), mode)
 
     def match_and_insert_text(self, str text, int slot, double now=-1.0, int mode=INSERT_HIT):
         """match() then insert_matched(): for tests, which check it against insert_text()."""
-        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
-        cdef ucs4* buf
+        cdef Text view = text_view(text, -1)
         cdef Node* best
         cdef Py_ssize_t depth, matched
-        if n == 0:
+        if view.length == 0:
             return 0
-        buf = to_ucs4(text)
-        try:
-            matched = self.match(buf, n, &best, &depth)
-            self.insert_matched(buf, n, best, matched, slot, now if now >= 0 else monotonic(), mode)
-        finally:
-            PyMem_Free(buf)
+        matched = self.match(&view, view.length, &best, &depth)
+        self.insert_matched(&view, view.length, best, matched, slot, now if now >= 0 else monotonic(), mode)
         return matched
 
     def match_text(self, str text):
         """(matched characters, owners of the deepest node reached as
         {slot: (hits, last)}, characters before that node)."""
-        cdef ucs4* buf
+        cdef Text view = text_view(text, -1)
         cdef Node* best
         cdef Py_ssize_t depth, matched
-        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
         cdef int32_t k
-        if n == 0:
+        if view.length == 0:
             return 0, {}, 0
-        buf = to_ucs4(text)
-        try:
-            matched = self.match(buf, n, &best, &depth)
-        finally:
-            PyMem_Free(buf)
+        matched = self.match(&view, view.length, &best, &depth)
         owners = {}
         start = 0
         if best != NULL:
@@ -622,11 +607,8 @@ cdef class RadixTree:
         return matched, owners, start
 
     def hand_over_text(self, str text, int from_slot, int to_slot, double now=-1.0):
-        cdef ucs4* buf = to_ucs4(text)
-        try:
-            self.hand_over(buf, PyUnicode_GET_LENGTH(text), from_slot, to_slot, now if now >= 0 else monotonic())
-        finally:
-            PyMem_Free(buf)
+        cdef Text view = text_view(text, -1)
+        self.hand_over(&view, view.length, from_slot, to_slot, now if now >= 0 else monotonic())
 
     def remove_worker_slot(self, int slot):
         self.remove_slot(slot)
