@@ -1,6 +1,7 @@
 """Prefill/decode disaggregation with fake prefill and decode workers (which
 echo the bootstrap fields they received)."""
 
+import concurrent.futures
 import json
 import re
 import time
@@ -282,6 +283,24 @@ def test_a_prefill_answer_nobody_needs_is_read_until_the_deadline_at_most(fake_w
     wait_for(lambda: loads()[p.url] == 0, timeout=10, message="the prefill leg stopped")
     assert time.monotonic() - t0 >= 1.8
     wait_for(lambda: p.stats.in_flight == 0, message="the prefill worker saw the connection close")
+
+
+def test_a_prefill_leg_still_waiting_for_its_connection_is_sent_after_decode_answers(fake_workers, gateway):
+    """Decode can answer while prefill's leg waits for a connection (here the
+    only one, --max-connections-per-worker 1, is busy with a slow prefill):
+    that leg is still sent when the connection frees, as the reference
+    dispatches both sides of every request."""
+    (p,) = fake_workers(1, role="prefill", response_delay=0.5)
+    (d,) = fake_workers(1, role="decode")
+    g = pd_gateway(gateway, [p], [d], "--max-connections-per-worker", "1")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda i: request(g.port, "POST", "/generate", {"text": f"x{i}"}), range(2)))
+    assert [r.status for r in answers] == [200, 200]
+    assert d.stats.generation_requests == 2
+    wait_for(lambda: p.stats.generation_requests == 2, message="the waiting prefill leg sent")
+    wait_for(lambda: p.stats.in_flight == 0 and {w["url"]: w["load"] for w in g.workers()}[p.url] == 0,
+             message="both prefill legs ended")
+    assert len(p.stats.bootstrap) == 2
 
 
 def test_prefill_admission_limits_in_flight_requests_per_prefill_worker(fake_workers, gateway):

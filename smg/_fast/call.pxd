@@ -14,7 +14,7 @@ cdef class Leg
 
 cdef enum:
     # how a leg ends when its call no longer needs it (Leg.end)
-    LEG_FINISH = 0        # a response under way may finish (its connection is reused), until the deadline
+    LEG_FINISH = 0        # a leg under way (connecting, sending, answering) may finish, until the deadline
     LEG_STOP = 1          # stop now
     LEG_TIMED_OUT = 2     # stop now; a worker that has not answered counts as failed
 

@@ -333,9 +333,11 @@ cdef class Leg(Exchange):
         """The call no longer needs this leg (see LEG_FINISH and the others)."""
         if self.finished:
             return 0
-        if how == LEG_FINISH and self.up is not None:
+        if how == LEG_FINISH and (self.up is not None or self.waiter is not None):
             # e.g. prefill still sending when decode has ended: dropping the
-            # rest of its answer costs less than a new connection
+            # rest of its answer costs less than a new connection; a leg
+            # still waiting for its connection is sent when it has one (the
+            # worker gets every request it was chosen for)
             self.collecting = False
             self.parts = []
             if self.finish_by == 0:

@@ -351,6 +351,8 @@ cdef class PDCall(ClientCall):
     cdef int leg_head(self, Leg leg, ResponseParser p, bytes data, Py_ssize_t off, Py_ssize_t n) except -1:
         cdef int status = p.status
         leg.worker.record_outcome(not failure_status(status), monotonic())
+        if self.done:
+            return 0  # a leg left to finish after the client's answer (Leg.end)
         if status < 200 or status >= 300:
             if retryable_status(status) and self.can_retry():
                 self.retry_pair(leg, f"worker answered {status}")
