@@ -19,6 +19,15 @@ Floods:
                   once with round_robin (the body streams to the worker:
                   --max-buffered-request-bytes) and once with cache_aware
                   (the gateway must read the prompt, so it holds it whole)
+  huge-prompt     one client sends one 100 MB prompt to /generate with the
+                  API key, on each policy (--huge-mb sets the size)
+  huge-pipelined  the same prompt pipelined behind a streaming request on
+                  one connection (cache_aware)
+
+"after" is the RSS above idle once the clients have gone and it has
+settled (what the floods left held: buffers, the radix tree).
+
+    .venv/bin/python benchmarks/floods.py --only huge-prompt,huge-pipelined
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from load import GatewayProc, Workers  # noqa: E402
+from smg.config import POLICIES  # noqa: E402
 
 
 def rss_kb(pid: int) -> int:
@@ -135,8 +145,47 @@ def large_body_client(port: int) -> None:
             answer += chunk
 
 
-def flood(gw: GatewayProc, clients: int, target, *args) -> tuple[int, int, int, int]:
-    """(idle RSS kB, peak RSS kB, fds before, fds after)."""
+def huge_prompt_client(port: int, megabytes: int, pipelined: bool) -> None:
+    """One authorised prompt of `megabytes` MB (behind a streaming request
+    on the same connection when `pipelined`); returns once it is answered."""
+    body = b'{"text": "' + b"h" * (megabytes << 20) + b'"}'
+    auth = b"Authorization: Bearer sekret\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        if pipelined:
+            slow = b'{"text": "slow", "stream": true}'
+            s.sendall(post_head("/generate", len(slow), auth) + slow)
+        s.sendall(post_head("/generate", len(body), auth))
+        view = memoryview(body)
+        del body
+        for i in range(0, len(view), 1 << 20):
+            s.sendall(view[i:i + (1 << 20)])
+        view.release()
+        answer = b""
+        expected = 2 if pipelined else 1
+        while answer.count(b"HTTP/1.1 ") < expected or not answer.endswith(b"}"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            answer += chunk
+        if answer.count(b"HTTP/1.1 200 ") != expected:
+            print(f"huge prompt not answered 200: {answer[:300]!r}", file=sys.stderr)
+
+
+def settled_rss_kb(pid: int, seconds: float = 3.0) -> int:
+    """RSS once it has stopped falling (a freed buffer goes back in steps)."""
+    last = rss_kb(pid)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = rss_kb(pid)
+        if now >= last and time.monotonic() > deadline - seconds / 2:
+            return now
+        last = now
+    return last
+
+
+def flood(gw: GatewayProc, clients: int, target, *args) -> tuple[int, int, int, int, int]:
+    """(idle RSS kB, peak RSS kB, settled RSS kB after, fds before, fds after)."""
     pid = gw.proc.pid
     fds_before = open_fds(pid)
     idle = rss_kb(pid)
@@ -150,60 +199,103 @@ def flood(gw: GatewayProc, clients: int, target, *args) -> tuple[int, int, int, 
     deadline = time.monotonic() + 30
     while open_fds(pid) > fds_before and time.monotonic() < deadline:
         time.sleep(0.1)
-    return idle, peak, fds_before, open_fds(pid)
+    return idle, peak, settled_rss_kb(pid), fds_before, open_fds(pid)
+
+
+def smg(args: list[str]) -> GatewayProc:
+    gw = GatewayProc("smg", [sys.executable, "-m", "smg"], args + ["--max-concurrent-requests", "1000"])
+    gw.wait_ready()
+    return gw
+
+
+def hostile_floods(clients: int, rows: list) -> None:
+    slow = Workers(1, stream_chunks=20, extra=("--stream-interval", "0.2"))
+    gw = None
+    try:
+        gw = smg(["--api-key", "sekret", "--worker-urls", *slow.urls])
+        rows.append(("refused-bodies", *flood(gw, clients, refused_body_client)))
+        gw.stop()
+        gw = smg(["--worker-urls", *slow.urls])  # the pipelined flood is authorized
+        rows.append(("pipelined", *flood(gw, clients, pipelined_client, 3.0)))
+    finally:
+        if gw is not None:
+            gw.stop()
+        slow.stop()
+
+
+def pd_floods(clients: int, rows: list) -> None:
+    prefill = Workers(1, role="prefill", extra=("--response-delay", "3"))
+    decode = Workers(1, role="decode", stream_chunks=500)
+    try:
+        gw = smg(["--pd-disaggregation", "--prefill", prefill.urls[0], "none", "--decode", decode.urls[0]])
+        try:
+            rows.append(("pd-logprobs", *flood(gw, clients, pd_logprob_client, 5.0)))
+        finally:
+            gw.stop()
+    finally:
+        prefill.stop()
+        decode.stop()
+
+
+def large_body_floods(clients: int, rows: list) -> None:
+    for policy in ("round_robin", "cache_aware"):
+        worker = Workers(1)
+        try:
+            gw = smg(["--worker-urls", *worker.urls, "--policy", policy])
+            try:
+                rows.append((f"large-bodies ({policy})", *flood(gw, clients, large_body_client)))
+            finally:
+                gw.stop()
+        finally:
+            worker.stop()
+
+
+def huge_prompt_floods(megabytes: int, rows: list, policies=POLICIES, pipelined: bool = False) -> None:
+    workers = Workers(2, stream_chunks=20, extra=("--stream-interval", "0.1"))
+    try:
+        for policy in policies:
+            gw = smg(["--api-key", "sekret", "--worker-urls", *workers.urls, "--policy", policy])
+            try:
+                name = f"huge-pipelined ({policy})" if pipelined else f"huge-prompt ({policy})"
+                rows.append((name, *flood(gw, 1, huge_prompt_client, megabytes, pipelined)))
+            finally:
+                gw.stop()
+    finally:
+        workers.stop()
+
+
+FLOODS = ("hostile", "pd-logprobs", "large-bodies", "huge-prompt", "huge-pipelined")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--huge-mb", type=int, default=100, help="the huge prompt's size in MB")
+    ap.add_argument("--only", default=",".join(FLOODS),
+                    help="comma-separated floods to run (hostile: refused-bodies and pipelined)")
     args = ap.parse_args()
-    rows = []
+    chosen = args.only.split(",")
+    unknown = set(chosen) - set(FLOODS)
+    if unknown:
+        ap.error(f"unknown floods {sorted(unknown)}; choose from {', '.join(FLOODS)}")
+    rows: list = []
+    if "hostile" in chosen:
+        hostile_floods(args.clients, rows)
+    if "pd-logprobs" in chosen:
+        pd_floods(args.clients, rows)
+    if "large-bodies" in chosen:
+        large_body_floods(args.clients, rows)
+    if "huge-prompt" in chosen:
+        huge_prompt_floods(args.huge_mb, rows)
+    if "huge-pipelined" in chosen:
+        huge_prompt_floods(args.huge_mb, rows, ("cache_aware",), pipelined=True)
 
-    slow = Workers(1, stream_chunks=20, extra=("--stream-interval", "0.2"))
-    gw = GatewayProc("smg", [sys.executable, "-m", "smg"], ["--api-key", "sekret", "--worker-urls", *slow.urls,
-                                                           "--max-concurrent-requests", "1000"])
-    try:
-        gw.wait_ready()
-        rows.append(("refused-bodies", *flood(gw, args.clients, refused_body_client)))
-        # the pipelined flood is authorized
-        gw.stop()
-        gw = GatewayProc("smg", [sys.executable, "-m", "smg"], ["--worker-urls", *slow.urls,
-                                                               "--max-concurrent-requests", "1000"])
-        gw.wait_ready()
-        rows.append(("pipelined", *flood(gw, args.clients, pipelined_client, 3.0)))
-    finally:
-        gw.stop()
-        slow.stop()
-
-    prefill = Workers(1, role="prefill", extra=("--response-delay", "3"))
-    decode = Workers(1, role="decode", stream_chunks=500)
-    gw = GatewayProc("smg", [sys.executable, "-m", "smg"],
-                     ["--pd-disaggregation", "--prefill", prefill.urls[0], "none", "--decode", decode.urls[0],
-                      "--max-concurrent-requests", "1000"])
-    try:
-        gw.wait_ready()
-        rows.append(("pd-logprobs", *flood(gw, args.clients, pd_logprob_client, 5.0)))
-    finally:
-        gw.stop()
-        prefill.stop()
-        decode.stop()
-
-    for policy in ("round_robin", "cache_aware"):
-        worker = Workers(1)
-        gw = GatewayProc("smg", [sys.executable, "-m", "smg"], ["--worker-urls", *worker.urls, "--policy", policy,
-                                                               "--max-concurrent-requests", "1000"])
-        try:
-            gw.wait_ready()
-            rows.append((f"large-bodies ({policy})", *flood(gw, args.clients, large_body_client)))
-        finally:
-            gw.stop()
-            worker.stop()
-
-    print(f"\n{args.clients} clients at once\n")
-    print("| flood | idle RSS MB | peak above idle MB | fds before | fds after |")
-    print("|---|---:|---:|---:|---:|")
-    for name, idle, peak, before, after in rows:
-        print(f"| {name} | {idle / 1024:.0f} | {(peak - idle) / 1024:.1f} | {before} | {after} |")
+    print(f"\n{args.clients} clients at once (huge-*: 1 client, {args.huge_mb} MB)\n")
+    print("| flood | idle RSS MB | peak above idle MB | after, above idle MB | fds before | fds after |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, idle, peak, after, before, fds_after in rows:
+        print(f"| {name} | {idle / 1024:.0f} | {(peak - idle) / 1024:.1f} | {(after - idle) / 1024:.1f} "
+              f"| {before} | {fds_after} |")
 
 
 if __name__ == "__main__":

@@ -349,3 +349,24 @@ def test_patch_and_put_a_worker(fake_workers, gateway):
     assert g.get(f"/workers/{new_id}").json()["labels"]["tier"] == "gpu"
     assert request(g.port, "PUT", f"/workers/{new_id}", {"url": "http://127.0.0.1:1"}).status == 400
     assert g.post("/generate", {"text": "x"}).status == 200
+
+
+def test_a_long_prompt_is_retried_by_its_text_read_again_from_the_body(fake_workers, gateway):
+    """A routing text over 64 Ki characters is not kept beside the body while
+    the call lasts; a retry reads it from the body again and routes by it."""
+    a, b = fake_workers(2)
+    g = gateway(["--policy", "cache_aware", "--worker-urls", a.url, b.url, "--retry-initial-backoff-ms", "1",
+                 "--disable-circuit-breaker"], wait_workers=2)
+    prompt = "[long] " + "p" * 100_000
+    first = g.post("/generate", {"text": prompt})
+    assert first.status == 200
+    owner, other = (a, b) if first.headers["x-smg-routed-worker-id"] == a.url else (b, a)
+    owner.set(fail_status=503, fail_count=1)
+    again = g.post("/generate", {"text": prompt + " and more"})
+    assert again.status == 200
+    assert again.headers["x-smg-routed-worker-id"] == other.url
+    assert owner.stats.generation_requests == 2 and other.stats.generation_requests == 1
+    # the retry was routed by the prompt too: cache_aware counted it (its
+    # owner found, then avoided); a retry without it would count nothing
+    decisions = dict(re.findall(r'smg_cache_aware_decisions_total\{decision="(\w+)",[^}]*\} (\S+)', g.metrics()))
+    assert (float(decisions["miss"]), float(decisions["hit"])) == (1, 2)

@@ -363,6 +363,27 @@ def test_the_tree_never_holds_more_than_its_budget():
     assert p.evict() == 0  # nothing left for the periodic eviction
 
 
+def test_one_prompt_holds_at_most_an_eighth_of_a_large_tree():
+    """A prompt is routed and held by at most max(1 Mi, max-tree-size / 8)
+    characters: one huge prompt neither flushes the other prefixes nor
+    doubles what the gateway holds of it."""
+    ws = workers(2)
+    p = CacheAwarePolicy(max_tree_size=16 << 20)
+    assert p.prompt_budget_py() == 2 << 20
+    assert CacheAwarePolicy(max_tree_size=1 << 20).prompt_budget_py() == 1 << 20
+    assert CacheAwarePolicy(max_tree_size=1000).prompt_budget_py() == 1000
+    others = [f"conversation {i} " + "o" * 1000 for i in range(50)]
+    owners = [route(p, ws, text, now=0.01 * i) for i, text in enumerate(others)]
+    before = p.tree.total_chars
+    huge = "[huge] " + "h" * (3 << 20)
+    route(p, ws, huge, now=1.0)
+    assert p.tree.match_text(huge)[0] == 2 << 20
+    assert p.tree.total_chars == before + (2 << 20)
+    # the others are still held where they were placed
+    assert all(p.tree.match_text(text)[0] == len(text) for text in others)
+    assert [route(p, ws, text + " next turn", now=2.0) for text in others] == owners
+
+
 @pytest.mark.parametrize("endpoint, body, expected", [
     (EP_GENERATE, {"text": "hello"}, "hello"),
     (EP_GENERATE, {"text": ["a", "b"]}, "a b"),

@@ -578,6 +578,14 @@ DEF PLACEMENT_KEY_CHARS = 256
 # once, to this share of it (see CacheAwarePolicy.trim).
 DEF TRIM_TO = 0.875
 
+# One prompt is routed, and held in the tree, by at most its first
+# max_tree_size / PROMPT_SHARE characters (at least PROMPT_FLOOR_CHARS):
+# 8 Mi characters at the default budget, longer than any model's context,
+# so routing loses nothing, while one huge prompt cannot flush every other
+# prefix from the tree nor make the gateway hold a second copy of itself.
+DEF PROMPT_SHARE = 8
+DEF PROMPT_FLOOR_CHARS = 1048576
+
 # What leaving costs. On its owner, a prompt costs the prefill queued there
 # ahead of it (Worker.prefill_queue_chars) plus the part of the prompt that
 # the owner does not hold; on another worker, the queue there plus
@@ -921,10 +929,9 @@ cdef class CacheAwarePolicy(Policy):
             return None
         if n == 0:
             return least_loaded(ready, now, None)
-        if n > self.max_tree_size:
-            # the tree holds at most max_tree_size characters: a longer
-            # prompt is routed (and recorded) by that much of its start
-            n = self.max_tree_size
+        if n > self.prompt_budget():
+            # a longer prompt is routed (and recorded) by that much of its start
+            n = self.prompt_budget()
         view = text_view(text, n)
         try:
             g = self.gate(ready, now)
@@ -1001,6 +1008,16 @@ cdef class CacheAwarePolicy(Policy):
         finally:
             if self.tree.total_chars > self.max_tree_size:
                 self.trim(n)
+
+    cdef inline Py_ssize_t prompt_budget(self) noexcept:
+        """The characters of one prompt that routing reads (see PROMPT_SHARE)."""
+        cdef long long share = self.max_tree_size // PROMPT_SHARE
+        if share < PROMPT_FLOOR_CHARS:
+            share = PROMPT_FLOOR_CHARS
+        return <Py_ssize_t>(share if share < self.max_tree_size else self.max_tree_size)
+
+    def prompt_budget_py(self):
+        return self.prompt_budget()
 
     cdef int trim(self, Py_ssize_t keep) except -1:
         """The tree has grown past max_tree_size: evict the least recently

@@ -14,6 +14,7 @@ import time
 import orjson
 
 from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_GET_LENGTH
 from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.exchange cimport FAIL_CONNECT
@@ -29,6 +30,11 @@ from smg._fast.worker import TYPE_NAMES
 
 _log = logging.getLogger("smg.proxy")
 _TYPE_NAMES = TYPE_NAMES
+
+
+# A routing text longer than this is not kept for the call's retries: the
+# body holds the same characters, and a retry reads them from it again.
+DEF KEPT_TEXT_CHARS = 65536
 
 
 cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int worker_type):
@@ -241,7 +247,9 @@ cdef class ProxyCall(ClientCall):
     """One leg at a time, to a worker of one group; a failed attempt goes to
     another worker (the policy is told which one failed)."""
     cdef WorkerGroup group
-    cdef str text
+    cdef int endpoint
+    cdef str text                        # the routing text (None: not needed, or let go: see attempt)
+    cdef bint text_let_go
     cdef bytes key
     cdef Worker failed_worker
     cdef bytes head_start
@@ -255,6 +263,7 @@ cdef class ProxyCall(ClientCall):
                   str label) except -1:
         self.setup(handler.settings, handler.endpoint_name, cycle, group.worker_type, "regular", label)
         self.group = group
+        self.endpoint = handler.endpoint
         self.text = text
         self.key = key
         if group.sticky is not None:
@@ -278,9 +287,17 @@ cdef class ProxyCall(ClientCall):
         return ClientCall.start(self)
 
     cdef int attempt(self) except -1:
-        cdef Worker w = self.group.select(self.text, self.key, monotonic(), self.failed_worker, self.session)
+        cdef Worker w
         cdef bytes auth, body, head
         cdef Leg leg
+        if self.text_let_go:
+            # a retry of a long prompt: its text again, from the body
+            self.text = routing_text(self.endpoint, orjson.loads(self.req.body))
+        w = self.group.select(self.text, self.key, monotonic(), self.failed_worker, self.session)
+        if self.text is not None and PyUnicode_GET_LENGTH(self.text) > KEPT_TEXT_CHARS:
+            # while the call lasts the body is all it holds of a long prompt
+            self.text = None
+            self.text_let_go = True
         if w is None:
             self.fail_to_client(self.error_status, self.error_code, self.error_message)
             return 0

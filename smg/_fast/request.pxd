@@ -1,3 +1,6 @@
+from cpython.object cimport PyObject
+
+
 cdef class Request:
     """A client's request as parsed: the request line, the headers the
     gateway uses (raw values), the body, and what the server decided when
@@ -7,7 +10,7 @@ cdef class Request:
     cdef public str path
     cdef public bytes query
     cdef public object body              # bytes once complete
-    cdef list body_parts
+    cdef PyObject* body_buf              # a body of several parts, filled in place (see add_body)
     cdef public long long body_len
     cdef public bint keep_alive
     cdef public int http_minor

@@ -5,7 +5,10 @@ ids (the client's when it sent a usable one, else made here)."""
 
 import os
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE, _PyBytes_Resize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF
+from libc.string cimport memcpy
 
 
 # header slots: lowercase name -> slot; common spellings pre-seeded so most
@@ -140,7 +143,7 @@ cdef class Request:
         self.path = ""
         self.query = b""
         self.body = b""
-        self.body_parts = None
+        self.body_buf = NULL
         self.body_len = 0
         self.keep_alive = True
         self.http_minor = 1
@@ -229,20 +232,49 @@ cdef class Request:
         self.id_from_client = self.request_id is not None
         return 0
 
+    def __dealloc__(self):
+        Py_XDECREF(self.body_buf)
+
     cdef int add_body(self, bytes data) except -1:
-        self.body_len += PyBytes_GET_SIZE(data)
-        if self.body_parts is not None:
-            self.body_parts.append(data)
-        elif self.body:
-            self.body_parts = [self.body, data]
-        else:
+        """A part of the body as the parser hands it over. One part is kept
+        as it is; from the second, the parts are copied into one buffer
+        that grows in place (a large buffer is its own mapping, and growing
+        it remaps pages instead of copying them), so a body costs about its
+        own size: no list of parts joined into a second copy at the end."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef Py_ssize_t fill = self.body_len
+        cdef Py_ssize_t capacity
+        if n == 0:
+            return 0
+        if fill == 0:
             self.body = data
+            self.body_len = n
+            return 0
+        if self.body_buf == NULL:
+            first = self.body
+            buf = PyBytes_FromStringAndSize(NULL, 2 * (fill + n))
+            Py_INCREF(buf)  # the reference body_buf holds
+            self.body_buf = <PyObject*>buf
+            buf = None
+            memcpy(PyBytes_AS_STRING(<object>self.body_buf), PyBytes_AS_STRING(first), fill)
+            self.body = b""
+            first = None
+        capacity = PyBytes_GET_SIZE(<object>self.body_buf)
+        if fill + n > capacity:
+            _PyBytes_Resize(&self.body_buf, max(2 * capacity, fill + n))
+        memcpy(PyBytes_AS_STRING(<object>self.body_buf) + fill, PyBytes_AS_STRING(data), n)
+        self.body_len = fill + n
         return 0
 
     cdef bytes finish_body(self):
-        if self.body_parts is not None:
-            self.body = b"".join(self.body_parts)
-            self.body_parts = None
+        """The whole body (what has arrived, for a body streamed from here)."""
+        cdef PyObject* buf = self.body_buf
+        if buf != NULL:
+            self.body_buf = NULL
+            if PyBytes_GET_SIZE(<object>buf) != self.body_len:
+                _PyBytes_Resize(&buf, self.body_len)
+            self.body = <object>buf
+            Py_DECREF(<object>buf)
         return self.body
 
     def __repr__(self):
