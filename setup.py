@@ -25,6 +25,7 @@ FAST_MODULES = [
     "server",
     "call",
     "routing_text",
+    "bodyjson",
     "radix",
     "policies",
     "proxy",

@@ -64,12 +64,33 @@ def post(path: str, body: bytes) -> bytes:
     return post_head(path, len(body)) + body
 
 
+class InFlight:
+    """Bytes the clients have sent whose answer has not arrived (sampled
+    beside the RSS: a flood's "bytes in flight")."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.peak = 0
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.bytes += n
+
+    def reset(self) -> None:
+        self.bytes = self.peak = 0
+
+
+IN_FLIGHT = InFlight()
+
+
 class PeakSampler:
-    """Samples a process's RSS every 20 ms in a thread."""
+    """Samples a process's RSS (and IN_FLIGHT) every 20 ms in a thread."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self.peak = 0
+        IN_FLIGHT.reset()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -77,6 +98,7 @@ class PeakSampler:
     def run(self) -> None:
         while not self.stop.is_set():
             self.peak = max(self.peak, rss_kb(self.pid))
+            IN_FLIGHT.peak = max(IN_FLIGHT.peak, IN_FLIGHT.bytes)
             time.sleep(0.02)
 
     def finish(self) -> int:
@@ -137,12 +159,14 @@ def large_body_client(port: int) -> None:
         view = memoryview(body)
         for i in range(0, len(body), 1 << 20):
             s.sendall(view[i:i + (1 << 20)])
+        IN_FLIGHT.add(len(body))
         answer = b""
         while b"\r\n\r\n" not in answer:  # the answer's head: the request is done
             chunk = s.recv(1 << 16)
             if not chunk:
                 break
             answer += chunk
+        IN_FLIGHT.add(-len(body))
 
 
 def huge_prompt_client(port: int, megabytes: int, pipelined: bool) -> None:
@@ -159,6 +183,7 @@ def huge_prompt_client(port: int, megabytes: int, pipelined: bool) -> None:
         del body
         for i in range(0, len(view), 1 << 20):
             s.sendall(view[i:i + (1 << 20)])
+        IN_FLIGHT.add(len(view))
         view.release()
         answer = b""
         expected = 2 if pipelined else 1
@@ -167,6 +192,7 @@ def huge_prompt_client(port: int, megabytes: int, pipelined: bool) -> None:
             if not chunk:
                 break
             answer += chunk
+        IN_FLIGHT.add(-(megabytes << 20) - 12)
         if answer.count(b"HTTP/1.1 200 ") != expected:
             print(f"huge prompt not answered 200: {answer[:300]!r}", file=sys.stderr)
 
@@ -184,8 +210,8 @@ def settled_rss_kb(pid: int, seconds: float = 3.0) -> int:
     return last
 
 
-def flood(gw: GatewayProc, clients: int, target, *args) -> tuple[int, int, int, int, int]:
-    """(idle RSS kB, peak RSS kB, settled RSS kB after, fds before, fds after)."""
+def flood(gw: GatewayProc, clients: int, target, *args) -> tuple[int, int, int, int, int, int]:
+    """(idle RSS kB, peak RSS kB, settled RSS kB after, peak bytes in flight, fds before, fds after)."""
     pid = gw.proc.pid
     fds_before = open_fds(pid)
     idle = rss_kb(pid)
@@ -199,7 +225,7 @@ def flood(gw: GatewayProc, clients: int, target, *args) -> tuple[int, int, int, 
     deadline = time.monotonic() + 30
     while open_fds(pid) > fds_before and time.monotonic() < deadline:
         time.sleep(0.1)
-    return idle, peak, settled_rss_kb(pid), fds_before, open_fds(pid)
+    return idle, peak, settled_rss_kb(pid), IN_FLIGHT.peak, fds_before, open_fds(pid)
 
 
 def smg(args: list[str]) -> GatewayProc:
@@ -239,7 +265,8 @@ def pd_floods(clients: int, rows: list) -> None:
 
 def large_body_floods(clients: int, rows: list) -> None:
     for policy in ("round_robin", "cache_aware"):
-        worker = Workers(1)
+        # the worker answers 3 s after a body has arrived: most bodies are in flight at once
+        worker = Workers(1, extra=("--response-delay", "3"))
         try:
             gw = smg(["--worker-urls", *worker.urls, "--policy", policy])
             try:
@@ -291,11 +318,14 @@ def main() -> None:
         huge_prompt_floods(args.huge_mb, rows, ("cache_aware",), pipelined=True)
 
     print(f"\n{args.clients} clients at once (huge-*: 1 client, {args.huge_mb} MB)\n")
-    print("| flood | idle RSS MB | peak above idle MB | after, above idle MB | fds before | fds after |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, idle, peak, after, before, fds_after in rows:
+    print("| flood | idle RSS MB | peak above idle MB | after, above idle MB | peak bytes in flight MB "
+          "| fds before | fds after |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, idle, peak, after, in_flight, before, fds_after in rows:
         print(f"| {name} | {idle / 1024:.0f} | {(peak - idle) / 1024:.1f} | {(after - idle) / 1024:.1f} "
-              f"| {before} | {fds_after} |")
+              f"| {in_flight / 2**20:.0f} | {before} | {fds_after} |" if in_flight else
+              f"| {name} | {idle / 1024:.0f} | {(peak - idle) / 1024:.1f} | {(after - idle) / 1024:.1f} "
+              f"| - | {before} | {fds_after} |")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import uvloop
 
 from smg import logs
 from smg._fast.policies import Router
-from smg._fast.request import Request
+from smg._fast.request import Request, map_large_allocations
 from smg._fast.routes import Response, error_response, text_response
 from smg.config import Config, PrefillSpec
 from smg.gateway import TICK_SECONDS, DataPlane, policy_factory, raise_fd_limit, sticky_max_idle
@@ -167,6 +167,7 @@ def main() -> None:
     index = spec["index"]
     logs.setup(cfg.log_level, cfg.log_json, cfg.log_dir, file_name=f"smg-dataplane-{index}.log")
     raise_fd_limit()
+    map_large_allocations()
     control = socket.socket(fileno=spec["control_fd"])
     listening = [socket.socket(fileno=fd) for fd in spec["listen_fds"]]
 

@@ -44,6 +44,7 @@ from smg._fast.call import CallSettings, stop_overdue_legs
 from smg._fast.proxy import ProxyHandler
 from smg._fast.routing_text import ENDPOINTS
 from smg._fast.admission import Admission
+from smg._fast.request import map_large_allocations
 from smg._fast.routes import Route, set_buckets
 from smg._fast.server import ServerCore
 from smg._fast.worker import DECODE, PREFILL, REGULAR
@@ -516,6 +517,7 @@ def run(cfg: Config) -> int:
     for notice in cfg.startup_notices:
         log.info("%s", notice)
     raise_fd_limit()
+    map_large_allocations()
     if cfg.service_discovery:
         from kubernetes.config import ConfigException
 

@@ -15,6 +15,7 @@ import orjson
 
 from cpython.bytes cimport PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_GET_LENGTH
+from smg._fast.bodyjson cimport parse_json
 from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.exchange cimport FAIL_CONNECT
@@ -75,7 +76,7 @@ cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int
 cdef object parse_body(RequestCycle cycle, int endpoint):
     """The request body as a dict, or None after answering with a 400."""
     try:
-        obj = orjson.loads(cycle.req.body)
+        obj = parse_json(cycle.req.body)
     except orjson.JSONDecodeError as e:
         cycle.respond_error(400, "json_parse_error", f"Failed to parse the request body as JSON: {e}")
         return None
@@ -292,7 +293,7 @@ cdef class ProxyCall(ClientCall):
         cdef Leg leg
         if self.text_let_go:
             # a retry of a long prompt: its text again, from the body
-            self.text = routing_text(self.endpoint, orjson.loads(self.req.body))
+            self.text = routing_text(self.endpoint, parse_json(self.req.body))
         w = self.group.select(self.text, self.key, monotonic(), self.failed_worker, self.session)
         if self.text is not None and PyUnicode_GET_LENGTH(self.text) > KEPT_TEXT_CHARS:
             # while the call lasts the body is all it holds of a long prompt

@@ -11,6 +11,28 @@ from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF
 from libc.string cimport memcpy
 
 
+cdef extern from *:
+    """
+    #ifdef __GLIBC__
+    #include <malloc.h>
+    static int smg_map_large_allocations(int threshold) { return mallopt(M_MMAP_THRESHOLD, threshold); }
+    #else
+    static int smg_map_large_allocations(int threshold) { (void)threshold; return 0; }
+    #endif
+    """
+    int smg_map_large_allocations(int threshold)
+
+
+def map_large_allocations(int threshold=1 << 20):
+    """Allocations of `threshold` bytes or more (request bodies, long
+    prompts) get their own mappings, given back to the system when freed.
+    Without a fixed threshold glibc raises it after freeing such a block
+    (up to 32 MB), so the next large bodies come from the heap, where what
+    they leave behind stays in the process after the requests end. Returns
+    whether the allocator took the setting (glibc)."""
+    return smg_map_large_allocations(threshold) == 1
+
+
 # header slots: lowercase name -> slot; common spellings pre-seeded so most
 # headers need one dict lookup and no lower()
 DEF H_IGNORE = 0
