@@ -40,7 +40,7 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
     for route in dp.core.all_routes():
         routes[route.path] = {
             "requests": {m.decode("latin-1"): n for m, n in route.requests.items()},
-            "responses": [[status, code or "", n] for (status, code), n in route.responses.items()],
+            "responses": [[status, code or "", n] for (status, code), n in route.response_counts().items()],
             "durations": {m.decode("latin-1"): list(h.snapshot()[:2]) for m, h in route.durations.items()},
         }
     workers = {}
@@ -79,10 +79,11 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
         "cb_transitions": [[url, old, new, n] for (url, old, new), n in dp.registry.cb_transitions.items()],
         "retries": [[t, e, n] for (t, e), n in settings.retries.items()],
         "retries_exhausted": [[t, e, n] for (t, e), n in settings.retries_exhausted.items()],
-        "router_requests": [[*key, n] for key, n in settings.routed.items()],
+        "router_requests": settings.routed_counts(),
         "router_errors": [[*key, n] for key, n in settings.errors.items()],
-        "router_upstream": [[*key, n] for key, n in settings.upstream.items()],
-        "router_durations": [[*key, *h.snapshot()[:2]] for key, h in settings.durations.items()],
+        "router_upstream": [[*key, n] for key, n in settings.upstream_counts().items()],
+        "router_durations": [[*key, *s.durations.snapshot()[:2]] for key, s in settings.series.items()
+                             if s.durations.count],
         "cache_aware": cache_aware,
     }
 

@@ -4,6 +4,7 @@ from smg._fast.http1 cimport ResponseParser
 from smg._fast.cycle cimport RequestCycle
 from smg._fast.request cimport Request
 from smg._fast.upstream cimport UpstreamConnection, ConnectWaiter
+from smg._fast.routes cimport Histogram
 from smg._fast.worker cimport Worker
 from smg._fast.policies cimport Router
 from smg._fast.admission cimport Admission
@@ -31,6 +32,14 @@ cpdef bytes with_dp_rank(bytes body, int rank)
 cdef Leg new_leg(ClientCall call, Worker worker, bytes head, object body, bint decoded)
 
 
+cdef class RouterSeries:
+    """The router metrics of one (backend, model, endpoint): the requests
+    routed, by whether they stream, and the calls' durations."""
+    cdef public long long plain
+    cdef public long long streamed
+    cdef public Histogram durations
+
+
 cdef class CallSettings:
     """What all proxied calls share: the router, admission control, retry
     and timeout settings, and the retry counters (read by smg.metrics)."""
@@ -50,13 +59,13 @@ cdef class CallSettings:
     cdef public dict retries
     cdef public dict retries_exhausted
     # smg_router_* (the reference's family), read by smg.metrics
-    cdef public dict routed              # (backend, model, endpoint, streaming) -> count
+    cdef public dict series              # (backend, model, endpoint) -> RouterSeries
     cdef public dict errors              # (backend, model, endpoint, error_type) -> count
-    cdef public dict upstream            # (status, error_code) -> count
-    cdef public dict durations           # (backend, model, endpoint) -> Histogram
+    cdef dict upstream                   # (status, error_code) -> count, with an error code
+    cdef long long answered[600]         # status -> count, answers without one (see upstream_counts)
 
     cdef double backoff(self, int retry_index)
-    cdef int count_routed(self, str backend, str model, str endpoint, bint streaming) except -1
+    cdef RouterSeries series_of(self, str backend, str model, str endpoint)
     cdef int count_error(self, str backend, str model, str endpoint, str error_type) except -1
     cdef int count_upstream(self, int status, str error_code) except -1
     cdef int count_retry(self, int worker_type, str endpoint) except -1
@@ -110,6 +119,7 @@ cdef class ClientCall(ResponseSource):
     cdef int worker_type                 # counted in the retry metrics
     cdef str backend                     # "regular" or "pd" (router metrics)
     cdef str model_label                 # the served model, "unknown" (none named) or "other"
+    cdef RouterSeries series             # the router metrics it counts in (see ProxiedRoute.count_routed)
     cdef int attempts                    # sends so far, all legs together
     cdef bint done
     cdef bint head_sent

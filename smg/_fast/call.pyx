@@ -144,6 +144,10 @@ cdef bytes forwarded_head(Request req, Py_ssize_t body_len):
     return b"".join(lines)
 
 
+cdef class RouterSeries:
+    pass
+
+
 cdef class CallSettings:
 
     def __init__(self, Router router, loop, Admission admission=None, int max_attempts=5,
@@ -164,10 +168,9 @@ cdef class CallSettings:
         self.tracer = None
         self.retries = {}
         self.retries_exhausted = {}
-        self.routed = {}
+        self.series = {}
         self.errors = {}
         self.upstream = {}
-        self.durations = {}
 
     cdef double backoff(self, int retry_index):
         cdef double d = self.backoff_initial * (self.backoff_multiplier ** retry_index)
@@ -189,10 +192,33 @@ cdef class CallSettings:
         self.retries_exhausted[key] = self.retries_exhausted.get(key, 0) + 1
         return 0
 
-    cdef int count_routed(self, str backend, str model, str endpoint, bint streaming) except -1:
-        key = (backend, model, endpoint, "true" if streaming else "false")
-        self.routed[key] = self.routed.get(key, 0) + 1
-        return 0
+    cdef RouterSeries series_of(self, str backend, str model, str endpoint):
+        key = (backend, model, endpoint)
+        s = self.series.get(key)
+        if s is None:
+            s = RouterSeries.__new__(RouterSeries)
+            (<RouterSeries>s).durations = Histogram()
+            self.series[key] = s
+        return <RouterSeries>s
+
+    def routed_counts(self):
+        """smg_router_requests_total: [backend, model, endpoint, streaming, count]."""
+        cdef RouterSeries s
+        out = []
+        for key, s in self.series.items():
+            if s.plain:
+                out.append([*key, "false", s.plain])
+            if s.streamed:
+                out.append([*key, "true", s.streamed])
+        return out
+
+    def upstream_counts(self):
+        """{(status, error_code): count} of the workers' answers and failures."""
+        counts = dict(self.upstream)
+        for status in range(600):
+            if self.answered[status]:
+                counts[(status, "")] = counts.get((status, ""), 0) + self.answered[status]
+        return counts
 
     cdef int count_error(self, str backend, str model, str endpoint, str error_type) except -1:
         key = (backend, model, endpoint, error_type)
@@ -200,6 +226,9 @@ cdef class CallSettings:
         return 0
 
     cdef int count_upstream(self, int status, str error_code) except -1:
+        if not error_code and 0 <= status < 600:
+            self.answered[status] += 1  # most answers: an array slot, not a dict keyed by a fresh tuple
+            return 0
         key = (status, error_code)
         self.upstream[key] = self.upstream.get(key, 0) + 1
         return 0
@@ -607,15 +636,11 @@ cdef class ClientCall(ResponseSource):
     cdef int record_end(self, str error_code, int status) except -1:
         """The router metrics (and with --enable-trace, the span) of a call
         that ends (error_code None: success)."""
-        cdef Histogram h
         if self.trace is not None:
             self.end_trace(status, error_code)
-        key = (self.backend, self.model_label, self.endpoint_name)
-        h = self.settings.durations.get(key)
-        if h is None:
-            h = Histogram()
-            self.settings.durations[key] = h
-        h.observe(monotonic() - self.req.start)
+        if self.series is None:
+            self.series = self.settings.series_of(self.backend, self.model_label, self.endpoint_name)
+        self.series.durations.observe(monotonic() - self.req.start)
         if error_code is not None:
             self.settings.count_error(self.backend, self.model_label, self.endpoint_name, error_type_of(error_code))
         return 0

@@ -25,7 +25,7 @@ from smg._fast.request cimport Request
 from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
-from smg._fast.call cimport (ClientCall, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status,
+from smg._fast.call cimport (ClientCall, RouterSeries, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status,
                              forwarded_head, with_dp_rank)
 from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, resolve_alias, routing_key, session_key, model_label
 
@@ -223,11 +223,13 @@ cdef class PDHandler(ProxiedRoute):
         cdef object obj = parse_body(cycle, self.endpoint)
         cdef WorkerGroup prefill, decode
         cdef str text = None
+        cdef RouterSeries series
+        cdef PDCall call
         if obj is None:
             return 0
         model = resolve_alias(self.settings, cycle, <dict>obj) or None
         label = model_label(self.settings.router, model, TYPE_DECODE)
-        self.settings.count_routed("pd", label, self.endpoint_name, (<dict>obj).get("stream") is True)
+        series = self.count_routed("pd", label, (<dict>obj).get("stream") is True)
         prefill = resolve_group(self.settings.router, cycle, model, TYPE_PREFILL)
         if prefill is None:
             self.no_group(cycle, "pd", label, TYPE_PREFILL)
@@ -240,7 +242,9 @@ cdef class PDHandler(ProxiedRoute):
             text = routing_text(self.endpoint, <dict>obj)
         key = cycle.req.routing_key if prefill.policy.header_key_only or decode.policy.header_key_only \
             else routing_key(cycle.req)
-        self.launch(new_pd_call(self, cycle, <dict>obj, prefill, decode, text, key, label))
+        call = new_pd_call(self, cycle, <dict>obj, prefill, decode, text, key, label)
+        call.series = series
+        self.launch(call)
         return 0
 
 

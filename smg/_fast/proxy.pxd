@@ -1,6 +1,6 @@
 from smg._fast.cycle cimport RequestCycle, RequestHandler
 from smg._fast.request cimport Request
-from smg._fast.call cimport CallSettings, ClientCall
+from smg._fast.call cimport CallSettings, ClientCall, RouterSeries
 from smg._fast.policies cimport Router, WorkerGroup
 
 
@@ -17,6 +17,9 @@ cdef class ProxiedRoute(RequestHandler):
     cdef public CallSettings settings
     cdef public int endpoint
     cdef public str endpoint_name
+    cdef str counted_label               # the model label of the last count_routed ...
+    cdef RouterSeries counted_series     # ... and its series
 
+    cdef RouterSeries count_routed(self, str backend, str label, bint streamed)
     cdef int launch(self, ClientCall call) except -1
     cdef int no_group(self, RequestCycle cycle, str backend, str label, int worker_type) except -1

@@ -143,6 +143,22 @@ cdef class ProxiedRoute(RequestHandler):
         self.endpoint = endpoint
         self.endpoint_name = ENDPOINT_NAMES[endpoint]
 
+    cdef RouterSeries count_routed(self, str backend, str label, bint streamed):
+        """Count a request in smg_router_requests_total; returns its series
+        (for the call to record its duration in). A handler counts for one
+        backend and endpoint, and most requests name the same model as the
+        one before: that series is kept at hand."""
+        cdef RouterSeries s = self.counted_series
+        if s is None or (label is not self.counted_label and label != self.counted_label):
+            s = self.settings.series_of(backend, label, self.endpoint_name)
+            self.counted_series = s
+            self.counted_label = label
+        if streamed:
+            s.streamed += 1
+        else:
+            s.plain += 1
+        return s
+
     cdef int launch(self, ClientCall call) except -1:
         """Start the call now if admission control has a slot, else queue it
         (or answer 429)."""
@@ -191,12 +207,15 @@ cdef class ProxyHandler(ProxiedRoute):
     cdef int handle_streamed(self, RequestCycle cycle) except -1:
         """A request whose body is still arriving (can_stream said yes)."""
         cdef WorkerGroup group = resolve_group(self.settings.router, cycle, None, TYPE_REGULAR)
-        self.settings.count_routed("regular", "unknown", self.endpoint_name, False)
+        cdef RouterSeries series = self.count_routed("regular", "unknown", False)
+        cdef ProxyCall call
         if group is None:
             self.no_group(cycle, "regular", "unknown", TYPE_REGULAR)
             return 0
         key = cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req)
-        self.launch(new_proxy_call(self, cycle, group, None, key, "unknown"))
+        call = new_proxy_call(self, cycle, group, None, key, "unknown")
+        call.series = series
+        self.launch(call)
         return 0
 
     cdef int handle(self, RequestCycle cycle) except -1:
@@ -208,6 +227,7 @@ cdef class ProxyHandler(ProxiedRoute):
         cdef str label
         cdef bytes key
         cdef ProxyCall call
+        cdef RouterSeries series
         if obj is None:
             return 0
         model = resolve_alias(self.settings, cycle, <dict>obj)
@@ -219,7 +239,7 @@ cdef class ProxyHandler(ProxiedRoute):
         # the metrics' model label, from the group just resolved (model_label without a second lookup)
         label = "unknown" if not model else (<str>model if group is not None else "other")
         streamed = (<dict>obj).get("stream") is True
-        self.settings.count_routed("regular", label, self.endpoint_name, streamed)
+        series = self.count_routed("regular", label, streamed)
         if group is None:
             self.no_group(cycle, "regular", label, TYPE_REGULAR)
             return 0
@@ -233,6 +253,7 @@ cdef class ProxyHandler(ProxiedRoute):
         else:
             call = new_proxy_call(self, cycle, group, text, key, label)
         call.answer_streamed = streamed
+        call.series = series
         self.launch(call)
         return 0
 

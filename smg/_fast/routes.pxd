@@ -25,7 +25,8 @@ cdef class Route:
     cdef public bint anthropic           # errors in the Anthropic API's shape
     # metrics, read by smg.metrics at scrape time
     cdef public dict requests            # method -> count
-    cdef public dict responses           # (status, error_code) -> count
+    cdef dict coded_responses            # (status, error_code) -> count, for responses with an error code
+    cdef long long plain_responses[600]  # status -> count, for the others (see response_counts)
     cdef public dict durations           # method -> Histogram
 
     cdef int count_request(self, bytes method) except -1

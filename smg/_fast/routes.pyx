@@ -153,7 +153,7 @@ cdef class Route:
         self.id_prefix = id_prefix
         self.allow_header = b"allow: " + b", ".join(sorted(self.methods)) + b"\r\n"
         self.requests = {}
-        self.responses = {}
+        self.coded_responses = {}
         self.durations = {}
 
     def __repr__(self):
@@ -163,10 +163,22 @@ cdef class Route:
         self.requests[method] = self.requests.get(method, 0) + 1
         return 0
 
+    def response_counts(self):
+        """{(status, error_code or None): count} of the responses so far."""
+        counts = dict(self.coded_responses)
+        for status in range(600):
+            if self.plain_responses[status]:
+                counts[(status, None)] = self.plain_responses[status]
+        return counts
+
     cdef void record(self, bytes method, int status, str error_code, double seconds):
         cdef Histogram h
-        key = (status, error_code)
-        self.responses[key] = self.responses.get(key, 0) + 1
+        if not error_code and 0 <= status < 600:
+            # most responses: an array slot, not a dict keyed by a fresh tuple
+            self.plain_responses[status] += 1
+        else:
+            key = (status, error_code)
+            self.coded_responses[key] = self.coded_responses.get(key, 0) + 1
         h = self.durations.get(method)
         if h is None:
             h = Histogram()
