@@ -8,7 +8,8 @@ framing the client needs, ends a broken event stream with an error event,
 and stops every leg however it ends. smg._fast.proxy and smg._fast.pd
 decide what the legs are and what their answers mean."""
 
-from cpython.bytes cimport PyBytes_GET_SIZE, PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_GET_SIZE, PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.string cimport memcpy
 from smg._fast.clock cimport monotonic
 from smg._fast.exchange cimport FAIL_BEFORE_HEAD, FAIL_CONNECT
 from smg._fast.upstream cimport UpstreamPool
@@ -26,14 +27,45 @@ cdef dict _STATUS_LINES = {}
 cdef bytes _SSE_KEEPALIVE = b"e\r\n: keep-alive\n\n\r\n"
 
 
+# the status line made last, for the next answer (most are the same)
+cdef int _last_status = 0
+cdef bytes _last_reason = None
+cdef bytes _last_status_line = None
+
+
 cdef bytes upstream_status_line(ResponseParser p):
+    global _last_status, _last_reason, _last_status_line
+    if p.status == _last_status and p.reason == _last_reason:
+        return _last_status_line
     key = (p.status, p.reason)
     line = _STATUS_LINES.get(key)
     if line is None:
         line = b"HTTP/1.1 %d %s\r\n" % (p.status, p.reason)
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[key] = line
+    _last_status = p.status
+    _last_reason = p.reason
+    _last_status_line = <bytes>line
     return <bytes>line
+
+
+cdef bytes content_length_line(long long n):
+    """b"content-length: N\r\n" (n >= 0), without the cost of bytes formatting."""
+    cdef char line[48]
+    cdef char digits[24]
+    cdef int k = 0, i
+    memcpy(line, b"content-length: ", 16)
+    while True:
+        digits[k] = <char>(48 + n % 10)
+        k += 1
+        n //= 10
+        if n == 0:
+            break
+    for i in range(k):
+        line[16 + i] = digits[k - 1 - i]
+    line[16 + k] = 13
+    line[17 + k] = 10
+    return PyBytes_FromStringAndSize(line, 18 + k)
 
 
 cdef bint retryable_status(int status) noexcept:
@@ -60,7 +92,7 @@ cdef bytes relay_head(ResponseParser p, RequestCycle cycle, Worker w, bint decod
     if content_length == -1 and p.content_length >= 0 and not p.chunked:
         content_length = p.content_length
     if content_length >= 0:
-        parts.append(b"content-length: %d\r\n" % content_length)
+        parts.append(content_length_line(content_length))
     elif req.http_minor == 0:
         req.keep_alive = False
     elif p.chunked and not decoded:
@@ -132,7 +164,7 @@ cdef bytes forwarded_head(Request req, Py_ssize_t body_len):
     """The request head lines after host and authorization, for any worker
     (body_len < 0: a chunked body)."""
     cdef list lines = [b"content-type: application/json\r\n",
-                       b"content-length: %d\r\n" % body_len if body_len >= 0 else b"transfer-encoding: chunked\r\n",
+                       content_length_line(body_len) if body_len >= 0 else b"transfer-encoding: chunked\r\n",
                        b"x-request-id: ", req.request_id, b"\r\n"]
     if req.traceparent is not None:
         lines.append(b"traceparent: " + req.traceparent + b"\r\n")

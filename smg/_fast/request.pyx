@@ -174,9 +174,11 @@ cdef class Request:
         self.cors = b""
 
     cdef int set_header(self, bytes name, bytes value) except -1:
-        slot = _SLOTS.get(name)
-        if slot is None:
-            slot = _SLOTS.get(name.lower(), H_IGNORE)
+        cdef int slot
+        found = _SLOTS.get(name)
+        if found is None:
+            found = _SLOTS.get(name.lower(), H_IGNORE)
+        slot = <int>found
         if slot == H_IGNORE:
             return 0
         if slot == H_AUTHORIZATION:
