@@ -44,7 +44,7 @@ from smg._fast.call import CallSettings, stop_overdue_legs
 from smg._fast.proxy import ProxyHandler
 from smg._fast.routing_text import ENDPOINTS
 from smg._fast.admission import Admission
-from smg._fast.request import map_large_allocations
+from smg._fast.request import map_large_allocations, release_free_memory
 from smg._fast.routes import Route, set_buckets
 from smg._fast.server import ServerCore
 from smg._fast.worker import DECODE, PREFILL, REGULAR
@@ -227,6 +227,7 @@ class DataPlane:
             except (OSError, ssl.SSLError) as e:
                 raise SystemExit(f"smg: error: --tls-cert-path/--tls-key-path do not load: {e}") from None
         self._last_slow_tick = 0.0
+        self._served_at_release = 0
         self._last_eviction = monotonic()
         handler_class = PDHandler if cfg.pd_disaggregation else ProxyHandler
         for path, endpoint in ENDPOINTS.items():
@@ -251,6 +252,17 @@ class DataPlane:
                 self.servers.append(await self.loop.create_server(self.core.protocol_factory, sock=sock,
                                                                   backlog=4096, ssl=tls))
 
+    def release_memory_when_quiet(self) -> None:
+        """Once requests have come and none is under way, hand the heap's
+        free pages back to the system (at most once a second, never under
+        load: a busy gateway always has requests under way)."""
+        if self.call_settings.admission.active:
+            return
+        served = sum(sum(route.requests.values()) for route in self.core.all_routes())
+        if served != self._served_at_release:
+            self._served_at_release = served
+            release_free_memory()
+
     def tick(self, now: float) -> None:
         self.core.tick(now)
         stop_overdue_legs(now)
@@ -258,6 +270,7 @@ class DataPlane:
             self.prefill_queue.sweep(now)
         if now - self._last_slow_tick >= 1.0:
             self._last_slow_tick = now
+            self.release_memory_when_quiet()
             self.core.date_header = date_header()
             if self.certificate is not None:
                 self.certificate.check(now)

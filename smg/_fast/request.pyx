@@ -16,11 +16,14 @@ cdef extern from *:
     #ifdef __GLIBC__
     #include <malloc.h>
     static int smg_map_large_allocations(int threshold) { return mallopt(M_MMAP_THRESHOLD, threshold); }
+    static int smg_release_free_memory(void) { return malloc_trim(0); }
     #else
     static int smg_map_large_allocations(int threshold) { (void)threshold; return 0; }
+    static int smg_release_free_memory(void) { return 0; }
     #endif
     """
     int smg_map_large_allocations(int threshold)
+    int smg_release_free_memory()
 
 
 def map_large_allocations(int threshold=1 << 20):
@@ -31,6 +34,13 @@ def map_large_allocations(int threshold=1 << 20):
     they leave behind stays in the process after the requests end. Returns
     whether the allocator took the setting (glibc)."""
     return smg_map_large_allocations(threshold) == 1
+
+
+def release_free_memory():
+    """Give the system back the heap's free pages (glibc's malloc_trim):
+    what a burst of requests left behind in the heap, below the mmap
+    threshold, once the burst is over. Returns whether any were given back."""
+    return smg_release_free_memory() == 1
 
 
 # header slots: lowercase name -> slot; common spellings pre-seeded so most
