@@ -216,11 +216,6 @@ class Registry:
             except Exception:
                 log.exception("worker listener failed")
 
-    async def wait_drains(self) -> None:
-        tasks = list(self._drains.values())
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     def tls_client(self) -> ssl.SSLContext:
         """The TLS context of https:// workers (made once, when the first one comes)."""
         if self._tls_client is None:

@@ -403,5 +403,3 @@ cdef class ResponseParser:
                               PyBytes_GET_SIZE(data) - off, parts)
         return True, used, parts
 
-    def feed_eof(self):
-        self.finish_eof()

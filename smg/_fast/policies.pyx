@@ -46,10 +46,6 @@ def reseed():
 reseed()
 
 
-def hash_key(bytes key):
-    return fnv1a(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
-
-
 cdef inline bint less_loaded(Worker a, Worker b) noexcept:
     """a is a better least-loaded choice than b: fewer in flight, then fewer routed."""
     if a.inflight != b.inflight:

@@ -183,14 +183,6 @@ cdef class Worker:
         return f"<Worker {self.url} {STATE_NAMES[self.state]} {TYPE_NAMES[self.worker_type]} model={self.model_id}>"
 
     @property
-    def state_name(self):
-        return STATE_NAMES[self.state]
-
-    @property
-    def type_name(self):
-        return TYPE_NAMES[self.worker_type]
-
-    @property
     def cb_state_name(self):
         return CB_NAMES[self.cb_state]
 
