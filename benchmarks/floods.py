@@ -23,6 +23,8 @@ Floods:
                   API key, on each policy (--huge-mb sets the size)
   huge-pipelined  the same prompt pipelined behind a streaming request on
                   one connection (cache_aware)
+  huge-pd         the same prompt through prefill/decode disaggregation
+                  (round_robin, cache_aware)
 
 "after" is the RSS above idle once the clients have gone and it has
 settled (what the floods left held: buffers, the radix tree).
@@ -291,7 +293,23 @@ def huge_prompt_floods(megabytes: int, rows: list, policies=POLICIES, pipelined:
         workers.stop()
 
 
-FLOODS = ("hostile", "pd-logprobs", "large-bodies", "huge-prompt", "huge-pipelined")
+def huge_pd_floods(megabytes: int, rows: list) -> None:
+    prefill = Workers(1, role="prefill")
+    decode = Workers(1, role="decode")
+    try:
+        for policy in ("round_robin", "cache_aware"):
+            gw = smg(["--api-key", "sekret", "--pd-disaggregation", "--prefill", prefill.urls[0], "none",
+                      "--decode", decode.urls[0], "--policy", policy])
+            try:
+                rows.append((f"huge-pd ({policy})", *flood(gw, 1, huge_prompt_client, megabytes, False)))
+            finally:
+                gw.stop()
+    finally:
+        prefill.stop()
+        decode.stop()
+
+
+FLOODS = ("hostile", "pd-logprobs", "large-bodies", "huge-prompt", "huge-pipelined", "huge-pd")
 
 
 def main() -> None:
@@ -316,6 +334,8 @@ def main() -> None:
         huge_prompt_floods(args.huge_mb, rows)
     if "huge-pipelined" in chosen:
         huge_prompt_floods(args.huge_mb, rows, ("cache_aware",), pipelined=True)
+    if "huge-pd" in chosen:
+        huge_pd_floods(args.huge_mb, rows)
 
     print(f"\n{args.clients} clients at once (huge-*: 1 client, {args.huge_mb} MB)\n")
     print("| flood | idle RSS MB | peak above idle MB | after, above idle MB | peak bytes in flight MB "

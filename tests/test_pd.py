@@ -151,6 +151,30 @@ def test_retry_picks_a_new_pair(fake_workers, gateway):
     assert 'smg_worker_retries_total{endpoint="generate",worker_type="prefill"}' in g.metrics()
 
 
+def test_a_long_prompt_is_retried_on_a_new_pair_by_its_text_read_again(fake_workers, gateway):
+    """A PD call keeps neither the parsed body nor a routing text over 64 Ki
+    characters once routed; a retry reads the text from the body again, and
+    both sides still get the prompt and the bootstrap fields."""
+    prefills = fake_workers(2, role="prefill")
+    (d,) = fake_workers(1, role="decode", response_delay=KV_TRANSFER)
+    g = pd_gateway(gateway, prefills, [d], "--prefill-policy", "cache_aware", "--retry-initial-backoff-ms", "1",
+                   "--disable-circuit-breaker")
+    prompt = "[long] " + "p" * 100_000
+    first = g.post("/generate", {"text": prompt, "sampling_params": {"max_new_tokens": 4}})
+    assert first.status == 200
+    wait_for(lambda: sum(p.stats.generation_requests for p in prefills) == 1, message="the first prefill")
+    owner = max(prefills, key=lambda p: p.stats.generation_requests)
+    owner.set(fail_status=503, fail_count=1)
+    again = g.post("/generate", {"text": prompt + " and more"})
+    assert again.status == 200
+    assert sum(p.stats.generation_requests for p in prefills) == 3 and d.stats.generation_requests >= 2
+    assert {tuple(sorted(b)) for b in d.stats.bootstrap} == {("bootstrap_host", "bootstrap_port", "bootstrap_room")}
+    # the retry was routed by the prompt: cache_aware counted it (owner found, then avoided)
+    decisions = dict(re.findall(r'smg_cache_aware_decisions_total\{decision="(\w+)",[^}]*worker_type="prefill"\} '
+                                r'(\S+)', g.metrics()))
+    assert (float(decisions["miss"]), float(decisions["hit"])) == (1, 2)
+
+
 def test_logprobs_are_merged(fake_workers, gateway):
     (p,) = fake_workers(1, role="prefill")
     (d,) = fake_workers(1, role="decode", stream_chunks=3)

@@ -16,7 +16,10 @@ from collections import deque
 
 import orjson
 
-from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_GET_SIZE, PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+from cpython.unicode cimport PyUnicode_GET_LENGTH
+from smg._fast.bodyjson cimport parse_json
 from smg._fast.clock cimport monotonic
 from smg._fast.http1 cimport ResponseParser
 from smg._fast.exchange cimport FAIL_CONNECT
@@ -27,7 +30,7 @@ from smg._fast.policies cimport WorkerGroup, rand64
 from smg._fast.routing_text cimport routing_text, EP_GENERATE, EP_COMPLETIONS
 from smg._fast.call cimport (ClientCall, RouterSeries, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status,
                              forwarded_head, with_dp_rank)
-from smg._fast.proxy cimport ProxiedRoute, resolve_group, parse_body, resolve_alias, routing_key, session_key, model_label
+from smg._fast.proxy cimport KEPT_TEXT_CHARS, ProxiedRoute, resolve_group, parse_body, resolve_alias, routing_key, session_key, model_label
 
 _log = logging.getLogger("smg.pd")
 
@@ -56,9 +59,24 @@ cpdef Py_ssize_t batch_size(int endpoint, dict body):
 
 
 cpdef bytes add_bootstrap(bytes body, dict obj, str host, object port, Py_ssize_t batch):
-    """The body with the bootstrap fields. Spliced in front of the closing
-    brace when the client sent none of them (the common case: no
-    re-serialization); otherwise the client's values are overwritten."""
+    """The body (parsed: `obj`) with the bootstrap fields. Spliced in front
+    of the closing brace when the client sent none of them (the common
+    case: no re-serialization); otherwise the client's values are overwritten."""
+    return bootstrap_body(body, obj if has_bootstrap_fields(obj) else None, not obj, host, port, batch)
+
+
+cdef bint has_bootstrap_fields(dict obj):
+    for key in BOOTSTRAP_KEYS:
+        if key in obj:
+            return True
+    return False
+
+
+cdef bytes bootstrap_body(bytes body, dict merge_into, bint empty, str host, object port, Py_ssize_t batch):
+    """add_bootstrap for a call that keeps of the parsed body only what this
+    needs: `merge_into`, the parsed body when the client sent bootstrap
+    fields itself (re-serialized with the gateway's), else None; `empty`,
+    whether the body is the empty object."""
     cdef object hosts, ports, rooms
     cdef Py_ssize_t end
     cdef bytes fields
@@ -68,23 +86,24 @@ cpdef bytes add_bootstrap(bytes body, dict obj, str host, object port, Py_ssize_
         hosts = [host] * batch
         ports = [port] * batch
         rooms = [<long long>(rand64() >> 1) for _ in range(batch)]
-    for key in BOOTSTRAP_KEYS:
-        if key in obj:
-            merged = dict(obj)
-            merged["bootstrap_host"] = hosts
-            merged["bootstrap_port"] = ports
-            merged["bootstrap_room"] = rooms
-            return orjson.dumps(merged)
-    fields = (b'"bootstrap_host":' + orjson.dumps(hosts) + b',"bootstrap_port":' + orjson.dumps(ports)
-              + b',"bootstrap_room":' + orjson.dumps(rooms))
-    end = len(body.rstrip())
-    if end == 0 or body[end - 1] != 125:  # "}"
-        merged = dict(obj)
-        merged.update(zip(BOOTSTRAP_KEYS, (hosts, ports, rooms)))
+    end = PyBytes_GET_SIZE(body)
+    while end > 0 and body[end - 1] in b" \t\r\n":
+        end -= 1
+    if merge_into is None and (end == 0 or body[end - 1] != 125):  # "}"
+        merge_into = parse_json(body)  # not an object's text as parsed: never for a checked body
+    if merge_into is not None:
+        merged = dict(merge_into)
+        merged["bootstrap_host"] = hosts
+        merged["bootstrap_port"] = ports
+        merged["bootstrap_room"] = rooms
         return orjson.dumps(merged)
-    if obj:
-        return body[:end - 1] + b"," + fields + b"}"
-    return body[:end - 1] + fields + b"}"
+    fields = ((b'"bootstrap_host":' if empty else b',"bootstrap_host":') + orjson.dumps(hosts)
+              + b',"bootstrap_port":' + orjson.dumps(ports) + b',"bootstrap_room":' + orjson.dumps(rooms) + b"}")
+    # made in one piece: slicing and concatenating would copy a long prompt twice more
+    out = PyBytes_FromStringAndSize(NULL, end - 1 + PyBytes_GET_SIZE(fields))
+    memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(body), end - 1)
+    memcpy(PyBytes_AS_STRING(out) + end - 1, PyBytes_AS_STRING(fields), PyBytes_GET_SIZE(fields))
+    return out
 
 
 cdef object merge_logprobs(object prefill, object decode):
@@ -244,6 +263,7 @@ cdef class PDHandler(ProxiedRoute):
             else routing_key(cycle.req)
         call = new_pd_call(self, cycle, <dict>obj, prefill, decode, text, key, label)
         call.series = series
+        obj = text = None  # the call holds what it needs; a long prompt's str is let go once routed
         self.launch(call)
         return 0
 
@@ -252,7 +272,11 @@ cdef PDCall new_pd_call(PDHandler handler, RequestCycle cycle, dict obj, WorkerG
                         str text, bytes key, str label):
     cdef PDCall call = PDCall.__new__(PDCall)
     call.setup(handler.settings, handler.endpoint_name, cycle, TYPE_DECODE, "pd", label)
-    call.obj = obj
+    # of the parsed body, the call keeps what bootstrap_body needs (the body
+    # holds the rest, a long prompt included)
+    call.merge_into = obj if has_bootstrap_fields(obj) else None
+    call.empty_body = not obj
+    call.endpoint = handler.endpoint
     call.pgroup = pgroup
     call.dgroup = dgroup
     call.text = text
@@ -267,7 +291,10 @@ cdef PDCall new_pd_call(PDHandler handler, RequestCycle cycle, dict obj, WorkerG
 
 cdef class PDCall(ClientCall):
     """Two legs per attempt, prefill and decode; decode's leg is relayed."""
-    cdef dict obj
+    cdef dict merge_into            # the parsed body, when the client sent bootstrap fields (see bootstrap_body)
+    cdef bint empty_body
+    cdef int endpoint
+    cdef bint text_let_go           # a long routing text, not kept once routed (see ProxyCall.attempt)
     cdef WorkerGroup pgroup
     cdef WorkerGroup dgroup
     cdef str text
@@ -295,11 +322,16 @@ cdef class PDCall(ClientCall):
         cdef Leg prefill, decode
         cdef bytes body, head, start, client_auth, pbody, dbody, phead, dhead
         cdef Request req = self.req
+        if self.text_let_go:
+            self.text = routing_text(self.endpoint, parse_json(req.body))
         pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill, self.session)
         if pw is None and self.settings.prefill_queue is not None and at_limit(self.pgroup):
             (<PrefillQueue>self.settings.prefill_queue).wait(self, now)
             return 0
         dw = self.dgroup.select(self.text, self.key, now, self.failed_decode, self.session)
+        if self.text is not None and PyUnicode_GET_LENGTH(self.text) > KEPT_TEXT_CHARS:
+            self.text = None
+            self.text_let_go = True
         if pw is None or dw is None:
             self.fail_to_client(503, "no_available_workers",
                                 "No available prefill worker" if pw is None else "No available decode worker")
@@ -313,7 +345,7 @@ cdef class PDCall(ClientCall):
         self.held_back = False
         self.sse_rest = b""
         self.decode_head = None
-        body = add_bootstrap(req.body, self.obj, pw.host, pw.bootstrap_port, self.batch)
+        body = bootstrap_body(req.body, self.merge_into, self.empty_body, pw.host, pw.bootstrap_port, self.batch)
         start = b"POST " + req.url + b" HTTP/1.1\r\n"
         client_auth = b"authorization: " + req.authorization + b"\r\n" if req.authorization is not None else b""
         if pw.dp_rank < 0 and dw.dp_rank < 0:

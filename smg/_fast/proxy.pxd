@@ -4,6 +4,12 @@ from smg._fast.call cimport CallSettings, ClientCall, RouterSeries
 from smg._fast.policies cimport Router, WorkerGroup
 
 
+cdef enum:
+    # A routing text longer than this is not kept for the call's retries: the
+    # body holds the same characters, and a retry reads them from it again.
+    KEPT_TEXT_CHARS = 65536
+
+
 cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int worker_type)
 cdef object parse_body(RequestCycle cycle, int endpoint)
 cdef object resolve_alias(CallSettings settings, RequestCycle cycle, dict obj)

@@ -33,11 +33,6 @@ _log = logging.getLogger("smg.proxy")
 _TYPE_NAMES = TYPE_NAMES
 
 
-# A routing text longer than this is not kept for the call's retries: the
-# body holds the same characters, and a retry reads them from it again.
-DEF KEPT_TEXT_CHARS = 65536
-
-
 cdef WorkerGroup resolve_group(Router router, RequestCycle cycle, str model, int worker_type):
     """The candidates of `worker_type` for `model` (None: the only model
     served), or None after answering the client with an error."""
@@ -254,6 +249,7 @@ cdef class ProxyHandler(ProxiedRoute):
             call = new_proxy_call(self, cycle, group, text, key, label)
         call.answer_streamed = streamed
         call.series = series
+        obj = text = None  # the call holds what it needs; a long prompt's str is let go once routed
         self.launch(call)
         return 0
 
