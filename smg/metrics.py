@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from smg._fast.routes import Response, buckets
-from smg._fast.worker import DRAINING, READY, TYPE_NAMES, Worker
+from smg._fast.worker import CB_SEVERITY, DRAINING, READY, TYPE_NAMES, Worker
 
 if TYPE_CHECKING:
     from smg.gateway import DataPlane
@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 def bucket_labels() -> list[str]:
     """The `le` labels of the duration histograms (--prometheus-duration-buckets)."""
     return [f"{b:g}" for b in buckets()] + ["+Inf"]
-_CB_NAMES = ("closed", "open", "half_open")
-# merging breaker states of several processes: the most restrictive wins
-_CB_SEVERITY = {0: 0, 2: 1, 1: 2}
 
 
 def dataplane_snapshot(dp: DataPlane) -> dict:
@@ -124,7 +121,7 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
             for k in ("requests", "inflight", "cb_failures", "cb_successes", "cb_ok", "cb_fail", "connections",
                       "waiting", "connect_timeouts", "prefill_queue_chars", "unanswered"):
                 have[k] += w[k]
-            if _CB_SEVERITY[w["cb_state"]] > _CB_SEVERITY[have["cb_state"]]:
+            if CB_SEVERITY[w["cb_state"]] > CB_SEVERITY[have["cb_state"]]:
                 have["cb_state"] = w["cb_state"]
         for name, rows in keyed.items():
             for *key, n in snap[name]:

@@ -30,7 +30,7 @@ import orjson
 
 from smg._fast.policies import Router
 from smg._fast.request import Request
-from smg._fast.worker import Worker
+from smg._fast.worker import CB_SEVERITY, Worker
 from smg.config import Config
 from smg.dataplane import ENV, config_to_json
 from smg.gateway import TICK_SECONDS, ControlPlane, log_startup, policy_factory, sock_address, sticky_max_idle
@@ -106,10 +106,6 @@ def listening_sockets(host: str, port: int, count: int) -> list[list[socket.sock
         slots.append(socks)
     return slots
 
-
-
-# how far a circuit breaker is from closed (Worker.cb_state: 0 closed, 1 open, 2 half-open)
-CB_SEVERITY = {0: 0, 2: 1, 1: 2}
 
 class Slot:
     """One data-plane process's place: its sockets, and the process now in it."""

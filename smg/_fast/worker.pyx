@@ -15,6 +15,8 @@ _log = logging.getLogger("smg.workers")
 STATE_NAMES = ("pending", "ready", "not_ready", "failed", "draining")
 TYPE_NAMES = ("regular", "prefill", "decode")
 CB_NAMES = ("closed", "open", "half_open")
+# how far a breaker is from closed, by cb_state (merging several processes' views: the most restrictive wins)
+CB_SEVERITY = {0: 0, 2: 1, 1: 2}
 
 PENDING = STATE_PENDING
 READY = STATE_READY
