@@ -26,11 +26,10 @@ import orjson
 import uvloop
 
 from smg import logs
-from smg._fast.policies import Router
 from smg._fast.request import Request, map_large_allocations
 from smg._fast.routes import Response, error_response, text_response
 from smg.config import Config, PrefillSpec
-from smg.gateway import TICK_SECONDS, DataPlane, policy_factory, raise_fd_limit, sticky_max_idle
+from smg.gateway import TICK_SECONDS, DataPlane, build_router, raise_fd_limit
 from smg.ipc import Channel
 from smg.metrics import dataplane_snapshot
 from smg.workers import Registry
@@ -57,7 +56,7 @@ class DataPlaneProcess:
         self.cfg = cfg
         self.loop = loop
         self.index = index
-        self.router = Router(policy_factory(cfg), sticky_max_idle(cfg))
+        self.router = build_router(cfg)
         self.registry = Registry(cfg, self.router, loop, announce=False)
         self.registry.listeners.append(self._on_mirror_event)
         self.data = DataPlane(cfg, loop, self.router, self.registry)

@@ -164,6 +164,12 @@ def sticky_max_idle(cfg: Config) -> float:
     return cfg.max_idle_secs if cfg.sticky_sessions else -1.0
 
 
+def build_router(cfg: Config) -> Router:
+    """The router of one process: groups made with cfg's policies, sticky
+    sessions when they are on."""
+    return Router(policy_factory(cfg), sticky_max_idle(cfg))
+
+
 def date_header() -> bytes:
     return b"date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
 
@@ -443,7 +449,7 @@ class Gateway:
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop):
         self.cfg = cfg
         self.loop = loop
-        self.router = Router(policy_factory(cfg), sticky_max_idle(cfg))
+        self.router = build_router(cfg)
         self.registry = Registry(cfg, self.router, loop)
         self.data = DataPlane(cfg, loop, self.router, self.registry)
         self.control = ControlPlane(cfg, loop, self.registry, lambda: dataplane_snapshot(self.data))

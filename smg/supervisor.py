@@ -28,12 +28,11 @@ from typing import Optional
 
 import orjson
 
-from smg._fast.policies import Router
 from smg._fast.request import Request
 from smg._fast.worker import CB_SEVERITY, Worker
 from smg.config import Config
 from smg.dataplane import ENV, config_to_json
-from smg.gateway import TICK_SECONDS, ControlPlane, log_startup, policy_factory, sock_address, sticky_max_idle
+from smg.gateway import TICK_SECONDS, ControlPlane, build_router, log_startup, sock_address
 from smg.ipc import Channel
 from smg.metrics import merge_snapshots
 from smg.workers import Registry
@@ -131,7 +130,7 @@ class Supervisor:
         self.cfg = cfg
         self.loop = loop
         # the registry keeps a router in step; no request is routed here
-        self.registry = Registry(cfg, Router(policy_factory(cfg), sticky_max_idle(cfg)), loop)
+        self.registry = Registry(cfg, build_router(cfg), loop)
         self.registry.wait_idle = self._wait_drained
         self.registry.listeners.append(self._on_worker_event)
         self.control = ControlPlane(cfg, loop, self.registry, self._snapshot, processes=self._process_info,
