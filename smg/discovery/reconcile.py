@@ -25,7 +25,7 @@ from smg._fast.worker import DECODE, DRAINING, PREFILL, REGULAR, Worker
 from smg.discovery.kubernetes import PodInfo, PodWatcher, Roles
 
 if TYPE_CHECKING:
-    from smg.gateway import ControlPlane as Gateway
+    from smg.gateway import ControlPlane
 
 log = logging.getLogger("smg.discovery")
 
@@ -136,7 +136,7 @@ class Planner:
 
 
 class Discovery:
-    def __init__(self, gw: Gateway):
+    def __init__(self, gw: ControlPlane):
         cfg = gw.cfg
         self.gw = gw
         self.loop = gw.loop
