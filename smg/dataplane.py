@@ -30,7 +30,7 @@ from smg._fast.request import Request, map_large_allocations
 from smg._fast.routes import Response, error_response, text_response
 from smg.config import Config, PrefillSpec
 from smg.gateway import TICK_SECONDS, DataPlane, build_router, raise_fd_limit
-from smg.ipc import Channel
+from smg.ipc import Channel, forwarded_request, response_of
 from smg.metrics import dataplane_snapshot
 from smg.workers import Registry
 
@@ -72,17 +72,12 @@ class DataPlaneProcess:
             return lambda req: text_response("OK")
 
         async def forward(req: Request) -> Response:
-            header = {"op": "http", "route": route_path, "method": req.method.decode("latin-1"),
-                      "path": req.path, "query": req.query.decode("latin-1"),
-                      # routes that ask workers on the client's behalf pass its credentials on
-                      "authorization": req.authorization.decode("latin-1") if req.authorization else None}
             try:
-                reply, body = await self.channel.request(header, req.body or b"")
+                reply, body = await self.channel.request(*forwarded_request(route_path, req))
             except ConnectionError:
                 return error_response(503, "control_plane_unavailable",
                                       "The gateway's control plane is not reachable (shutting down?)")
-            return Response(reply["status"], body, reply["content_type"].encode("latin-1"),
-                            reply["headers"].encode("latin-1"), reply["error_code"])
+            return response_of(reply, body)
 
         return forward
 

@@ -4,7 +4,10 @@ process (--workers N): a Unix socket pair carrying framed messages.
 A frame is a 4-byte big-endian length, a 4-byte length of its header, the
 header (a JSON object with an "op") and an optional binary payload (an HTTP
 body), so bodies travel without base64. Requests that expect an answer carry
-an "id"; the answer is a frame with op "reply" and the same id."""
+an "id"; the answer is a frame with op "reply" and the same id. A request
+for a control route (admin API, workers, models) that reaches a data-plane
+process travels as op "http" (forwarded_request / request_of) and its
+answer back as a reply (response_header / response_of)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import struct
 from typing import Any, Callable, Optional
 
 import orjson
+
+from smg._fast.request import Request
+from smg._fast.routes import Response
 
 log = logging.getLogger("smg.ipc")
 
@@ -98,3 +104,40 @@ class Channel(asyncio.Protocol):
             self.on_message(header, payload)
         except Exception:
             log.exception("control channel: handling %r failed", header.get("op"))
+
+
+# --- a control route's request, forwarded from a data-plane process ---
+
+def forwarded_request(route_path: str, req: Request) -> tuple[dict, bytes]:
+    """The frame (header, payload) of a request for a control route that
+    reached a data-plane process (op "http")."""
+    header = {"op": "http", "route": route_path, "method": req.method.decode("latin-1"),
+              "path": req.path, "query": req.query.decode("latin-1"),
+              # routes that ask workers on the client's behalf pass its credentials on
+              "authorization": req.authorization.decode("latin-1") if req.authorization else None}
+    return header, req.body or b""
+
+
+def request_of(header: dict, payload: bytes) -> Request:
+    """The request a forwarded_request frame carries, for the control plane's handler."""
+    req = Request()
+    req.method = header["method"].encode("latin-1")
+    req.path = header["path"]
+    req.query = header["query"].encode("latin-1")
+    req.url = (header["path"] + ("?" + header["query"] if header["query"] else "")).encode("latin-1")
+    req.body = payload
+    if header.get("authorization") is not None:
+        req.authorization = header["authorization"].encode("latin-1")
+    return req
+
+
+def response_header(resp: Response) -> dict:
+    """The reply header of the handler's response (its body is the payload)."""
+    return {"status": resp.status, "content_type": resp.content_type.decode("latin-1"),
+            "headers": resp.headers.decode("latin-1"), "error_code": resp.error_code}
+
+
+def response_of(reply: dict, payload: bytes) -> Response:
+    """The response a response_header reply carries, for the data plane to send."""
+    return Response(reply["status"], payload, reply["content_type"].encode("latin-1"),
+                    reply["headers"].encode("latin-1"), reply["error_code"])

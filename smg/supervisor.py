@@ -28,12 +28,11 @@ from typing import Optional
 
 import orjson
 
-from smg._fast.request import Request
 from smg._fast.worker import CB_SEVERITY, Worker
 from smg.config import Config
 from smg.dataplane import ENV, config_to_json
 from smg.gateway import TICK_SECONDS, ControlPlane, build_router, log_startup, sock_address
-from smg.ipc import Channel
+from smg.ipc import Channel, request_of, response_header
 from smg.metrics import merge_snapshots
 from smg.workers import Registry
 
@@ -197,21 +196,11 @@ class Supervisor:
 
     async def _serve_forwarded(self, channel: Channel, header: dict, body: bytes) -> None:
         """A request for a control route that reached a data-plane process."""
-        req = Request()
-        req.method = header["method"].encode("latin-1")
-        req.path = header["path"]
-        req.query = header["query"].encode("latin-1")
-        req.url = (header["path"] + ("?" + header["query"] if header["query"] else "")).encode("latin-1")
-        req.body = body
-        if header.get("authorization") is not None:
-            req.authorization = header["authorization"].encode("latin-1")
         try:
-            resp = self.control.handlers[header["route"]](req)
+            resp = self.control.handlers[header["route"]](request_of(header, body))
             if asyncio.iscoroutine(resp):
                 resp = await resp
-            channel.reply(header, {"status": resp.status, "content_type": resp.content_type.decode("latin-1"),
-                                   "headers": resp.headers.decode("latin-1"), "error_code": resp.error_code},
-                          resp.body)
+            channel.reply(header, response_header(resp), resp.body)
         except Exception as e:
             log.error("handler for %s failed: %r", header["path"], e, exc_info=True)
             from smg._fast.routes import error_body
