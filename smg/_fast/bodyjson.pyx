@@ -111,16 +111,40 @@ cdef inline bint literal(Cursor* c, const char* word, Py_ssize_t n) noexcept:
     return True
 
 
-cdef object read_object(Cursor* c):
-    cdef dict d = {}
+cdef bint opens_empty(Cursor* c, uchar close) except -1:
+    """At an opening bracket: one level deeper, past it; True (and past
+    `close`, back up a level) when the container is empty."""
     c.depth += 1
     if c.depth > MAX_DEPTH:
         raise _NotSure()
     c.p += 1
     skip_space(c)
-    if c.p < c.end and c.p[0] == c'}':
+    if c.p < c.end and c.p[0] == close:
         c.p += 1
         c.depth -= 1
+        return True
+    return False
+
+
+cdef bint member_ends(Cursor* c, uchar close) except -1:
+    """After a member: past a comma (False, another member follows) or past
+    `close` (True, back up a level)."""
+    skip_space(c)
+    if c.p >= c.end:
+        raise _NotSure()
+    if c.p[0] == c',':
+        c.p += 1
+        return False
+    if c.p[0] == close:
+        c.p += 1
+        c.depth -= 1
+        return True
+    raise _NotSure()
+
+
+cdef object read_object(Cursor* c):
+    cdef dict d = {}
+    if opens_empty(c, c'}'):
         return d
     while True:
         skip_space(c)
@@ -132,43 +156,18 @@ cdef object read_object(Cursor* c):
             raise _NotSure()
         c.p += 1
         d[key] = read_value(c)
-        skip_space(c)
-        if c.p >= c.end:
-            raise _NotSure()
-        if c.p[0] == c',':
-            c.p += 1
-        elif c.p[0] == c'}':
-            c.p += 1
-            c.depth -= 1
+        if member_ends(c, c'}'):
             return d
-        else:
-            raise _NotSure()
 
 
 cdef object read_array(Cursor* c):
     cdef list items = []
-    c.depth += 1
-    if c.depth > MAX_DEPTH:
-        raise _NotSure()
-    c.p += 1
-    skip_space(c)
-    if c.p < c.end and c.p[0] == c']':
-        c.p += 1
-        c.depth -= 1
+    if opens_empty(c, c']'):
         return items
     while True:
         items.append(read_value(c))
-        skip_space(c)
-        if c.p >= c.end:
-            raise _NotSure()
-        if c.p[0] == c',':
-            c.p += 1
-        elif c.p[0] == c']':
-            c.p += 1
-            c.depth -= 1
+        if member_ends(c, c']'):
             return items
-        else:
-            raise _NotSure()
 
 
 cdef inline bint is_digit(const uchar* p, const uchar* end) noexcept:
