@@ -18,13 +18,14 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY smg ./smg
-# smg (with --enable-trace's OpenTelemetry exporters) and every dependency, as wheels
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[tracing]"
+# smg (with --enable-trace's OpenTelemetry exporters and --kv-events-port's ZeroMQ, msgspec and
+# tokenizers) and every dependency, as wheels
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[tracing,kv-events]"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin smg
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-compile --no-index --find-links=/wheels "smg[tracing]" \
+    pip install --no-cache-dir --no-compile --no-index --find-links=/wheels "smg[tracing,kv-events]" \
     # the kubernetes client's asyncio twin (about 70 MB) is never imported by smg
     # (tests/test_wheel.py checks that discovery imports without it)
     && rm -rf /usr/local/lib/python3.11/site-packages/kubernetes/aio \

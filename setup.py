@@ -27,6 +27,7 @@ FAST_MODULES = [
     "routing_text",
     "bodyjson",
     "radix",
+    "kvindex",
     "policies",
     "proxy",
     "pd",

@@ -184,6 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eviction-interval-secs", type=_positive_float, default=d.eviction_interval_secs)
     r.add_argument("--max-tree-size", type=_positive_int, default=d.max_tree_size)
 
+    kv = p.add_argument_group("precise routing from the engines' KV-cache events (cache_aware; pip install "
+                              "'smg[kv-events]')")
+    kv.add_argument("--kv-events-port", type=_port, default=None, metavar="PORT",
+                    help="subscribe to each worker's KV-cache events (ZeroMQ) on this port of its host, plus its "
+                         "data-parallel rank (SGLang/vLLM --kv-events-config endpoint tcp://*:PORT); cache_aware "
+                         "then routes by the blocks each engine reports holding. Needs --tokenizer-path or "
+                         "--model-path")
+    kv.add_argument("--kv-events-replay-port", type=_port, default=None, metavar="PORT",
+                    help="the engines' replay socket (replay_endpoint), asked for the batches a sequence gap lost")
+    kv.add_argument("--kv-events-port-offset", type=_int, default=None, metavar="N",
+                    help="instead of --kv-events-port: each worker's publisher is on its own HTTP port + N "
+                         "(several engines on one host)")
+    kv.add_argument("--kv-events-replay-port-offset", type=_int, default=None, metavar="N",
+                    help="with --kv-events-port-offset: each worker's replay socket is on its HTTP port + N")
+    kv.add_argument("--kv-events-stale-secs", type=_positive_float, default=d.kv_events_stale_secs,
+                    help="a worker with no event this long after a request that stores blocks is routed by the "
+                         "character tree until its events resume")
+    kv.add_argument("--kv-events-max-blocks", type=_positive_int, default=d.kv_events_max_blocks,
+                    help="blocks indexed per worker at most (a worker over it is routed by the character tree "
+                         "until its engine clears its cache)")
+    kv.add_argument("--model-path", "--model", dest="model_path", default=None, metavar="PATH",
+                    help="a local model directory: its tokenizer.json tokenizes prompts for --kv-events-port")
+    kv.add_argument("--tokenizer-path", default=None, metavar="PATH",
+                    help="a local tokenizer.json, or a directory holding one (overrides --model-path)")
+
     h = p.add_argument_group("conversations (/v1/conversations)")
     h.add_argument("--history-backend", default=d.history_backend, metavar="BACKEND",
                    help="memory: conversations kept in the gateway's memory; none: not stored "
@@ -431,6 +456,9 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
             # discovery adds a removed worker back once it is healthy again
             values["remove_unhealthy_workers"] = values["service_discovery"] or values["discovery_provider"] == "file"
         cfg = Config(**values)
+        if (cfg.model_path or cfg.tokenizer_path) and not cfg.kv_events:
+            notices.append("--model-path/--tokenizer-path have no effect without --kv-events-port "
+                           "(smg routes by the request text; the workers tokenize)")
         cfg.startup_notices = notices
         validate(cfg)
     except ValueError as e:
@@ -513,10 +541,36 @@ def validate(cfg: Config) -> None:
                        *(("--ca-cert-paths", p) for p in cfg.ca_cert_paths)):
         if path and not os.path.exists(path):
             raise ValueError(f"{flag} {path}: no such file")
+    if cfg.kv_events_port is not None and cfg.kv_events_port_offset is not None:
+        raise ValueError("give --kv-events-port or --kv-events-port-offset, not both")
+    if cfg.kv_events_replay_port_offset is not None and cfg.kv_events_port_offset is None:
+        raise ValueError("--kv-events-replay-port-offset needs --kv-events-port-offset")
+    if cfg.kv_events_replay_port is not None and cfg.kv_events_port is None:
+        raise ValueError("--kv-events-replay-port needs --kv-events-port")
+    if cfg.kv_events:
+        _check_kv_events(cfg)
     if cfg.discovery_provider == "file" and not cfg.discovery_file:
         raise ValueError("--discovery-provider file needs --discovery-file PATH")
     if cfg.discovery_file and cfg.discovery_provider != "file":
         raise ValueError("--discovery-file needs --discovery-provider file")
+
+
+def _check_kv_events(cfg: Config) -> None:
+    import importlib.util
+
+    from smg.tokenizer import tokenizer_file
+
+    sides = ("prefill", "decode") if cfg.pd_disaggregation else ("regular",)
+    if not any(cfg.policy_for(side) == "cache_aware" for side in sides):
+        raise ValueError("--kv-events-port routes with cache_aware: give --policy cache_aware (or a "
+                         "--prefill-policy/--decode-policy cache_aware)")
+    path = cfg.tokenizer_path or cfg.model_path
+    if not path:
+        raise ValueError("--kv-events-port needs the model's tokenizer: --tokenizer-path or --model-path")
+    tokenizer_file(path)
+    for module in ("zmq", "msgspec", "tokenizers"):
+        if importlib.util.find_spec(module) is None:
+            raise ValueError("--kv-events-port needs the kv-events extra: pip install 'smg[kv-events]'")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

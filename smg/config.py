@@ -54,6 +54,15 @@ class Config:
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 60.0
     max_tree_size: int = 67108864
+    # precise cache_aware routing from the engines' KV-cache events (smg.kv_events)
+    model_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    kv_events_port: Optional[int] = None
+    kv_events_replay_port: Optional[int] = None
+    kv_events_port_offset: Optional[int] = None
+    kv_events_replay_port_offset: Optional[int] = None
+    kv_events_stale_secs: float = 5.0
+    kv_events_max_blocks: int = 1048576
 
     # prefill/decode disaggregation
     pd_disaggregation: bool = False
@@ -170,6 +179,11 @@ class Config:
     @property
     def max_attempts(self) -> int:
         return 1 if self.disable_retries else max(1, self.retry_max_retries)
+
+    @property
+    def kv_events(self) -> bool:
+        """Precise routing: cache_aware reads the workers' KV-cache events."""
+        return self.kv_events_port is not None or self.kv_events_port_offset is not None
 
     def policy_for(self, worker_type: str) -> str:
         if worker_type == "prefill" and self.prefill_policy:

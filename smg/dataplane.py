@@ -104,9 +104,14 @@ class DataPlaneProcess:
             self.channel.reply(header, {"snapshot": dataplane_snapshot(self.data)})
         elif op == "inflight":
             # what this process knows of each worker: load, circuit breaker, last error
-            self.channel.reply(header, {"workers": {
+            answer = {"workers": {
                 w.id: [w.inflight, w.cb_state, w.cb_failures, w.cb_opened_at, w.last_error, w.last_error_at]
-                for w in self.registry.all()}})
+                for w in self.registry.all()}}
+            if self.cfg.kv_events:
+                from smg.kv_events import streams_of
+
+                answer["kv_events"] = streams_of(self.data.router)
+            self.channel.reply(header, answer)
         elif op == "stop":
             self.request_stop()
         else:

@@ -98,7 +98,21 @@ CONTROL_ROUTES = (
 TICK_SECONDS = 0.1
 
 
-def policy_factory(cfg: Config) -> Callable[[int], Policy]:
+def policy_factory(cfg: Config, kv_events: bool = True) -> Callable[[int], Policy]:
+    """`kv_events`: False in a process that routes nothing (the supervisor),
+    which then does not subscribe to the workers' KV-cache events."""
+    tokenizer = []      # loaded once per process, on the first cache_aware group (precise mode)
+
+    def precise(policy: CacheAwarePolicy) -> CacheAwarePolicy:
+        from smg.kv_events import KvEvents
+        from smg.tokenizer import load_tokenizer
+
+        if not tokenizer:
+            tokenizer.append(load_tokenizer(cfg.tokenizer_path or cfg.model_path))
+        policy.kv = KvEvents(tokenizer[0], cfg.kv_events_port, cfg.kv_events_replay_port, cfg.kv_events_port_offset,
+                             cfg.kv_events_replay_port_offset, cfg.kv_events_stale_secs, cfg.kv_events_max_blocks)
+        return policy
+
     def make(worker_type: int) -> Policy:
         name = cfg.policy_for({PREFILL: "prefill", DECODE: "decode"}.get(worker_type, "regular"))
         if name == "round_robin":
@@ -123,8 +137,9 @@ def policy_factory(cfg: Config) -> Callable[[int], Policy]:
             mode = ASSIGNMENT_MODES.get(cfg.assignment_mode or "random", ASSIGNMENT_MODES["random"])
             return ManualPolicy(mode, cfg.max_idle_secs)
         if name == "cache_aware":
-            return CacheAwarePolicy(cfg.cache_threshold, cfg.balance_abs_threshold, cfg.balance_rel_threshold,
-                                    cfg.max_tree_size)
+            policy = CacheAwarePolicy(cfg.cache_threshold, cfg.balance_abs_threshold, cfg.balance_rel_threshold,
+                                      cfg.max_tree_size)
+            return precise(policy) if cfg.kv_events and kv_events else policy
         raise ValueError(f"unknown policy {name!r}")
 
     return make
@@ -164,10 +179,10 @@ def sticky_max_idle(cfg: Config) -> float:
     return cfg.max_idle_secs if cfg.sticky_sessions else -1.0
 
 
-def build_router(cfg: Config) -> Router:
+def build_router(cfg: Config, kv_events: bool = True) -> Router:
     """The router of one process: groups made with cfg's policies, sticky
-    sessions when they are on."""
-    return Router(policy_factory(cfg), sticky_max_idle(cfg))
+    sessions when they are on (`kv_events`: see policy_factory)."""
+    return Router(policy_factory(cfg, kv_events), sticky_max_idle(cfg))
 
 
 def date_header() -> bytes:
@@ -454,6 +469,10 @@ class Gateway:
         self.data = DataPlane(cfg, loop, self.router, self.registry)
         self.control = ControlPlane(cfg, loop, self.registry, lambda: dataplane_snapshot(self.data))
         self.data.add_control_routes(self.control.handlers.__getitem__)
+        if cfg.kv_events:
+            from smg.kv_events import streams_of
+
+            self.registry.kv_event_streams = lambda: streams_of(self.router)
         self.stopping = asyncio.Event()
         self._tick_handle: Optional[asyncio.TimerHandle] = None
 

@@ -50,6 +50,7 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
                          "connect_timeouts": pool.connect_timeouts_total,
                          "prefill_queue_chars": w.prefill_queue_chars, "unanswered": w.unanswered}
     cache_aware = []
+    kv_events = []
     for (wtype, model), group in list(dp.router.groups.items()):
         policy = group.policy
         if not isinstance(policy, CacheAwarePolicy):
@@ -63,6 +64,9 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
                             {"hit": policy.hits, "miss": policy.misses, "spill": policy.spills,
                              "move": policy.moves},
                             [[change, reason, n] for (change, reason), n in policy.placement_changes.items()]])
+        if policy.kv is not None:
+            kv_events.append([TYPE_NAMES[wtype], model, policy.kv.snapshot(), policy.kv.tokenized,
+                              policy.kv.tokenize_secs])
     adm = dp.call_settings.admission
     settings = dp.call_settings
     return {
@@ -82,6 +86,7 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
         "router_durations": [[*key, *s.durations.snapshot()[:2]] for key, s in settings.series.items()
                              if s.durations.count],
         "cache_aware": cache_aware,
+        "kv_events": kv_events,
     }
 
 
@@ -153,7 +158,35 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
         out[name] = [[*key, n] for key, n in rows.items()]
     out["router_durations"] = [[*key, counts, total] for key, (counts, total) in router_durations.items()]
     out["cache_aware"] = list(cache_aware.values())
+    out["kv_events"] = _merge_kv_events([snap.get("kv_events", []) for snap in snapshots])
     return out
+
+
+def _merge_kv_events(per_process: list[list]) -> list:
+    """Every process subscribes to every worker's events, so a stream's
+    counts are the largest any process has (not their sum), and a stream
+    is live only where it is live in every process; tokenizing is each
+    process's own, and adds up."""
+    merged: dict[tuple, list] = {}
+    for rows in per_process:
+        for tname, model, streams, tokenized, secs in rows:
+            have = merged.get((tname, model))
+            if have is None:
+                merged[(tname, model)] = [tname, model, {s["worker"]: dict(s) for s in streams}, tokenized, secs]
+                continue
+            have[3] += tokenized
+            have[4] += secs
+            for s in streams:
+                into = have[2].setdefault(s["worker"], dict(s))
+                if into is s or into == s:
+                    continue
+                for key in ("blocks", "unknown", "malformed", "gaps", "replays", "resyncs"):
+                    into[key] = max(into[key], s[key])
+                for key in ("received", "applied"):
+                    into[key] = {t: max(n, s[key].get(t, 0)) for t, n in into[key].items()}
+                if s["state"] != "live":
+                    into["state"] = s["state"]
+    return [[t, m, list(streams.values()), n, secs] for t, m, streams, n, secs in merged.values()]
 
 
 class GatewayCollector:
@@ -172,6 +205,8 @@ class GatewayCollector:
         yield from self._http(snap)
         yield from self._workers(snap)
         yield from self._cache_aware(snap)
+        if snap.get("kv_events"):
+            yield from self._kv_events(snap["kv_events"])
         if self.processes is not None:
             yield from self._processes(self.processes)
         for source in self.metric_sources:
@@ -374,6 +409,44 @@ class GatewayCollector:
         yield share
         yield decisions
         yield changes
+
+    def _kv_events(self, rows: list) -> Iterator[Metric]:
+        from smg.kv_events import EVENT_TYPES, STATE_NAMES
+
+        received = CounterMetricFamily("smg_kv_events_received", "KV-cache events received from a worker's engine, "
+                                       "by type", labels=["model", "worker", "type"])
+        applied = CounterMetricFamily("smg_kv_events_applied", "KV-cache events applied to the worker's block "
+                                      "index, by type (a block on another tier or of a LoRA adapter is not)",
+                                      labels=["model", "worker", "type"])
+        problems = CounterMetricFamily("smg_kv_events_stream_problems", "A worker's event stream: sequence gaps, "
+                                       "replays asked, resyncs (the index rebuilt from nothing), malformed batches, "
+                                       "events of unknown type", labels=["model", "worker", "problem"])
+        blocks = GaugeMetricFamily("smg_kv_events_indexed_blocks", "KV-cache blocks a worker's engine holds, as "
+                                   "its events say", labels=["model", "worker"])
+        state = GaugeMetricFamily("smg_kv_events_stream_state", "1 for a worker's event stream state (live: "
+                                  "routed by its events; otherwise by the character tree)",
+                                  labels=["model", "worker", "state"])
+        fallback = GaugeMetricFamily("smg_kv_events_workers_on_fallback", "Workers routed by the character tree "
+                                     "because their event stream is not live", labels=["model"])
+        tokenized = CounterMetricFamily("smg_kv_events_tokenized_requests", "Requests tokenized for precise "
+                                        "routing", labels=["model"])
+        tokenize_secs = CounterMetricFamily("smg_kv_events_tokenize_seconds", "Time spent tokenizing them",
+                                            labels=["model"])
+        for _, model, streams, n, secs in rows:
+            tokenized.add_metric([model], n)
+            tokenize_secs.add_metric([model], secs)
+            fallback.add_metric([model], sum(1 for s in streams if s["state"] != "live"))
+            for s in streams:
+                w = s["worker"]
+                for t in EVENT_TYPES:
+                    received.add_metric([model, w, t], s["received"].get(t, 0))
+                    applied.add_metric([model, w, t], s["applied"].get(t, 0))
+                for problem in ("gaps", "replays", "resyncs", "malformed", "unknown"):
+                    problems.add_metric([model, w, problem], s[problem])
+                blocks.add_metric([model, w], s["blocks"])
+                for name in STATE_NAMES:
+                    state.add_metric([model, w, name], 1 if s["state"] == name else 0)
+        yield from (received, applied, problems, blocks, state, fallback, tokenized, tokenize_secs)
 
     def _processes(self, processes: list[dict]) -> Iterator[Metric]:
         live = GaugeMetricFamily("smg_dataplane_processes", "Data-plane processes running (--workers)")

@@ -38,8 +38,8 @@ def _f(*names: str, nargs: Nargs = 1) -> tuple[tuple[str, ...], Nargs]:
 
 
 NOT_SUPPORTED = (
-    FlagGroup("the in-gateway tokenizer and chat templates (smg routes by request text; workers tokenize)", (
-        _f("--model-path", "--model"), _f("--tokenizer-path"), _f("--chat-template"),
+    FlagGroup("chat templates and tokenizer caches in the gateway (smg tokenizes only for --kv-events-port)", (
+        _f("--chat-template"),
         _f("--tokenizer-cache-enable-l0", nargs=0), _f("--tokenizer-cache-l0-max-entries"),
         _f("--tokenizer-cache-enable-l1", nargs=0), _f("--tokenizer-cache-l0-max-memory"),
         _f("--tokenizer-cache-l1-max-memory"),
@@ -110,7 +110,8 @@ NOT_SUPPORTED = (
 )
 
 NO_EFFECT = (
-    FlagGroup("smg never loads a tokenizer", (_f("--disable-tokenizer-autoload", nargs=0),)),
+    FlagGroup("smg loads a tokenizer only from a local --tokenizer-path or --model-path",
+              (_f("--disable-tokenizer-autoload", nargs=0),)),
     FlagGroup("smg does not poll worker loads", (_f("--disable-load-monitoring", nargs=0),)),
     FlagGroup("smg always routes by the request's model when workers serve several (IGW mode is on)",
               (_f("--enable-igw", nargs=0),)),

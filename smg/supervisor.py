@@ -129,7 +129,7 @@ class Supervisor:
         self.cfg = cfg
         self.loop = loop
         # the registry keeps a router in step; no request is routed here
-        self.registry = Registry(cfg, build_router(cfg), loop)
+        self.registry = Registry(cfg, build_router(cfg, kv_events=False), loop)
         self.registry.wait_idle = self._wait_drained
         self.registry.listeners.append(self._on_worker_event)
         self.control = ControlPlane(cfg, loop, self.registry, self._snapshot, processes=self._process_info,
@@ -263,7 +263,16 @@ class Supervisor:
         (summed), the circuit breaker that has failed most (open before
         half-open before closed; each process has its own), the latest error."""
         merged: dict[str, list] = {}
-        for _, header in await self._ask_all("inflight"):
+        streams: dict[str, dict] = {}
+        answers = await self._ask_all("inflight")
+        for _, header in answers:
+            for wid, stream in header.get("kv_events", {}).items():
+                # one view per process; shown: the first, unless another's stream is not live
+                if wid not in streams or stream["state"] != "live":
+                    streams[wid] = stream
+        if self.cfg.kv_events:
+            self.registry.kv_event_streams = lambda: streams
+        for _, header in answers:
             for wid, (inflight, cb_state, cb_failures, cb_opened_at, error, error_at) in header["workers"].items():
                 m = merged.get(wid)
                 if m is None:

@@ -93,6 +93,13 @@ class FakeWorkerConfig:
     sim_prefill_chars_per_sec: float = 200_000.0
     sim_max_running: int = 32
     sim_decode_step: float = 0.008
+    # token blocks instead of character blocks: the model's tokenizer.json,
+    # blocks of sim_block_tokens; with sim_kv_events_port the engine publishes
+    # its KV-cache events there (and answers replays on sim_kv_replay_port)
+    sim_tokenizer: str | None = None
+    sim_block_tokens: int = 16
+    sim_kv_events_port: int = 0
+    sim_kv_replay_port: int = 0
     version: str = "0.0.0-fake"
     # "sglang" or "vllm" (vLLM answers /v1/models with owned_by "vllm")
     engine: str = "sglang"
@@ -311,10 +318,14 @@ class FakeWorker:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
+        if self.config.simulate and self.config.sim_kv_events_port:
+            self.engine         # its event publisher listens from the start, as an engine's does
         self._server = await self._loop.create_server(lambda: _WorkerProtocol(self), sock=sock, backlog=4096,
                                                       ssl=self.ssl_context)
         await self._stopped.wait()
         self._server.close()
+        if self._engine is not None and self._engine.events is not None:
+            self._engine.events.close()
         # a stopped worker is gone: its open connections die with it
         for proto in list(self._conns):
             if proto.transport is not None:
@@ -374,12 +385,19 @@ class FakeWorker:
     def engine(self):
         """The simulated engine (--simulate), made on first use."""
         if self._engine is None:
-            from smg.simulated_engine import EngineModel, SimulatedEngine
+            from smg.simulated_engine import EngineModel, KvEventPublisher, SimulatedEngine, TokenBlocks
 
             cfg = self.config
+            blocks = events = None
+            if cfg.sim_tokenizer:
+                from smg.tokenizer import load_tokenizer
+
+                blocks = TokenBlocks(load_tokenizer(cfg.sim_tokenizer), cfg.sim_block_tokens, seed=self.port)
+                if cfg.sim_kv_events_port:
+                    events = KvEventPublisher(cfg.sim_kv_events_port, cfg.sim_kv_replay_port, self.host)
             self._engine = SimulatedEngine(EngineModel(
                 cache_chars=cfg.sim_cache_chars, prefill_chars_per_sec=cfg.sim_prefill_chars_per_sec,
-                max_running=cfg.sim_max_running, decode_step=cfg.sim_decode_step))
+                max_running=cfg.sim_max_running, decode_step=cfg.sim_decode_step), blocks, events)
         return self._engine
 
     # handlers
@@ -487,7 +505,7 @@ class FakeWorker:
             return True
         if path in ("/flush_cache", "/health_generate"):
             if path == "/flush_cache" and self._engine is not None:
-                self._engine.cache.blocks.clear()
+                self._engine.flush()
             proto._write(_head(200, "text/plain", 0))
             return True
         if path.startswith("/v1/responses/"):
@@ -498,6 +516,9 @@ class FakeWorker:
             if self.config.simulate:
                 stats["engine"] = self.engine.stats()
             self._json(proto, 200, stats)
+            return True
+        if path == "/_fake/kv_events":
+            self._kv_events(proto, req)
             return True
         if path == "/_fake/reset_stats":
             self.reset_stats()
@@ -514,6 +535,32 @@ class FakeWorker:
             return True
         self._json(proto, 404, {"error": f"no route {path}"})
         return True
+
+    def _kv_events(self, proto: _WorkerProtocol, req: _Request) -> None:
+        """The simulated engine's event publisher: GET its state; POST faults
+        ({"drop": n batches, "paused": bool, "restart": true})."""
+        events = self.engine.events if self.config.simulate else None
+        if events is None:
+            self._json(proto, 404, {"error": "no KV event publisher (--simulate --sim-kv-events-port)"})
+            return
+        if req.method == "POST":
+            try:
+                change = orjson.loads(bytes(req.body))
+                if not isinstance(change, dict) or set(change) - {"drop", "paused", "restart"}:
+                    raise ValueError("takes drop, paused, restart")
+            except (orjson.JSONDecodeError, ValueError) as e:
+                self._json(proto, 400, {"error": str(e)})
+                return
+            if change.get("restart"):
+                self.engine.cache.clear()       # an engine restarted has nothing cached
+                events.restart()
+            if "drop" in change:
+                events.drop = int(change["drop"])
+            if "paused" in change:
+                events.paused = bool(change["paused"])
+        self._json(proto, 200, {"endpoint": events.endpoint, "replay_endpoint": events.replay_endpoint,
+                                "sequence": events.seq, "sent": events.sent, "paused": events.paused,
+                                "cached_blocks": len(self.engine.cache.blocks)})
 
     def _stored_response(self, proto: _WorkerProtocol, method: str, rest: str) -> None:
         response_id, _, action = rest.partition("/")
@@ -869,7 +916,16 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--sim-prefill-chars-per-sec", type=float, default=200_000.0)
     sim.add_argument("--sim-max-running", type=int, default=32, help="requests past prefill at once")
     sim.add_argument("--sim-decode-step", type=float, default=0.008, help="seconds per decode step")
+    sim.add_argument("--sim-tokenizer", metavar="PATH",
+                     help="cache token blocks of this tokenizer.json (else blocks of 64 characters)")
+    sim.add_argument("--sim-block-tokens", type=int, default=16, help="tokens per cache block")
+    sim.add_argument("--sim-kv-events-port", type=int, default=0, metavar="PORT",
+                     help="publish KV-cache events on PORT + i for worker i (needs --sim-tokenizer)")
+    sim.add_argument("--sim-kv-replay-port", type=int, default=0, metavar="PORT",
+                     help="answer event replays on PORT + i")
     args = parser.parse_args(argv)
+    if args.sim_kv_events_port and not args.sim_tokenizer:
+        parser.error("--sim-kv-events-port needs --sim-tokenizer")
 
     import uvloop
 
@@ -888,6 +944,10 @@ def main(argv: list[str] | None = None) -> None:
             sim_prefill_chars_per_sec=args.sim_prefill_chars_per_sec,
             sim_max_running=args.sim_max_running,
             sim_decode_step=args.sim_decode_step,
+            sim_tokenizer=args.sim_tokenizer,
+            sim_block_tokens=args.sim_block_tokens,
+            sim_kv_events_port=args.sim_kv_events_port + i if args.sim_kv_events_port else 0,
+            sim_kv_replay_port=args.sim_kv_replay_port + i if args.sim_kv_replay_port else 0,
         )
         for i in range(args.count)
     ]

@@ -69,6 +69,8 @@ class Registry:
         self._tls_client: Optional[ssl.SSLContext] = None
         self.prefill_capacity_listener: Optional[Callable[[Worker], None]] = None
         self.listeners: list[Callable[[str, Worker], None]] = []
+        # --kv-events-port: {worker id: its KV-event stream as GET /workers shows it}
+        self.kv_event_streams: Optional[Callable[[], dict]] = None
         self._drains: dict[str, asyncio.Task] = {}
         self._removed_event = asyncio.Event()
 
@@ -303,6 +305,7 @@ class Registry:
             "circuit_breaker": _breaker(w),
             "last_error": {"message": w.last_error, "at": _iso(w.last_error_at)} if w.last_error else None,
             **self._dp_info(w),
+            **({"kv_events": self.kv_event_streams().get(w.id)} if self.kv_event_streams is not None else {}),
         }
 
     @staticmethod

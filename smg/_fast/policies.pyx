@@ -662,6 +662,9 @@ cdef class CacheAwarePolicy(Policy):
     cdef public long long misses
     cdef long long spills_by[LEFT_REASONS]
     cdef long long moves_by[LEFT_REASONS]
+    # precise mode (smg.kv_events.KvEvents): what the engines report holding,
+    # for the workers whose event streams are trusted (None: the tree only)
+    cdef public object kv
 
     def __init__(self, double cache_threshold=0.3, double balance_abs_threshold=64,
                  double balance_rel_threshold=1.5, long long max_tree_size=67108864):
@@ -729,8 +732,18 @@ cdef class CacheAwarePolicy(Policy):
         self.slots[w.id] = slot
         return <int>slot
 
+    def slot_py(self, Worker w):
+        """The worker's slot, made if it has none."""
+        return self.slot_for(w)
+
+    cpdef workers_changed(self, list workers):
+        if self.kv is not None:
+            self.kv.workers_changed(self, workers)
+
     cpdef worker_removed(self, Worker worker):
         slot = self.slots.pop(worker.id, None)
+        if self.kv is not None:
+            self.kv.worker_removed(worker, slot)
         if slot is None:
             return
         self.tree.remove_slot(<int>slot)
@@ -929,6 +942,8 @@ cdef class CacheAwarePolicy(Policy):
             # a longer prompt is routed (and recorded) by that much of its start
             n = self.prompt_budget()
         view = text_view(text, n)
+        if self.kv is not None:
+            return self.pick_precise(ready, text, prompt, n, now)
         try:
             g = self.gate(ready, now)
             gkey = hash_text(prompt, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
@@ -1000,6 +1015,89 @@ cdef class CacheAwarePolicy(Policy):
             self.spills_by[reason] += 1
             self.spill_rate[slot] = rate
             self.tree.insert_matched(prompt, matched, best, matched, self.slot_for(target), now, INSERT_WEAK)
+            return target
+        finally:
+            if self.tree.total_chars > self.max_tree_size:
+                self.trim(n)
+
+    cdef Worker pick_precise(self, list ready, str text, Text* prompt, Py_ssize_t n, double now):
+        """pick() in precise mode: what each worker holds is what its engine
+        reported (KvEvents.holdings) where its stream is trusted, and what
+        the tree says elsewhere. The owner is the worker holding the most
+        (the highest rendezvous weight among equals, so replicas, which see
+        the same events, agree); leaving it is weighed as in pick(). The
+        tree records every request too, so a worker whose events stop is
+        routed as without them."""
+        cdef Node* best
+        cdef Py_ssize_t matched, depth, top = 0, h
+        cdef Worker w = None, o, target = None
+        cdef int s, reason
+        cdef long long stay, cost = 0
+        cdef uint64_t gkey, weight, top_weight = 0
+        cdef Gate g
+        cdef dict slots = {}
+        try:
+            g = self.gate(ready, now)
+            gkey = hash_text(prompt, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
+            for o in ready:
+                if o.routable(now):
+                    slots[o.id] = self.slot_for(o)
+            matched = self.tree.match(prompt, n, &best, &depth)
+            self.note_holdings(best, matched)
+            reported = self.kv.holdings(text if n == PyUnicode_GET_LENGTH(text) else text[:n], slots, now)
+            if reported:
+                for slot, chars in (<dict>reported).items():
+                    if <int>slot < self.held_len:
+                        self.held[<int>slot] = chars if <Py_ssize_t>chars < n else n
+            for o in ready:
+                if not o.routable(now):
+                    continue
+                s = self.slot_for(o)
+                h = self.held[s] if s < self.held_len else 0
+                if h == 0 or h < top:
+                    continue
+                weight = weight_of(gkey, o)
+                if h > top or weight > top_weight:
+                    w, top, top_weight = o, h, weight
+            if w is None or top <= self.cache_threshold * n:
+                self.misses += 1
+                w = self.place(gkey, ready, &g, now, None)
+                if w is not None:
+                    s = self.slot_for(w)
+                    h = self.held[s] if s < self.held_len else 0
+                    self.tree.insert_matched(prompt, n, best, matched, s, now, INSERT_HIT)
+                    w.next_prefill_chars = n - h
+                    self.kv.sent(w.id, s, n - h, now)
+                return w
+            s = self.slot_for(w)
+            stay = w.prefill_queue_chars + n - top
+            reason = -1
+            if self.overloaded(w, &g, now):
+                reason = LEFT_INFLIGHT
+            elif too_costly(stay, g.min_queue + REPREFILL_WEIGHT * (n - top)):
+                reason = LEFT_PREFILL
+            if reason >= 0:
+                target = self.cheapest(gkey, ready, &g, now, w, n, &cost)
+                if target is None:
+                    pass
+                elif reason == LEFT_PREFILL:
+                    if not too_costly(stay, cost):
+                        target = None
+                elif too_costly(cost, stay) and <double>self.load_avg[s] <= 2.0 * (g.mean + g.margin):
+                    target = None
+            if target is None:
+                self.hits += 1
+                self.tree.insert_matched(prompt, n, best, matched, s, now, INSERT_HIT)
+                w.next_prefill_chars = n - top
+                self.kv.sent(w.id, s, n - top, now)
+                return w
+            # a spill: the target's engine reports the blocks it stores, so
+            # there is no hand-over to record (the holder of the most wins)
+            self.spills_by[reason] += 1
+            target.next_prefill_chars = (cost - target.prefill_queue_chars) // REPREFILL_WEIGHT
+            s = self.slot_for(target)
+            self.tree.insert_matched(prompt, matched, best, matched, s, now, INSERT_WEAK)
+            self.kv.sent(target.id, s, target.next_prefill_chars, now)
             return target
         finally:
             if self.tree.total_chars > self.max_tree_size:

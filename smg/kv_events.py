@@ -1,0 +1,456 @@
+"""Precise cache-aware routing: each worker's KV-cache events, over ZeroMQ.
+
+SGLang and vLLM publish every KV-cache block they store and evict
+(`--kv-events-config`): a PUB socket sends multipart messages
+`[topic, 8-byte big-endian sequence number, msgpack payload]`, the payload a
+batch `[ts, events, data_parallel_rank?]` of tagged events:
+
+- `BlockStored`: block_hashes, parent_block_hash, token_ids, block_size,
+  lora_id, medium (and optional fields a consumer may ignore);
+- `BlockRemoved`: block_hashes, medium;
+- `AllBlocksCleared`.
+
+SGLang encodes an event as a map with a `type` key, vLLM as an array whose
+first element is the tag; both are read. An optional ROUTER socket replays
+buffered batches: a request `[b"", start sequence (8 bytes)]` is answered
+with `[b"", topic, sequence, payload]` per batch, then `[b"", b"", -1, b""]`.
+
+`KvEvents` (one per cache_aware policy, that is per model) subscribes to
+each of its workers (`EventStream`), keeps what they hold in a
+`BlockIndex`, and tells the policy, per request, how many leading
+characters of the prompt each trusted worker holds. A worker whose stream
+is not trusted (not connected yet, stalled, over its block budget) is
+routed by the character tree, as without events.
+
+Needs the `kv-events` extra (pyzmq, msgspec) and a tokenizer
+(smg.tokenizer); without the flags nothing here is imported."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from smg._fast.kvindex import BlockIndex, chain_hashes
+
+log = logging.getLogger("smg.kv_events")
+
+END_SEQ = -1
+REPLAY_TIMEOUT_SECS = 2.0
+RECONNECT_SECS = 1.0
+# a batch bigger than this is refused by the socket (a hostile or broken publisher)
+MAX_MESSAGE_BYTES = 64 << 20
+# the GPU tier: blocks stored elsewhere (host memory, disk) do not make a prefill hit
+GPU_MEDIA = (None, "GPU")
+
+# stream states (GET /workers shows them)
+CONNECTING = "connecting"   # subscribed, no batch yet: routed by the character tree
+LIVE = "live"               # in sequence: routed by the index
+STALE = "stale"             # requests were sent and no event came: routed by the character tree
+OVERFLOW = "overflow"       # over its block budget: routed by the character tree until cleared
+STATE_NAMES = (CONNECTING, LIVE, STALE, OVERFLOW)
+
+EVENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+
+
+class MalformedBatch(ValueError):
+    pass
+
+
+def decode_batch(payload: bytes) -> tuple[float, list, Optional[int]]:
+    """(ts, events, data-parallel rank) of one payload. Each event is
+    (type name, fields dict); an unknown tag keeps its name and no fields.
+    Raises MalformedBatch on anything that is not a batch of events."""
+    try:
+        batch = msgspec.msgpack.decode(payload)
+    except (msgspec.DecodeError, ValueError) as e:
+        raise MalformedBatch(f"not msgpack: {e}") from None
+    if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
+        raise MalformedBatch("not a [ts, events, rank] batch")
+    ts, raw_events = batch[0], batch[1]
+    rank = batch[2] if len(batch) > 2 else None
+    if not isinstance(ts, (int, float)) or (rank is not None and not isinstance(rank, int)):
+        raise MalformedBatch("bad ts or rank")
+    return float(ts), [decode_event(e) for e in raw_events], rank
+
+
+# the fields of each event in an array-encoded (vLLM) event, after its tag
+_ARRAY_FIELDS = {
+    "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium"),
+    "BlockRemoved": ("block_hashes", "medium"),
+    "AllBlocksCleared": (),
+}
+
+
+def decode_event(raw) -> tuple[str, dict]:
+    if isinstance(raw, dict):
+        tag = raw.get("type")
+        fields = raw
+    elif isinstance(raw, list) and raw and isinstance(raw[0], str):
+        tag = raw[0]
+        names = _ARRAY_FIELDS.get(tag, ())
+        fields = dict(zip(names, raw[1:]))
+    else:
+        raise MalformedBatch("an event is neither a tagged map nor a tagged array")
+    if not isinstance(tag, str):
+        raise MalformedBatch("an event has no type")
+    if tag not in _ARRAY_FIELDS:
+        return tag, {}
+    if tag == "BlockStored":
+        hashes, tokens, size = fields.get("block_hashes"), fields.get("token_ids"), fields.get("block_size")
+        parent = fields.get("parent_block_hash")
+        if not _int_list(hashes) or not _int_list(tokens) or not isinstance(size, int) or size <= 0 \
+                or not (parent is None or isinstance(parent, int)):
+            raise MalformedBatch("BlockStored without int block_hashes, token_ids, block_size")
+    elif tag == "BlockRemoved" and not _int_list(fields.get("block_hashes")):
+        raise MalformedBatch("BlockRemoved without int block_hashes")
+    return tag, fields
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(type(x) is int for x in value)
+
+
+class EventStream:
+    """One worker's subscription: the sequence, the replay, the trust."""
+
+    def __init__(self, events: KvEvents, worker, slot: int, endpoint: str, replay_endpoint: Optional[str]):
+        self.events = events
+        self.worker = worker
+        self.slot = slot
+        self.endpoint = endpoint
+        self.replay_endpoint = replay_endpoint
+        self.state = CONNECTING
+        self.next_seq: Optional[int] = None
+        self.replayed_to = -1           # the last sequence applied from a replay
+        self.last_event_at = 0.0
+        self.awaiting_since = 0.0     # a request was sent that should store blocks; 0: none
+        self.silent_logged = False
+        self.received = dict.fromkeys(EVENT_TYPES, 0)
+        self.applied = dict.fromkeys(EVENT_TYPES, 0)
+        self.unknown = 0
+        self.malformed = 0
+        self.gaps = 0
+        self.replays = 0
+        self.resyncs = 0
+        self.task: Optional[asyncio.Task] = None
+
+    # --- what the policy asks ---
+
+    def trusted(self, now: float) -> bool:
+        if self.awaiting_since and now - self.awaiting_since > self.events.stale_secs:
+            if self.state == LIVE:
+                self.state = STALE
+                log.warning("KV events of %s stopped (none %.1f s after a request that stores blocks): routed "
+                            "by the character tree until they resume", self.worker.url, now - self.awaiting_since)
+            elif self.state == CONNECTING and not self.silent_logged:
+                self.silent_logged = True
+                log.warning("no KV events from %s at %s (%.1f s after a request that stores blocks): routed by "
+                            "the character tree until they come", self.worker.url, self.endpoint,
+                            now - self.awaiting_since)
+        return self.state == LIVE
+
+    def expect_events(self, now: float) -> None:
+        """A request that stores new blocks was sent to the worker."""
+        if not self.awaiting_since:
+            self.awaiting_since = now
+
+    def describe(self) -> dict:
+        return {"endpoint": self.endpoint, "replay_endpoint": self.replay_endpoint, "state": self.state,
+                "next_sequence": self.next_seq, "indexed_blocks": self.events.index.blocks(self.slot),
+                "last_event_age_secs": round(time.monotonic() - self.last_event_at, 3) if self.last_event_at else None}
+
+    # --- the subscription ---
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    async def run(self) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(self.endpoint)
+        log.info("subscribed to KV events of %s at %s", self.worker.url, self.endpoint)
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                await self.on_message(frames)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            sub.close(0)
+
+    async def on_message(self, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self.malformed += 1
+            return
+        seq = int.from_bytes(frames[1], "big", signed=True)
+        if self.next_seq is None:
+            if seq != 0 and self.replay_endpoint:
+                # joined a running engine: what it stored before is in its replay buffer
+                await self.replay(0)
+            if self.next_seq is None:
+                self.next_seq = seq         # nothing to replay: the index starts here
+        if seq >= self.next_seq:
+            self.replayed_to = -1           # past what a replay brought: no duplicates follow
+        if seq < self.next_seq:
+            if seq <= self.replayed_to:
+                return                      # already applied from the replay
+            # the sequence went back: the publisher restarted, its engine's cache empty
+            log.info("KV events of %s restarted at sequence %d", self.worker.url, seq)
+            self.rebuild()
+        elif seq > self.next_seq:
+            self.gaps += 1
+            log.warning("KV events of %s: sequence %d after %d (%d batches lost)", self.worker.url, seq,
+                        self.next_seq - 1, seq - self.next_seq)
+            if self.replay_endpoint:
+                await self.replay(self.next_seq)
+                if seq < self.next_seq:
+                    return                  # the replay brought this one too
+            if seq > self.next_seq:
+                self.rebuild()
+        self.apply(seq, frames[2])
+
+    def apply(self, seq: int, payload: bytes) -> None:
+        self.next_seq = seq + 1
+        self.last_event_at = time.monotonic()
+        self.awaiting_since = 0.0
+        if self.state in (CONNECTING, STALE):
+            if self.state == STALE:
+                log.info("KV events of %s resumed", self.worker.url)
+            self.state = LIVE
+        try:
+            _, events, _ = decode_batch(payload)
+        except MalformedBatch as e:
+            # what it said is lost: the index cannot be trusted to match the engine
+            self.malformed += 1
+            log.warning("KV events of %s: malformed batch %d (%s): index rebuilt", self.worker.url, seq, e)
+            self.rebuild()
+            return
+        index = self.events.index
+        for tag, fields in events:
+            if tag not in self.received:
+                self.unknown += 1
+                continue
+            self.received[tag] += 1
+            if tag == "AllBlocksCleared":
+                index.cleared(self.slot)
+                if self.state == OVERFLOW:
+                    self.state = LIVE
+                self.applied[tag] += 1
+                continue
+            if self.state == OVERFLOW or fields.get("medium") not in GPU_MEDIA:
+                continue
+            if tag == "BlockStored":
+                if fields.get("lora_id") is not None:
+                    continue            # an adapter's blocks: no base-model prompt shares them
+                try:
+                    index.stored(self.slot, fields["block_hashes"], fields.get("parent_block_hash"),
+                                 fields["token_ids"], fields["block_size"])
+                except OverflowError:
+                    self.state = OVERFLOW
+                    index.cleared(self.slot)
+                    log.warning("KV events of %s: over %d blocks indexed: routed by the character tree until "
+                                "its engine clears its cache", self.worker.url, index.max_blocks_per_slot)
+                    continue
+                self.events.block_size = fields["block_size"]
+            else:
+                index.removed(self.slot, fields["block_hashes"])
+            self.applied[tag] += 1
+
+    def rebuild(self) -> None:
+        """Start the worker's index from nothing (events were lost and cannot be replayed)."""
+        self.resyncs += 1
+        self.events.index.cleared(self.slot)
+        if self.state == OVERFLOW:
+            self.state = LIVE
+
+    async def replay(self, start: int) -> None:
+        """Ask the replay socket for every batch from `start`, and apply them."""
+        self.replays += 1
+        ctx = zmq.asyncio.Context.instance()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        dealer.connect(self.replay_endpoint)
+        first = None
+        try:
+            await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                frames = await asyncio.wait_for(dealer.recv_multipart(), REPLAY_TIMEOUT_SECS)
+                if len(frames) != 4 or len(frames[2]) != 8:
+                    self.malformed += 1
+                    continue
+                seq = int.from_bytes(frames[2], "big", signed=True)
+                if seq == END_SEQ:
+                    break
+                if first is None:
+                    first = seq
+                    if seq > start:
+                        self.rebuild()      # the buffer no longer holds all that was lost
+                if self.next_seq is not None and seq < self.next_seq:
+                    continue
+                self.apply(seq, frames[3])
+                self.replayed_to = seq
+        except asyncio.TimeoutError:
+            log.warning("KV events of %s: the replay socket %s did not answer", self.worker.url,
+                        self.replay_endpoint)
+        finally:
+            dealer.close(0)
+
+
+class KvEvents:
+    """One model's workers' KV-cache events and what they say each holds."""
+
+    def __init__(self, tokenizer, port: Optional[int] = None, replay_port: Optional[int] = None,
+                 port_offset: Optional[int] = None, replay_port_offset: Optional[int] = None, stale_secs: float = 5.0,
+                 max_blocks_per_worker: int = 1 << 20, max_tokenize_chars: int = 1 << 18):
+        self.tokenizer = tokenizer
+        self.port = port
+        self.replay_port = replay_port
+        self.port_offset = port_offset
+        self.replay_port_offset = replay_port_offset
+        self.stale_secs = stale_secs
+        self.index = BlockIndex(max_blocks_per_worker)
+        self.streams: dict[str, EventStream] = {}     # worker id -> its stream
+        self.block_size = 0                           # learnt from the events
+        self.tokenize_secs = 0.0
+        self.tokenized = 0
+        self.max_tokenize_chars = max_tokenize_chars
+        self.last_blocks = -1           # the last match: the prompt's full blocks (-1: not matched)
+        self.last_match: dict = {}      # and each trusted slot's leading blocks held
+
+    def endpoints(self, worker) -> tuple[str, Optional[str]]:
+        """The worker's publisher and replay addresses on its host: the
+        configured ports (or its HTTP port plus the offsets), each plus its
+        data-parallel rank as the engines offset theirs."""
+        host = worker.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        rank = max(worker.dp_rank, 0)
+        if self.port_offset is not None:
+            http = worker.dp_parent.port if worker.dp_parent is not None else worker.port
+            replay = f"tcp://{host}:{http + self.replay_port_offset + rank}" \
+                if self.replay_port_offset is not None else None
+            return f"tcp://{host}:{http + self.port_offset + rank}", replay
+        replay = f"tcp://{host}:{self.replay_port + rank}" if self.replay_port else None
+        return f"tcp://{host}:{self.port + rank}", replay
+
+    def workers_changed(self, policy, ready: list) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return                      # no loop (a test's policy): streams start with the next change
+        for w in ready:
+            if w.id not in self.streams:
+                endpoint, replay = self.endpoints(w)
+                stream = EventStream(self, w, policy.slot_py(w), endpoint, replay)
+                self.streams[w.id] = stream
+                stream.start()
+
+    def worker_removed(self, worker, slot: Optional[int]) -> None:
+        stream = self.streams.pop(worker.id, None)
+        if stream is not None:
+            stream.stop()
+        if slot is not None:
+            self.index.cleared(slot)
+
+    def holdings(self, text: str, slots: dict, now: float) -> Optional[dict]:
+        """{slot: leading characters of `text` the slot's engine holds} for
+        the slots among `slots` ({worker id: slot}) whose streams are
+        trusted, or None when none is (or the block size is not known yet:
+        no block stored so far)."""
+        self.last_blocks = -1
+        if not self.block_size:
+            return None
+        mask = 0
+        for wid, slot in slots.items():
+            stream = self.streams.get(wid)
+            if stream is not None and stream.trusted(now):
+                mask |= 1 << slot
+        if not mask:
+            return None
+        t0 = time.perf_counter()
+        encoding = self.tokenizer.encode(text if len(text) <= self.max_tokenize_chars
+                                         else text[:self.max_tokenize_chars])
+        self.tokenize_secs += time.perf_counter() - t0
+        self.tokenized += 1
+        hashes = chain_hashes(encoding.ids, self.block_size)
+        blocks = self.index.match(hashes, mask)
+        held = {}
+        for slot in _bits(mask):
+            n = blocks.get(slot, 0)
+            # the characters up to the end of the last token held (token_to_chars,
+            # not offsets: that would build a list of every token's span)
+            held[slot] = encoding.token_to_chars(n * self.block_size - 1)[1] if n else 0
+        self.last_blocks = len(hashes)
+        self.last_match = blocks
+        return held
+
+    def sent(self, worker_id: str, slot: int, uncached_chars: int, now: float) -> None:
+        """The request just matched (holdings) went to this worker, which
+        holds all but `uncached_chars` of it: when that is at least a
+        block, its engine is to publish what it stores."""
+        stream = self.streams.get(worker_id)
+        if stream is None:
+            return
+        if self.last_blocks >= 0:
+            stores = self.last_blocks > self.last_match.get(slot, 0)
+        else:
+            # not matched by tokens: a block is at most ~4 characters a token
+            stores = uncached_chars >= 8 * max(self.block_size, 16)
+        if stores:
+            stream.expect_events(now)
+
+    def snapshot(self) -> list[dict]:
+        return [{"worker": s.worker.url, "state": s.state, "blocks": self.index.blocks(s.slot),
+                 "received": dict(s.received), "applied": dict(s.applied), "unknown": s.unknown,
+                 "malformed": s.malformed, "gaps": s.gaps, "replays": s.replays, "resyncs": s.resyncs}
+                for s in self.streams.values()]
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.stop()
+        self.streams.clear()
+
+
+def _bits(mask: int) -> list[int]:
+    out, s = [], 0
+    while mask:
+        if mask & 1:
+            out.append(s)
+        mask >>= 1
+        s += 1
+    return out
+
+
+def streams_of(router) -> dict:
+    """{worker id: its event stream, as GET /workers shows it} over the
+    router's precise cache_aware groups (a DP rank's under its worker's id,
+    in "dp_ranks")."""
+    out: dict[str, dict] = {}
+    for group in list(router.groups.values()):
+        kv = getattr(group.policy, "kv", None)
+        if kv is None:
+            continue
+        for stream in kv.streams.values():
+            w = stream.worker
+            if w.dp_parent is not None:
+                out.setdefault(w.dp_parent.id, {"dp_ranks": []})["dp_ranks"].append(
+                    {"dp_rank": w.dp_rank, **stream.describe()})
+            else:
+                out[w.id] = stream.describe()
+    return out
