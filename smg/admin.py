@@ -10,7 +10,7 @@ import orjson
 
 from smg._fast.routes import Response, json_response
 from smg._fast.worker import DECODE, PREFILL, REGULAR
-from smg.workers import WORKER_TYPES, DuplicateWorker
+from smg.workers import KV_EVENTS_LABEL, KV_REPLAY_LABEL, WORKER_TYPES, DuplicateWorker, endpoint_label_error
 
 if TYPE_CHECKING:
     from smg.config import Config
@@ -121,11 +121,16 @@ class AdminRoutes:
         cost = body.get("cost")
         if cost is not None and (not isinstance(cost, (int, float)) or isinstance(cost, bool) or cost < 0):
             return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'cost': expected a number >= 0")
+        bad = endpoint_label_error({k: v for k, v in (labels or {}).items() if v is not None})
+        if bad is not None:
+            return _admin_error(400, "BAD_REQUEST", f"Invalid value for field 'labels': {bad}")
         for key, value in (labels or {}).items():
             if value is None:
                 w.labels.pop(key, None)
             else:
                 w.labels[key] = value
+        if labels and (KV_EVENTS_LABEL in labels or KV_REPLAY_LABEL in labels):
+            self.registry.router.refresh_worker(w)      # its event stream follows the new address
         if priority is not None:
             self.registry.overrides.setdefault(w.id, {})["priority"] = priority
         if cost is not None:
@@ -173,6 +178,9 @@ class AdminRoutes:
         if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in labels.items()):
             return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'labels': expected string to string")
+        bad = endpoint_label_error(labels)
+        if bad is not None:
+            return _admin_error(400, "BAD_REQUEST", f"Invalid value for field 'labels': {bad}")
         api_key = body.get("api_key")
         if api_key is not None and not isinstance(api_key, str):
             return _admin_error(400, "BAD_REQUEST", "Invalid value for field 'api_key': expected a string")

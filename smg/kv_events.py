@@ -3,17 +3,19 @@
 SGLang and vLLM publish every KV-cache block they store and evict
 (`--kv-events-config`): a PUB socket sends multipart messages
 `[topic, 8-byte big-endian sequence number, msgpack payload]`, the payload a
-batch `[ts, events, data_parallel_rank?]` of tagged events:
+batch of timestamp, events and data-parallel rank. Events are tagged maps
+(`{"type": ..., fields}`; an array `[tag, fields...]` is read too):
 
 - `BlockStored`: block_hashes, parent_block_hash, token_ids, block_size,
   lora_id, medium (and optional fields a consumer may ignore);
 - `BlockRemoved`: block_hashes, medium;
 - `AllBlocksCleared`.
 
-SGLang encodes an event as a map with a `type` key, vLLM as an array whose
-first element is the tag; both are read. An optional ROUTER socket replays
-buffered batches: a request `[b"", start sequence (8 bytes)]` is answered
-with `[b"", topic, sequence, payload]` per batch, then `[b"", b"", -1, b""]`.
+SGLang's batch is an array `[ts, events, rank]`, vLLM's a map; block hashes are integers (SGLang, older
+vLLM) or bytes (newer vLLM). An optional ROUTER socket replays buffered
+batches: a request `[b"", start sequence (8 bytes)]` is answered with one
+message per batch (`[b"", topic, sequence, payload]` from SGLang,
+`[b"", sequence, payload]` from vLLM), then the sequence -1.
 
 `KvEvents` (one per cache_aware policy, that is per model) subscribes to
 each of its workers (`EventStream`), keeps what they hold in a
@@ -37,6 +39,7 @@ import zmq
 import zmq.asyncio
 
 from smg._fast.kvindex import BlockIndex, chain_hashes
+from smg.workers import KV_EVENTS_LABEL, KV_REPLAY_LABEL
 
 log = logging.getLogger("smg.kv_events")
 
@@ -63,23 +66,28 @@ class MalformedBatch(ValueError):
 
 
 def decode_batch(payload: bytes) -> tuple[float, list, Optional[int]]:
-    """(ts, events, data-parallel rank) of one payload. Each event is
-    (type name, fields dict); an unknown tag keeps its name and no fields.
-    Raises MalformedBatch on anything that is not a batch of events."""
+    """(ts, events, data-parallel rank) of one payload: SGLang's batch is an
+    array [ts, events, rank], vLLM's a map {ts, events, data_parallel_rank}.
+    Each event is (type name, fields); an unknown type keeps its name and no
+    fields. Raises MalformedBatch on anything that is not a batch of events."""
     try:
         batch = msgspec.msgpack.decode(payload)
     except (msgspec.DecodeError, ValueError) as e:
         raise MalformedBatch(f"not msgpack: {e}") from None
-    if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
-        raise MalformedBatch("not a [ts, events, rank] batch")
-    ts, raw_events = batch[0], batch[1]
-    rank = batch[2] if len(batch) > 2 else None
-    if not isinstance(ts, (int, float)) or (rank is not None and not isinstance(rank, int)):
-        raise MalformedBatch("bad ts or rank")
+    if isinstance(batch, list) and len(batch) >= 2:
+        ts, raw_events, rank = batch[0], batch[1], batch[2] if len(batch) > 2 else None
+    elif isinstance(batch, dict):
+        ts, raw_events = batch.get("ts"), batch.get("events")
+        rank = batch.get("data_parallel_rank", batch.get("attn_dp_rank"))
+    else:
+        raise MalformedBatch("not a batch of events")
+    if not isinstance(raw_events, list) or not isinstance(ts, (int, float)) or isinstance(ts, bool) \
+            or (rank is not None and type(rank) is not int):
+        raise MalformedBatch("a batch needs ts, a list of events and an integer rank or none")
     return float(ts), [decode_event(e) for e in raw_events], rank
 
 
-# the fields of each event in an array-encoded (vLLM) event, after its tag
+# the fields of an array-encoded event, after its tag
 _ARRAY_FIELDS = {
     "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium"),
     "BlockRemoved": ("block_hashes", "medium"),
@@ -88,28 +96,40 @@ _ARRAY_FIELDS = {
 
 
 def decode_event(raw) -> tuple[str, dict]:
+    """Events are tagged maps ({"type": ..., fields}); array-encoded events
+    ([tag, fields in order]) are read too."""
     if isinstance(raw, dict):
         tag = raw.get("type")
         fields = raw
     elif isinstance(raw, list) and raw and isinstance(raw[0], str):
         tag = raw[0]
-        names = _ARRAY_FIELDS.get(tag, ())
-        fields = dict(zip(names, raw[1:]))
+        fields = dict(zip(_ARRAY_FIELDS.get(tag, ()), raw[1:]))
     else:
         raise MalformedBatch("an event is neither a tagged map nor a tagged array")
     if not isinstance(tag, str):
         raise MalformedBatch("an event has no type")
     if tag not in _ARRAY_FIELDS:
         return tag, {}
+    medium = fields.get("medium")
+    if medium is not None and not isinstance(medium, str):
+        raise MalformedBatch(f"{tag}: medium is not a string")
     if tag == "BlockStored":
-        hashes, tokens, size = fields.get("block_hashes"), fields.get("token_ids"), fields.get("block_size")
-        parent = fields.get("parent_block_hash")
-        if not _int_list(hashes) or not _int_list(tokens) or not isinstance(size, int) or size <= 0 \
-                or not (parent is None or isinstance(parent, int)):
-            raise MalformedBatch("BlockStored without int block_hashes, token_ids, block_size")
-    elif tag == "BlockRemoved" and not _int_list(fields.get("block_hashes")):
-        raise MalformedBatch("BlockRemoved without int block_hashes")
+        size, parent = fields.get("block_size"), fields.get("parent_block_hash")
+        if not _hash_list(fields.get("block_hashes")) or not _int_list(fields.get("token_ids")) \
+                or type(size) is not int or size <= 0 or not (parent is None or _is_hash(parent)):
+            raise MalformedBatch("BlockStored needs block_hashes, token_ids and a positive block_size")
+    elif tag == "BlockRemoved" and not _hash_list(fields.get("block_hashes")):
+        raise MalformedBatch("BlockRemoved needs block_hashes")
     return tag, fields
+
+
+def _is_hash(value) -> bool:
+    # SGLang's and older vLLM's block hashes are integers, newer vLLM's bytes
+    return type(value) is int or type(value) is bytes
+
+
+def _hash_list(value) -> bool:
+    return isinstance(value, list) and all(_is_hash(x) for x in value)
 
 
 def _int_list(value) -> bool:
@@ -131,6 +151,7 @@ class EventStream:
         self.last_event_at = 0.0
         self.awaiting_since = 0.0     # a request was sent that should store blocks; 0: none
         self.silent_logged = False
+        self.rejoin = False             # reconnected: the index is rebuilt on the next batch
         self.received = dict.fromkeys(EVENT_TYPES, 0)
         self.applied = dict.fromkeys(EVENT_TYPES, 0)
         self.unknown = 0
@@ -182,8 +203,10 @@ class EventStream:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sub.connect(self.endpoint)
         log.info("subscribed to KV events of %s at %s", self.worker.url, self.endpoint)
+        watch = asyncio.get_running_loop().create_task(self.watch(monitor))
         try:
             while True:
                 frames = await sub.recv_multipart()
@@ -191,13 +214,43 @@ class EventStream:
         except asyncio.CancelledError:
             pass
         finally:
+            watch.cancel()
+            sub.disable_monitor()
+            monitor.close(0)
             sub.close(0)
+
+    async def watch(self, monitor) -> None:
+        """The connection's ups and downs. While it is down the worker is
+        routed by the character tree; once it is back, what the engine did
+        meanwhile is unknown (it may even have restarted, its sequence
+        reaching where ours was), so the index is rebuilt: from the replay
+        buffer where there is one, else from what comes next. An index that
+        misses blocks only routes as if they were not cached; one that keeps
+        blocks the engine dropped would route requests to a cache that is
+        not there."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        connected_before = False
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                if self.state in (LIVE, STALE):
+                    self.state = CONNECTING
+                log.info("KV events of %s: disconnected from %s", self.worker.url, self.endpoint)
+            elif event == zmq.EVENT_CONNECTED:
+                if connected_before:
+                    self.rejoin = True
+                connected_before = True
 
     async def on_message(self, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:
             self.malformed += 1
             return
         seq = int.from_bytes(frames[1], "big", signed=True)
+        if self.rejoin:
+            self.rejoin = False
+            self.rebuild()
+            self.next_seq = None            # as a new subscriber: replayed from the start where possible
         if self.next_seq is None:
             if seq != 0 and self.replay_endpoint:
                 # joined a running engine: what it stored before is in its replay buffer
@@ -291,10 +344,11 @@ class EventStream:
             await dealer.send_multipart([b"", start.to_bytes(8, "big")])
             while True:
                 frames = await asyncio.wait_for(dealer.recv_multipart(), REPLAY_TIMEOUT_SECS)
-                if len(frames) != 4 or len(frames[2]) != 8:
+                # SGLang answers [b"", topic, seq, payload], vLLM [b"", seq, payload]
+                if len(frames) not in (3, 4) or frames[0] or len(frames[-2]) != 8:
                     self.malformed += 1
                     continue
-                seq = int.from_bytes(frames[2], "big", signed=True)
+                seq = int.from_bytes(frames[-2], "big", signed=True)
                 if seq == END_SEQ:
                     break
                 if first is None:
@@ -303,11 +357,13 @@ class EventStream:
                         self.rebuild()      # the buffer no longer holds all that was lost
                 if self.next_seq is not None and seq < self.next_seq:
                     continue
-                self.apply(seq, frames[3])
+                self.apply(seq, frames[-1])
                 self.replayed_to = seq
         except asyncio.TimeoutError:
+            # what was lost stays unknown (the index misses it); asked again on the next batch
             log.warning("KV events of %s: the replay socket %s did not answer", self.worker.url,
                         self.replay_endpoint)
+            self.rejoin = True
         finally:
             dealer.close(0)
 
@@ -334,13 +390,20 @@ class KvEvents:
         self.last_match: dict = {}      # and each trusted slot's leading blocks held
 
     def endpoints(self, worker) -> tuple[str, Optional[str]]:
-        """The worker's publisher and replay addresses on its host: the
-        configured ports (or its HTTP port plus the offsets), each plus its
-        data-parallel rank as the engines offset theirs."""
+        """The worker's publisher and replay addresses: its own (the labels
+        smg.ai/kv-events-endpoint and smg.ai/kv-events-replay-endpoint),
+        else on its host the configured ports (or its HTTP port plus the
+        offsets); each plus its data-parallel rank, as the engines offset
+        theirs."""
+        rank = max(worker.dp_rank, 0)
+        labels = (worker.dp_parent if worker.dp_parent is not None else worker).labels or {}
+        own = labels.get(KV_EVENTS_LABEL)
+        if own:
+            replay = labels.get(KV_REPLAY_LABEL)
+            return _plus(own, rank), (_plus(replay, rank) if replay else None)
         host = worker.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        rank = max(worker.dp_rank, 0)
         if self.port_offset is not None:
             http = worker.dp_parent.port if worker.dp_parent is not None else worker.port
             replay = f"tcp://{host}:{http + self.replay_port_offset + rank}" \
@@ -355,11 +418,17 @@ class KvEvents:
         except RuntimeError:
             return                      # no loop (a test's policy): streams start with the next change
         for w in ready:
-            if w.id not in self.streams:
-                endpoint, replay = self.endpoints(w)
-                stream = EventStream(self, w, policy.slot_py(w), endpoint, replay)
-                self.streams[w.id] = stream
-                stream.start()
+            endpoint, replay = self.endpoints(w)
+            stream = self.streams.get(w.id)
+            if stream is not None and (stream.endpoint, stream.replay_endpoint) == (endpoint, replay):
+                continue
+            if stream is not None:
+                # its address changed (PATCH /workers/{id}): what the old one said no longer holds
+                stream.stop()
+                self.index.cleared(stream.slot)
+            stream = EventStream(self, w, policy.slot_py(w), endpoint, replay)
+            self.streams[w.id] = stream
+            stream.start()
 
     def worker_removed(self, worker, slot: Optional[int]) -> None:
         stream = self.streams.pop(worker.id, None)
@@ -425,6 +494,16 @@ class KvEvents:
         for s in self.streams.values():
             s.stop()
         self.streams.clear()
+
+
+def _plus(endpoint: str, rank: int) -> str:
+    """tcp://host:port moved up by a data-parallel rank (an ipc:// path gets _dpN)."""
+    if not rank:
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint.rpartition(":")
+        return f"{host}:{int(port) + rank}"
+    return f"{endpoint}_dp{rank}"
 
 
 def _bits(mask: int) -> list[int]:

@@ -132,7 +132,8 @@ class KvEventPublisher:
     smg.kv_events): a PUB socket and a ROUTER replay socket answering from
     the last `buffer` batches. Faults for tests: `drop` batches (numbered and
     kept for replay, not sent: a sequence gap), `paused` (nothing sent or
-    kept: the events stop), restart (sequence from 0, buffer emptied)."""
+    kept: the events stop), restart (sequence from 0, buffer emptied),
+    reopen (the sockets closed and bound again: a dropped connection)."""
 
     def __init__(self, port: int, replay_port: int = 0, host: str = "127.0.0.1", buffer: int = 10_000):
         import msgspec
@@ -156,13 +157,26 @@ class KvEventPublisher:
 
     def open(self) -> None:
         zmq = self._zmq
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(self.endpoint)
+        self.pub = self._bound(zmq.PUB, self.endpoint)
         if self.replay_endpoint:
-            self.replay = self.ctx.socket(zmq.ROUTER)
-            self.replay.setsockopt(zmq.LINGER, 0)
-            self.replay.bind(self.replay_endpoint)
+            self.replay = self._bound(zmq.ROUTER, self.replay_endpoint)
+
+    def _bound(self, kind: int, endpoint: str):
+        """A socket bound to `endpoint`; a port just closed may take ZeroMQ's
+        I/O thread a moment to let go of."""
+        zmq = self._zmq
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                sock.bind(endpoint)
+                return sock
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    sock.close(0)
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         if self.replay_task is not None:
@@ -174,9 +188,15 @@ class KvEventPublisher:
         self.pub = self.replay = None
 
     def restart(self) -> None:
+        """The engine restarted: sequence from 0, nothing to replay."""
         self.close()
         self.seq = 0
         self.buffer.clear()
+        self.open()
+
+    def reopen(self) -> None:
+        """The connection dropped: same sequence and buffer."""
+        self.close()
         self.open()
 
     def publish(self, events: list[dict]) -> None:

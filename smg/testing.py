@@ -538,7 +538,7 @@ class FakeWorker:
 
     def _kv_events(self, proto: _WorkerProtocol, req: _Request) -> None:
         """The simulated engine's event publisher: GET its state; POST faults
-        ({"drop": n batches, "paused": bool, "restart": true})."""
+        ({"drop": n batches, "paused": bool, "restart": true, "reopen": true})."""
         events = self.engine.events if self.config.simulate else None
         if events is None:
             self._json(proto, 404, {"error": "no KV event publisher (--simulate --sim-kv-events-port)"})
@@ -546,14 +546,16 @@ class FakeWorker:
         if req.method == "POST":
             try:
                 change = orjson.loads(bytes(req.body))
-                if not isinstance(change, dict) or set(change) - {"drop", "paused", "restart"}:
-                    raise ValueError("takes drop, paused, restart")
+                if not isinstance(change, dict) or set(change) - {"drop", "paused", "restart", "reopen"}:
+                    raise ValueError("takes drop, paused, restart, reopen")
             except (orjson.JSONDecodeError, ValueError) as e:
                 self._json(proto, 400, {"error": str(e)})
                 return
             if change.get("restart"):
                 self.engine.cache.clear()       # an engine restarted has nothing cached
                 events.restart()
+            if change.get("reopen"):
+                events.reopen()
             if "drop" in change:
                 events.drop = int(change["drop"])
             if "paused" in change:

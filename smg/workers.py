@@ -367,6 +367,29 @@ def engine_labels(server_info: dict, model_info: dict) -> dict[str, str]:
     return out
 
 
+# a worker's own KV-event publisher and replay socket (--kv-events-port): a
+# label set through the admin API or the file manifest, or made from the
+# pod annotations KV_EVENTS_PORT_ANNOTATION / KV_REPLAY_PORT_ANNOTATION
+KV_EVENTS_LABEL = "smg.ai/kv-events-endpoint"
+KV_REPLAY_LABEL = "smg.ai/kv-events-replay-endpoint"
+KV_EVENTS_PORT_ANNOTATION = "smg.ai/kv-events-port"
+KV_REPLAY_PORT_ANNOTATION = "smg.ai/kv-events-replay-port"
+
+
+def endpoint_label_error(labels: dict) -> Optional[str]:
+    """What is wrong with a worker's KV-event endpoint labels (None: nothing)."""
+    for key in (KV_EVENTS_LABEL, KV_REPLAY_LABEL):
+        value = labels.get(key)
+        if value is None:
+            continue
+        if value.startswith("ipc://") and len(value) > 6:
+            continue
+        host, sep, port = value[6:].rpartition(":") if value.startswith("tcp://") else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"label {key!r} must be tcp://HOST:PORT or ipc://PATH, got {value!r}"
+    return None
+
+
 def normalize_url(url: str) -> str:
     url = url.strip().rstrip("/")
     split_url(url)  # raises ValueError

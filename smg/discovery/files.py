@@ -36,7 +36,7 @@ import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from smg._fast.worker import DECODE, DRAINING, PREFILL, REGULAR, Worker, split_url
-from smg.workers import normalize_url
+from smg.workers import endpoint_label_error, normalize_url
 
 if TYPE_CHECKING:
     from smg.gateway import ControlPlane
@@ -116,6 +116,9 @@ def parse_manifest(data: bytes) -> dict[str, ManifestWorker]:
                                                    for k, v in labels.items()):
             raise ManifestError(f'{where}: "labels" must map strings to strings')
         labels = {**labels, **{f: item[f] for f in KV_FIELDS if item.get(f) is not None}}
+        bad = endpoint_label_error(labels)
+        if bad is not None:
+            raise ManifestError(f"{where}: {bad}")
         key = normalize_url(url)
         if key in out:
             raise ManifestError(f"{where}: {url} is listed twice")

@@ -23,6 +23,8 @@ from smg._fast.selector import parse_selector_items
 from smg._fast.routes import BUCKETS
 from smg._fast.worker import DECODE, DRAINING, PREFILL, REGULAR, Worker
 from smg.discovery.kubernetes import PodInfo, PodWatcher, Roles
+from smg.workers import (KV_EVENTS_LABEL, KV_EVENTS_PORT_ANNOTATION, KV_REPLAY_LABEL,
+                         KV_REPLAY_PORT_ANNOTATION)
 
 if TYPE_CHECKING:
     from smg.gateway import ControlPlane
@@ -108,6 +110,31 @@ class Planner:
                             pod.namespace, pod.name, self.bootstrap_annotation, len(values), count)
             return [None] * count
         return list(values)
+
+    def kv_event_labels(self, pod: PodInfo, port: int) -> dict:
+        """The labels naming the KV-event publisher and replay socket of the
+        pod's worker on `port`, from the pod's annotations: a port, or one
+        per worker port in the order of the ports annotation. A bad one is
+        warned about once and left out (the --kv-events-port default
+        applies)."""
+        out = {}
+        ports = self.ports(pod)
+        for annotation, label in ((KV_EVENTS_PORT_ANNOTATION, KV_EVENTS_LABEL),
+                                  (KV_REPLAY_PORT_ANNOTATION, KV_REPLAY_LABEL)):
+            raw = pod.annotations.get(annotation)
+            if raw is None:
+                continue
+            try:
+                values = parse_ports(raw)
+                if len(values) != len(ports):
+                    raise ValueError(f"{len(values)} ports for {len(ports)} workers")
+            except ValueError as e:
+                self._warn_once(pod, annotation, "Pod %s/%s: invalid %s annotation %r (%s); ignored",
+                                pod.namespace, pod.name, annotation, raw, e)
+                continue
+            host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
+            out[label] = f"tcp://{host}:{values[ports.index(port)] if port in ports else values[0]}"
+        return out
 
     def model_id(self, pod: PodInfo) -> Optional[str]:
         src = self.model_id_from
@@ -254,7 +281,8 @@ class Discovery:
     def _add(self, key: tuple[str, int], want: DesiredWorker) -> None:
         pod = want.pod
         log.info("Discovered new pod: %s (%s:%d)", pod.name, pod.ip, want.port)
-        labels = {LABEL_POD_NAME: pod.name, LABEL_POD_UID: pod.uid, LABEL_POD_NAMESPACE: pod.namespace}
+        labels = {LABEL_POD_NAME: pod.name, LABEL_POD_UID: pod.uid, LABEL_POD_NAMESPACE: pod.namespace,
+                  **self.planner.kv_event_labels(pod, want.port)}
         w = self.gw.registry.add(want.url, want.worker_type, want.bootstrap_port, labels, source="kubernetes",
                                  model_id=want.model_id)
         task = self.gw.registrar.register(w, want.model_id)
