@@ -22,6 +22,17 @@ that round_robin keeps the prefill queues busy (the utilisation column).
                      long conversations throughout
   eviction-pressure  64 long conversations and 24 documents (8-16 KB, Zipf 0.8): the
                      working set is about 1.8x the fleet's cache
+  eviction-clear     eviction pressure at about 2.4x the fleet's cache, and one worker's
+                     cache flushed in the middle of the run (not through the gateway)
+
+--precise: the fleet caches token blocks of a tokenizer trained on the
+workloads' vocabulary and publishes its KV-cache events (as SGLang and vLLM
+do with --kv-events-config); every run of the workload sees that fleet, and
+smg also runs in precise mode (--kv-events-port-offset: routed by what the
+engines report holding) on one gateway and two. For smg the "expected" hit
+rate is what the gateway expected the chosen workers to hold
+(smg_cache_aware_expected_cached_chars_total): beside the engines' own hit
+rate it shows how right the gateway's picture of the caches was.
 
 Setups: 1-gateway; 2-gateways (two independent gateways, each request to
 one of them at random, as a Service spreads them); workers-2 (one gateway,
@@ -65,6 +76,9 @@ WORDS = ("the of and to in is was for on that with as by at from this be are or 
 RUNS = (("smg", "1-gateway", "cache_aware"), ("smg", "2-gateways", "cache_aware"),
         ("smg", "workers-2", "cache_aware"), ("reference", "1-gateway", "cache_aware"),
         ("reference", "2-gateways", "cache_aware"), ("reference", "1-gateway", "round_robin"))
+# with --precise: smg routing by the engines' KV-cache events
+PRECISE = "cache_aware+kv-events"
+PRECISE_RUNS = (("smg", "1-gateway", PRECISE), ("smg", "2-gateways", PRECISE))
 
 
 def text(rng: random.Random, chars: int) -> str:
@@ -95,6 +109,7 @@ class Workload:
     name: str
     cache_chars: int                    # prefix cache per simulated worker
     build: Callable[[random.Random, float], list[Session]]
+    flush_one_midway: bool = False      # worker 0's cache flushed half-way through the run
 
 
 def arrivals(rng: random.Random, duration: float, rate: Callable[[float], float], peak: float):
@@ -214,6 +229,7 @@ WORKLOADS = {w.name: w for w in (
     Workload("long-documents", 96_000, long_documents),
     Workload("mixed-bursty", 120_000, mixed_bursty),
     Workload("eviction-pressure", 96_000, eviction_pressure),
+    Workload("eviction-clear", 72_000, eviction_pressure, flush_one_midway=True),
 )}
 
 
@@ -249,13 +265,21 @@ def ideal_hit_rate(sent: list[tuple[float, str]], after: float, block_chars: int
 class Fleet:
     """Simulated workers in their own process."""
 
-    def __init__(self, count: int, cache_chars: int, prefill_rate: float):
+    def __init__(self, count: int, cache_chars: int, prefill_rate: float, tokenizer: str = None):
+        """`tokenizer`: cache token blocks and publish KV-cache events (worker
+        i's on its HTTP port + event_offset, its replay socket + replay_offset)."""
+        self.tokenizer = tokenizer
+        self.event_offset = 1000
+        self.replay_offset = 2000
+        offsets = (0, self.event_offset, self.replay_offset) if tokenizer else (0,)
         self.port = free_port()
-        while any(not _port_free(self.port + i) for i in range(count)):
+        while any(not _port_free(self.port + off + i) for i in range(count) for off in offsets):
             self.port = free_port()
+        events = ["--sim-tokenizer", tokenizer, "--sim-kv-events-port", str(self.port + self.event_offset),
+                  "--sim-kv-replay-port", str(self.port + self.replay_offset)] if tokenizer else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smg.testing", "--port", str(self.port), "--count", str(count), "--simulate",
-             "--sim-cache-chars", str(cache_chars), "--sim-prefill-chars-per-sec", str(prefill_rate)],
+             "--sim-cache-chars", str(cache_chars), "--sim-prefill-chars-per-sec", str(prefill_rate), *events],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         self.urls = [f"http://127.0.0.1:{self.port + i}" for i in range(count)]
         for u in self.urls:
@@ -267,6 +291,13 @@ class Fleet:
             if flush:
                 http_json(u + "/flush_cache", {})
             http_json(u + "/_fake/reset_stats", {})
+
+    def precise_args(self) -> list[str]:
+        return ["--kv-events-port-offset", str(self.event_offset), "--kv-events-replay-port-offset",
+                str(self.replay_offset), "--tokenizer-path", self.tokenizer]
+
+    def flush(self, index: int) -> None:
+        http_json(self.urls[index] + "/flush_cache", {})
 
     def engine_stats(self) -> list[dict]:
         return [http_json(u + "/_fake/stats")["engine"] for u in self.urls]
@@ -309,7 +340,7 @@ class Outcome:
 
 
 async def drive(sessions: list[Session], ports: list[int], seed: int, tokens: int, warmup: float,
-                at_warmup: Callable[[], None]) -> Outcome:
+                at_warmup: Callable[[], None], midway: Callable[[], None] = None, duration: float = 0.0) -> Outcome:
     rng = random.Random(seed)
     out = Outcome([], 0, [])
     t0 = time.perf_counter()
@@ -332,7 +363,12 @@ async def drive(sessions: list[Session], ports: list[int], seed: int, tokens: in
         await asyncio.sleep(warmup)
         await asyncio.get_running_loop().run_in_executor(None, at_warmup)
 
-    await asyncio.gather(mark_warmup(), *(session(start, turns) for start, turns in sessions))
+    async def at_midway() -> None:
+        if midway is not None:
+            await asyncio.sleep(duration / 2)
+            await asyncio.get_running_loop().run_in_executor(None, midway)
+
+    await asyncio.gather(mark_warmup(), at_midway(), *(session(start, turns) for start, turns in sessions))
     return out
 
 
@@ -352,6 +388,9 @@ def decisions(metrics_port: int) -> dict[str, float]:
     for m in re.finditer(r'^smg_cache_aware_decisions_total\{([^}]*)\} (\S+)$', body, re.M):
         kind = re.search(r'decision="([^"]+)"', m.group(1)).group(1)
         out[kind] = out.get(kind, 0.0) + float(m.group(2))
+    for name in ("routed_chars", "expected_cached_chars"):
+        for m in re.finditer(rf'^smg_cache_aware_{name}_total\{{[^}}]*\}} (\S+)$', body, re.M):
+            out[name] = out.get(name, 0.0) + float(m.group(1))
     for m in re.finditer(r'^smg_cache_aware_placement_changes_total\{([^}]*)\} (\S+)$', body, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         kind = f"{labels['change']}/{labels['reason']}"
@@ -361,7 +400,9 @@ def decisions(metrics_port: int) -> dict[str, float]:
 
 def measure(name: str, command: list[str], setup: str, policy: str, workload: Workload, fleet: Fleet,
             args) -> dict:
-    base = ["--policy", policy, "--worker-urls", *fleet.urls]
+    base = ["--policy", "cache_aware" if policy == PRECISE else policy, "--worker-urls", *fleet.urls]
+    if policy == PRECISE:
+        base += fleet.precise_args()
     gateways = start_gateways(setup, name, command, base)
     try:
         for g in gateways:
@@ -376,7 +417,8 @@ def measure(name: str, command: list[str], setup: str, policy: str, workload: Wo
             marks["t"] = time.perf_counter()
 
         out = asyncio.run(drive(sessions, [g.port for g in gateways], args.seed, args.tokens, args.warmup,
-                                at_warmup))
+                                at_warmup, (lambda: fleet.flush(0)) if workload.flush_one_midway else None,
+                                args.duration))
         elapsed = time.perf_counter() - marks.get("t", time.perf_counter())
         stats = fleet.engine_stats()
         prompt = sum(s["prompt_chars"] for s in stats)
@@ -393,6 +435,9 @@ def measure(name: str, command: list[str], setup: str, policy: str, workload: Wo
                                    for k in after[0]}
             result["moves"] = result["decisions"].get("move", 0)
             result["spills"] = result["decisions"].get("spill", 0)
+            routed = result["decisions"].get("routed_chars", 0)
+            result["expected_hit_rate"] = result["decisions"].get("expected_cached_chars", 0) / routed \
+                if routed else float("nan")
         return result
     finally:
         for g in gateways:
@@ -400,6 +445,8 @@ def measure(name: str, command: list[str], setup: str, policy: str, workload: Wo
 
 
 def label(r: dict) -> str:
+    if r["policy"] == PRECISE:
+        return r["gateway"] + " precise"
     return r["gateway"] + ("" if r["policy"] == "cache_aware" else f" {r['policy']}")
 
 
@@ -416,6 +463,8 @@ def main() -> None:
     ap.add_argument("--prefill-rate", type=float, default=50_000.0, help="prefill characters per second")
     ap.add_argument("--tokens", type=int, default=16, help="tokens generated per request")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--precise", action="store_true",
+                    help="engines publish KV-cache events; smg also runs routed by them (see above)")
     ap.add_argument("--json")
     args = ap.parse_args()
     workloads = [WORKLOADS[w] for w in args.workloads.split(",") if w]
@@ -424,14 +473,26 @@ def main() -> None:
     if args.reference:
         commands["reference"] = [args.reference, "launch"]
     runs = [r for r in runs if r[0] in commands]
+    tokenizer = None
+    if args.precise:
+        import tempfile
+
+        from smg.simulated_engine import write_tokenizer
+
+        if args.runs == "all":
+            runs = [*runs[:1], *PRECISE_RUNS, *runs[1:]]
+        rng = random.Random(0)
+        tokenizer = write_tokenizer(tempfile.mkdtemp(prefix="smg-rq-"),
+                                    [f"[doc{i}] [conv{i}] " + text(rng, 2000) for i in range(200)])
     results = []
     for workload in workloads:
-        fleet = Fleet(args.workers, workload.cache_chars, args.prefill_rate)
+        fleet = Fleet(args.workers, workload.cache_chars, args.prefill_rate, tokenizer)
         try:
             for name, setup, policy in runs:
                 r = measure(name, commands[name], setup, policy, workload, fleet, args)
                 results.append(r)
-                extra = f"  moves {r['moves']:.0f} spills {r['spills']:.0f}" if "moves" in r else ""
+                extra = (f"  moves {r['moves']:.0f} spills {r['spills']:.0f} expected hit {r['expected_hit_rate']:.3f}"
+                         if "moves" in r else "")
                 print(f"  {workload.name:17s} {setup:10s} {label(r):21s} TTFT p50 {r['ttft_p50_ms']:6.1f} ms  "
                       f"p99 {r['ttft_p99_ms']:7.1f} ms  hit {r['hit_rate']:.3f} (ideal {r['ideal_hit_rate']:.3f})  "
                       f"prefill busy {r['prefill_utilisation']:.2f}  requests {r['requests']}  errors {r['errors']}"
@@ -440,9 +501,9 @@ def main() -> None:
             fleet.stop()
     print(f"\n{args.workers} simulated workers, prefill {1e6 / args.prefill_rate:.0f} us/character, "
           f"{args.duration:.0f} s of arrivals per run ({args.warmup:.0f} s warm-up not counted), seed {args.seed}\n")
-    print("| workload | setup | gateway | TTFT p50 ms | TTFT p99 ms | hit rate | ideal | prefill busy "
+    print("| workload | setup | gateway | TTFT p50 ms | TTFT p99 ms | hit rate | expected | ideal | prefill busy "
           "| moves | spills | requests | errors |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     shown = set()
     for r in results:
         title = r["workload"]
@@ -452,9 +513,10 @@ def main() -> None:
         else:
             title = ""
         moves = f"{r['moves']:.0f} | {r['spills']:.0f}" if "moves" in r else " | "
+        expected = f"{r['expected_hit_rate']:.3f}" if "expected_hit_rate" in r else ""
         print(f"| {title} | {r['setup']} | {label(r)} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} "
-              f"| {r['hit_rate']:.3f} | {r['ideal_hit_rate']:.3f} | {r['prefill_utilisation']:.2f} | {moves} "
-              f"| {r['requests']} | {r['errors']} |")
+              f"| {r['hit_rate']:.3f} | {expected} | {r['ideal_hit_rate']:.3f} | {r['prefill_utilisation']:.2f} "
+              f"| {moves} | {r['requests']} | {r['errors']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

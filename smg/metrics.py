@@ -62,7 +62,8 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
                 shares[w.url] = policy.tree.chars_of(slot)
         cache_aware.append([TYPE_NAMES[wtype], model, policy.tree.total_chars, shares,
                             {"hit": policy.hits, "miss": policy.misses, "spill": policy.spills,
-                             "move": policy.moves},
+                             "move": policy.moves, "routed_chars": policy.routed_chars,
+                             "expected_cached_chars": policy.expected_cached_chars},
                             [[change, reason, n] for (change, reason), n in policy.placement_changes.items()]])
         if policy.kv is not None:
             kv_events.append([TYPE_NAMES[wtype], model, policy.kv.snapshot(), policy.kv.tokenized,
@@ -397,7 +398,16 @@ class GatewayCollector:
                                       "in-flight count over the spill gate; prefill_queue: its queued prefill "
                                       "costs more than re-prefilling elsewhere)",
                                       labels=["model", "worker_type", "change", "reason"])
+        routed = CounterMetricFamily("smg_cache_aware_routed_chars", "Characters of prompt cache_aware routed",
+                                     labels=["model", "worker_type"])
+        expected = CounterMetricFamily("smg_cache_aware_expected_cached_chars",
+                                       "Of those, the characters the chosen worker was expected to hold (its "
+                                       "cache's own count says how right that was: the tree overestimates what an "
+                                       "engine that evicts still holds; --kv-events-port reads it)",
+                                       labels=["model", "worker_type"])
         for tname, model, total, shares, counts, by_reason in snap["cache_aware"]:
+            routed.add_metric([model, tname], counts.get("routed_chars", 0))
+            expected.add_metric([model, tname], counts.get("expected_cached_chars", 0))
             tree.add_metric([model, tname], total)
             for url, chars in shares.items():
                 share.add_metric([model, url], chars)
@@ -409,6 +419,8 @@ class GatewayCollector:
         yield share
         yield decisions
         yield changes
+        yield routed
+        yield expected
 
     def _kv_events(self, rows: list) -> Iterator[Metric]:
         from smg.kv_events import EVENT_TYPES, STATE_NAMES

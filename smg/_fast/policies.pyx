@@ -662,6 +662,11 @@ cdef class CacheAwarePolicy(Policy):
     cdef public long long misses
     cdef long long spills_by[LEFT_REASONS]
     cdef long long moves_by[LEFT_REASONS]
+    # characters routed, and of those the ones the chosen worker was
+    # expected to hold (its engine's count of cached characters, set beside
+    # this, says how right the expectation was)
+    cdef public long long routed_chars
+    cdef public long long expected_cached_chars
     # precise mode (smg.kv_events.KvEvents): what the engines report holding,
     # for the workers whose event streams are trusted (None: the tree only)
     cdef public object kv
@@ -966,7 +971,7 @@ cdef class CacheAwarePolicy(Policy):
                 if w is not None:
                     self.tree.insert_matched(prompt, n, best, matched, self.slot_for(w), now, INSERT_HIT)
                     w.next_prefill_chars = n
-                return w
+                return self.expect_cached(w, n)
             slot = self.slot_for(w)
             stay = w.prefill_queue_chars + n - held
             reason = -1
@@ -994,7 +999,7 @@ cdef class CacheAwarePolicy(Policy):
                 self.spill_rate[slot] = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING)
                 self.tree.insert_matched(prompt, n, best, matched, slot, now, INSERT_HIT)
                 w.next_prefill_chars = n - held
-                return w
+                return self.expect_cached(w, n)
             target.next_prefill_chars = (cost - target.prefill_queue_chars) // REPREFILL_WEIGHT
             rate = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING) + SPILL_AVERAGING
             if rate > MOVE_SPILL_RATE:
@@ -1007,7 +1012,7 @@ cdef class CacheAwarePolicy(Policy):
                 _log.debug("cache_aware: prefix group %016x moves from %s to %s (%s; %d of %d characters "
                            "held there)", gkey, w.url, target.url, LEFT_REASON_NAMES[reason], held, n)
                 self.tree.hand_over(prompt, n, slot, self.slot_for(target), now)
-                return target
+                return self.expect_cached(target, n)
             # a one-off spill. The target holds the matched part from now on
             # (a later spill of the prefix finds it there), but claims none
             # of its traffic and its own tail is not recorded: the prefix,
@@ -1015,7 +1020,7 @@ cdef class CacheAwarePolicy(Policy):
             self.spills_by[reason] += 1
             self.spill_rate[slot] = rate
             self.tree.insert_matched(prompt, matched, best, matched, self.slot_for(target), now, INSERT_WEAK)
-            return target
+            return self.expect_cached(target, n)
         finally:
             if self.tree.total_chars > self.max_tree_size:
                 self.trim(n)
@@ -1068,7 +1073,7 @@ cdef class CacheAwarePolicy(Policy):
                     self.tree.insert_matched(prompt, n, best, matched, s, now, INSERT_HIT)
                     w.next_prefill_chars = n - h
                     self.kv.sent(w.id, s, n - h, now)
-                return w
+                return self.expect_cached(w, n)
             s = self.slot_for(w)
             stay = w.prefill_queue_chars + n - top
             reason = -1
@@ -1090,7 +1095,7 @@ cdef class CacheAwarePolicy(Policy):
                 self.tree.insert_matched(prompt, n, best, matched, s, now, INSERT_HIT)
                 w.next_prefill_chars = n - top
                 self.kv.sent(w.id, s, n - top, now)
-                return w
+                return self.expect_cached(w, n)
             # a spill: the target's engine reports the blocks it stores, so
             # there is no hand-over to record (the holder of the most wins)
             self.spills_by[reason] += 1
@@ -1098,10 +1103,18 @@ cdef class CacheAwarePolicy(Policy):
             s = self.slot_for(target)
             self.tree.insert_matched(prompt, matched, best, matched, s, now, INSERT_WEAK)
             self.kv.sent(target.id, s, target.next_prefill_chars, now)
-            return target
+            return self.expect_cached(target, n)
         finally:
             if self.tree.total_chars > self.max_tree_size:
                 self.trim(n)
+
+    cdef inline Worker expect_cached(self, Worker w, Py_ssize_t n):
+        """Count what routing `n` characters to w expects to find cached
+        there (all but w.next_prefill_chars, set by the pick)."""
+        if w is not None:
+            self.routed_chars += n
+            self.expected_cached_chars += n - w.next_prefill_chars
+        return w
 
     cdef inline Py_ssize_t prompt_budget(self) noexcept:
         """The characters of one prompt that routing reads (see PROMPT_SHARE)."""
