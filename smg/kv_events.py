@@ -301,6 +301,7 @@ class EventStream:
             self.received[tag] += 1
             if tag == "AllBlocksCleared":
                 index.cleared(self.slot)
+                self.events.cleared[self.slot] = time.monotonic()
                 if self.state == OVERFLOW:
                     self.state = LIVE
                 self.applied[tag] += 1
@@ -328,6 +329,7 @@ class EventStream:
         """Start the worker's index from nothing (events were lost and cannot be replayed)."""
         self.resyncs += 1
         self.events.index.cleared(self.slot)
+        self.events.cleared[self.slot] = time.monotonic()
         if self.state == OVERFLOW:
             self.state = LIVE
 
@@ -388,6 +390,7 @@ class KvEvents:
         self.max_tokenize_chars = max_tokenize_chars
         self.last_blocks = -1           # the last match: the prompt's full blocks (-1: not matched)
         self.last_match: dict = {}      # and each trusted slot's leading blocks held
+        self.cleared: dict[int, float] = {}     # slot -> cleared_at
 
     def endpoints(self, worker) -> tuple[str, Optional[str]]:
         """The worker's publisher and replay addresses: its own (the labels
@@ -468,6 +471,11 @@ class KvEvents:
         self.last_blocks = len(hashes)
         self.last_match = blocks
         return held
+
+    def cleared_at(self, slot: int) -> float:
+        """When (time.monotonic) the slot's engine last emptied its cache or
+        its index was rebuilt: what was sent it before is not pending there."""
+        return self.cleared.get(slot, 0.0)
 
     def sent(self, worker_id: str, slot: int, uncached_chars: int, now: float) -> None:
         """The request just matched (holdings) went to this worker, which

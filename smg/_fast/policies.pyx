@@ -582,6 +582,12 @@ DEF TRIM_TO = 0.875
 DEF PROMPT_SHARE = 8
 DEF PROMPT_FLOOR_CHARS = 1048576
 
+# Precise mode: a worker whose engine reports its blocks is also taken to
+# hold what it was sent in the last PENDING_SECS, whose blocks its engine has
+# not stored yet (still queued or prefilling), so requests sharing a prompt
+# that arrive together are sent together.
+DEF PENDING_SECS = 2.0
+
 # What leaving costs. On its owner, a prompt costs the prefill queued there
 # ahead of it (Worker.prefill_queue_chars) plus the part of the prompt that
 # the owner does not hold; on another worker, the queue there plus
@@ -656,6 +662,7 @@ cdef class CacheAwarePolicy(Policy):
     cdef list load_avg       # slot -> unanswered count smoothed over LOAD_SMOOTHING_SECS
     cdef list load_time      # slot -> when load_avg was last updated
     cdef Py_ssize_t* held    # slot -> characters of the prompt being routed that the slot holds
+    cdef double* since       # slot -> precise mode: what the tree says it was sent after this counts (note_holdings)
     cdef Py_ssize_t held_len # slots in `held` (a slot made since holds nothing)
     cdef Py_ssize_t held_cap
     cdef public long long hits
@@ -691,6 +698,7 @@ cdef class CacheAwarePolicy(Policy):
 
     def __dealloc__(self):
         free(self.held)
+        free(self.since)
 
     @property
     def spills(self):
@@ -777,19 +785,29 @@ cdef class CacheAwarePolicy(Policy):
                 best_hits = node.owners[k].hits
         return best
 
-    cdef int note_holdings(self, Node* best, Py_ssize_t matched) except -1:
+    cdef int note_holdings(self, Node* best, Py_ssize_t matched, bint recent_only=False) except -1:
         """held[slot]: how many leading characters of the prompt just matched
-        (`best`, `matched` from RadixTree.match) each worker slot holds."""
+        (`best`, `matched` from RadixTree.match) each worker slot holds. With
+        `recent_only`, a slot whose since[slot] is set (precise mode: its
+        engine's events say what it holds) counts only what it was sent after
+        that time: requests whose blocks its engine has not reported yet."""
         cdef Py_ssize_t slots = len(self.by_slot), i
         cdef Py_ssize_t end, depth = matched
         cdef Node* node = best
         cdef int32_t k, s
         cdef Py_ssize_t* grown
-        if slots > self.held_cap:
+        cdef double* grown_since
+        if slots > self.held_cap or (self.since == NULL and slots):
             grown = <Py_ssize_t*>realloc(self.held, slots * sizeof(Py_ssize_t))
             if grown == NULL:
                 raise MemoryError()
             self.held = grown
+            grown_since = <double*>realloc(self.since, slots * sizeof(double))
+            if grown_since == NULL:
+                raise MemoryError()
+            self.since = grown_since
+            for i in range(slots):
+                self.since[i] = -1.0
             self.held_cap = slots
         for i in range(slots):
             self.held[i] = 0
@@ -801,6 +819,8 @@ cdef class CacheAwarePolicy(Policy):
             for k in range(node.nowners):
                 s = node.owners[k].slot
                 if s < slots and self.held[s] == 0:
+                    if recent_only and node.owners[k].last < self.since[s]:
+                        continue
                     self.held[s] = depth
             end -= node.length
             depth = end
@@ -1041,6 +1061,7 @@ cdef class CacheAwarePolicy(Policy):
         cdef uint64_t gkey, weight, top_weight = 0
         cdef Gate g
         cdef dict slots = {}
+        cdef Py_ssize_t i
         try:
             g = self.gate(ready, now)
             gkey = hash_text(prompt, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
@@ -1048,12 +1069,23 @@ cdef class CacheAwarePolicy(Policy):
                 if o.routable(now):
                     slots[o.id] = self.slot_for(o)
             matched = self.tree.match(prompt, n, &best, &depth)
-            self.note_holdings(best, matched)
             reported = self.kv.holdings(text if n == PyUnicode_GET_LENGTH(text) else text[:n], slots, now)
+            self.note_holdings(NULL, 0)         # sizes held[] and since[] for every slot
+            for i in range(self.held_len):
+                self.since[i] = -1.0
+            if reported:
+                for slot in (<dict>reported):
+                    # not what was sent before the engine last cleared its cache
+                    self.since[<int>slot] = max(now - PENDING_SECS, <double>self.kv.cleared_at(slot))
+            # the tree for workers without trusted events; for the others, what
+            # their engines report plus what was sent them too recently to be
+            # reported yet
+            self.note_holdings(best, matched, True)
             if reported:
                 for slot, chars in (<dict>reported).items():
-                    if <int>slot < self.held_len:
-                        self.held[<int>slot] = chars if <Py_ssize_t>chars < n else n
+                    h = chars if <Py_ssize_t>chars < n else n
+                    if h > self.held[<int>slot]:
+                        self.held[<int>slot] = h
             for o in ready:
                 if not o.routable(now):
                     continue
