@@ -105,11 +105,11 @@ def policy_factory(cfg: Config, kv_events: bool = True) -> Callable[[int], Polic
 
     def precise(policy: CacheAwarePolicy) -> CacheAwarePolicy:
         from smg.kv_events import KvEvents
-        from smg.tokenizer import load_tokenizer
+        from smg.tokenizer import PrefixTokenizer, load_tokenizer
 
         if not tokenizer:
             tokenizer.append(load_tokenizer(cfg.tokenizer_path or cfg.model_path))
-        policy.kv = KvEvents(tokenizer[0], cfg.kv_events_port, cfg.kv_events_replay_port, cfg.kv_events_port_offset,
+        policy.kv = KvEvents(PrefixTokenizer(tokenizer[0]), cfg.kv_events_port, cfg.kv_events_replay_port, cfg.kv_events_port_offset,
                              cfg.kv_events_replay_port_offset, cfg.kv_events_stale_secs, cfg.kv_events_max_blocks)
         return policy
 

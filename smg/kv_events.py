@@ -39,6 +39,7 @@ import zmq
 import zmq.asyncio
 
 from smg._fast.kvindex import BlockIndex, chain_hashes
+from smg.tokenizer import PrefixTokenizer
 from smg.workers import KV_EVENTS_LABEL, KV_REPLAY_LABEL
 
 log = logging.getLogger("smg.kv_events")
@@ -373,7 +374,7 @@ class EventStream:
 class KvEvents:
     """One model's workers' KV-cache events and what they say each holds."""
 
-    def __init__(self, tokenizer, port: Optional[int] = None, replay_port: Optional[int] = None,
+    def __init__(self, tokenizer: PrefixTokenizer, port: Optional[int] = None, replay_port: Optional[int] = None,
                  port_offset: Optional[int] = None, replay_port_offset: Optional[int] = None, stale_secs: float = 5.0,
                  max_blocks_per_worker: int = 1 << 20, max_tokenize_chars: int = 1 << 18):
         self.tokenizer = tokenizer
@@ -456,18 +457,15 @@ class KvEvents:
         if not mask:
             return None
         t0 = time.perf_counter()
-        encoding = self.tokenizer.encode(text if len(text) <= self.max_tokenize_chars
-                                         else text[:self.max_tokenize_chars])
+        tokens = self.tokenizer.encode(text if len(text) <= self.max_tokenize_chars
+                                       else text[:self.max_tokenize_chars], self.block_size)
+        hashes = tokens.hashes
+        blocks = self.index.match(hashes, mask)
         self.tokenize_secs += time.perf_counter() - t0
         self.tokenized += 1
-        hashes = chain_hashes(encoding.ids, self.block_size)
-        blocks = self.index.match(hashes, mask)
         held = {}
         for slot in _bits(mask):
-            n = blocks.get(slot, 0)
-            # the characters up to the end of the last token held (token_to_chars,
-            # not offsets: that would build a list of every token's span)
-            held[slot] = encoding.token_to_chars(n * self.block_size - 1)[1] if n else 0
+            held[slot] = tokens.chars_of(blocks.get(slot, 0))
         self.last_blocks = len(hashes)
         self.last_match = blocks
         return held

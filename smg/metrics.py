@@ -67,7 +67,7 @@ def dataplane_snapshot(dp: DataPlane) -> dict:
                             [[change, reason, n] for (change, reason), n in policy.placement_changes.items()]])
         if policy.kv is not None:
             kv_events.append([TYPE_NAMES[wtype], model, policy.kv.snapshot(), policy.kv.tokenized,
-                              policy.kv.tokenize_secs])
+                              policy.kv.tokenize_secs, policy.kv.tokenizer.reused])
     adm = dp.call_settings.admission
     settings = dp.call_settings
     return {
@@ -170,13 +170,15 @@ def _merge_kv_events(per_process: list[list]) -> list:
     process's own, and adds up."""
     merged: dict[tuple, list] = {}
     for rows in per_process:
-        for tname, model, streams, tokenized, secs in rows:
+        for tname, model, streams, tokenized, secs, reused in rows:
             have = merged.get((tname, model))
             if have is None:
-                merged[(tname, model)] = [tname, model, {s["worker"]: dict(s) for s in streams}, tokenized, secs]
+                merged[(tname, model)] = [tname, model, {s["worker"]: dict(s) for s in streams}, tokenized, secs,
+                                          reused]
                 continue
             have[3] += tokenized
             have[4] += secs
+            have[5] += reused
             for s in streams:
                 into = have[2].setdefault(s["worker"], dict(s))
                 if into is s or into == s:
@@ -187,7 +189,7 @@ def _merge_kv_events(per_process: list[list]) -> list:
                     into[key] = {t: max(n, s[key].get(t, 0)) for t, n in into[key].items()}
                 if s["state"] != "live":
                     into["state"] = s["state"]
-    return [[t, m, list(streams.values()), n, secs] for t, m, streams, n, secs in merged.values()]
+    return [[t, m, list(streams.values()), n, secs, reused] for t, m, streams, n, secs, reused in merged.values()]
 
 
 class GatewayCollector:
@@ -441,11 +443,13 @@ class GatewayCollector:
         fallback = GaugeMetricFamily("smg_kv_events_workers_on_fallback", "Workers routed by the character tree "
                                      "because their event stream is not live", labels=["model"])
         tokenized = CounterMetricFamily("smg_kv_events_tokenized_requests", "Requests tokenized for precise "
-                                        "routing", labels=["model"])
-        tokenize_secs = CounterMetricFamily("smg_kv_events_tokenize_seconds", "Time spent tokenizing them",
-                                            labels=["model"])
-        for _, model, streams, n, secs in rows:
-            tokenized.add_metric([model], n)
+                                        "routing: whole, or reusing a recent prompt's tokens for the start they "
+                                        "share (prefix)", labels=["model", "reuse"])
+        tokenize_secs = CounterMetricFamily("smg_kv_events_tokenize_seconds", "Time spent tokenizing and matching "
+                                            "them", labels=["model"])
+        for _, model, streams, n, secs, reused in rows:
+            tokenized.add_metric([model, "prefix"], reused)
+            tokenized.add_metric([model, "whole"], n - reused)
             tokenize_secs.add_metric([model], secs)
             fallback.add_metric([model], sum(1 for s in streams if s["state"] != "live"))
             for s in streams:

@@ -18,7 +18,10 @@ their slots (the policy's worker slots)."""
 from libc.stdint cimport uint64_t
 from cpython.long cimport PyLong_AsUnsignedLongLongMask
 
+from libc.string cimport memcmp
+
 from smg._fast.hashing cimport mix64
+from smg._fast.text cimport Text, char_at, text_view
 
 # the chain hash of "no parent": a block at the start of a prompt
 DEF CHAIN_ROOT = 0x243F6A8885A308D3
@@ -33,14 +36,15 @@ cdef inline uint64_t extend(uint64_t parent, list tokens, Py_ssize_t start, Py_s
     return h
 
 
-def chain_hashes(list tokens, Py_ssize_t block_size, Py_ssize_t limit=-1):
-    """The chain hash of each full block of `tokens` (at most `limit` blocks)."""
+def chain_hashes(list tokens, Py_ssize_t block_size, object parent=None):
+    """The chain hash of each full block of `tokens`; `parent`: the chain
+    hash of the block before them (None: they start a prompt)."""
     cdef list out = []
-    cdef uint64_t h = CHAIN_ROOT
+    cdef uint64_t h = CHAIN_ROOT if parent is None else <uint64_t>parent
     cdef Py_ssize_t start = 0, n = len(tokens)
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    while start + block_size <= n and (limit < 0 or len(out) < limit):
+    while start + block_size <= n:
         h = extend(h, tokens, start, start + block_size)
         out.append(h)
         start += block_size
@@ -187,3 +191,18 @@ cdef list _bits(object mask):
         mask >>= 1
         s += 1
     return out
+
+
+def common_prefix(str a, str b):
+    """How many leading characters a and b share."""
+    cdef Text x = text_view(a, -1), y = text_view(b, -1)
+    cdef Py_ssize_t n = x.length if x.length < y.length else y.length, i = 0, step
+    if x.kind == y.kind:
+        # whole runs at a time where both are stored alike
+        step = 4096
+        while i + step <= n and memcmp(<const char*>x.data + i * x.kind, <const char*>y.data + i * y.kind,
+                                       step * x.kind) == 0:
+            i += step
+    while i < n and char_at(&x, i) == char_at(&y, i):
+        i += 1
+    return i
