@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Optional
 
@@ -60,6 +61,16 @@ OVERFLOW = "overflow"       # over its block budget: routed by the character tre
 STATE_NAMES = (CONNECTING, LIVE, STALE, OVERFLOW)
 
 EVENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+
+# A worker whose engine evicts blocks more than CROWDED_FACTOR times as fast
+# as the fleet's mean (and at least CROWDED_FLOOR a second) holds more
+# prompts than its cache fits: new prefixes, and prefixes its engine
+# evicted, are placed elsewhere (KvEvents.crowded). Replicas see the same
+# events, so they find the same workers crowded.
+CROWDED_FACTOR = 1.5
+CROWDED_FLOOR = 1.0
+EVICTION_SMOOTHING_SECS = 10.0
+CROWDED_RECHECK_SECS = 0.5
 
 
 class MalformedBatch(ValueError):
@@ -153,6 +164,9 @@ class EventStream:
         self.awaiting_since = 0.0     # a request was sent that should store blocks; 0: none
         self.silent_logged = False
         self.rejoin = False             # reconnected: the index is rebuilt on the next batch
+        self.removed_blocks = 0         # evicted, as its events said (KvEvents.crowded)
+        self.removed_seen = 0
+        self.eviction_rate = 0.0        # blocks evicted a second, smoothed over EVICTION_SMOOTHING_SECS
         self.received = dict.fromkeys(EVENT_TYPES, 0)
         self.applied = dict.fromkeys(EVENT_TYPES, 0)
         self.unknown = 0
@@ -323,7 +337,7 @@ class EventStream:
                     continue
                 self.events.block_size = fields["block_size"]
             else:
-                index.removed(self.slot, fields["block_hashes"])
+                self.removed_blocks += index.removed(self.slot, fields["block_hashes"])
             self.applied[tag] += 1
 
     def rebuild(self) -> None:
@@ -392,6 +406,8 @@ class KvEvents:
         self.last_blocks = -1           # the last match: the prompt's full blocks (-1: not matched)
         self.last_match: dict = {}      # and each trusted slot's leading blocks held
         self.cleared: dict[int, float] = {}     # slot -> cleared_at
+        self.crowded_at = 0.0
+        self.crowded_slots: Optional[set] = None
 
     def endpoints(self, worker) -> tuple[str, Optional[str]]:
         """The worker's publisher and replay addresses: its own (the labels
@@ -469,6 +485,30 @@ class KvEvents:
         self.last_blocks = len(hashes)
         self.last_match = blocks
         return held
+
+    def crowded(self, now: float) -> Optional[set]:
+        """The slots of live workers evicting much faster than the others
+        (CROWDED_FACTOR), refigured every CROWDED_RECHECK_SECS."""
+        if now - self.crowded_at < CROWDED_RECHECK_SECS:
+            return self.crowded_slots
+        dt = now - self.crowded_at if self.crowded_at else 0.0
+        self.crowded_at = now
+        keep = math.exp(-dt / EVICTION_SMOOTHING_SECS) if dt else 1.0
+        live = []
+        for s in self.streams.values():
+            if dt:
+                rate = (s.removed_blocks - s.removed_seen) / dt
+                s.eviction_rate = s.eviction_rate * keep + rate * (1.0 - keep)
+            s.removed_seen = s.removed_blocks
+            if s.state == LIVE:
+                live.append(s)
+        if len(live) < 2:
+            self.crowded_slots = None
+            return None
+        mean = sum(s.eviction_rate for s in live) / len(live)
+        bar = max(CROWDED_FACTOR * mean, CROWDED_FLOOR)
+        self.crowded_slots = {s.slot for s in live if s.eviction_rate > bar} or None
+        return self.crowded_slots
 
     def cleared_at(self, slot: int) -> float:
         """When (time.monotonic) the slot's engine last emptied its cache or

@@ -37,8 +37,8 @@ cdef class WorkerGroup:
     cdef public Policy policy
     cdef public PinTable sticky  # --sticky-sessions (None: off)
 
-    cdef Worker select(self, str text, bytes key, double now, Worker avoid, bytes sticky_key=*)
-    cdef Worker pick(self, str text, bytes key, double now, Worker avoid)
+    cdef Worker select(self, str text, bytes key, double now, Worker avoid, bytes sticky_key=*, bint prompt=*)
+    cdef Worker pick(self, str text, bytes key, double now, Worker avoid, bint prompt)
     cpdef refresh(self)
 
 

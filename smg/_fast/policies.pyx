@@ -886,7 +886,7 @@ cdef class CacheAwarePolicy(Policy):
             return True
         return w.unanswered > g.mean + 2.0 * g.margin and w.unanswered > self.balance_rel_threshold * g.mean
 
-    cdef Worker place(self, uint64_t key, list ready, Gate* g, double now, Worker avoid):
+    cdef Worker place(self, uint64_t key, list ready, Gate* g, double now, Worker avoid, set crowded=None):
         """Where a prefix group that no worker holds goes: the routable worker
         with the highest rendezvous weight for it, among those the spill
         gate lets through; when the gate stops every one, the least-loaded
@@ -894,11 +894,14 @@ cdef class CacheAwarePolicy(Policy):
         every router (each places it alike), so a queue there does not move
         it: a router that placed it elsewhere to save one wait would disagree
         with the others from then on, and each would prefill it on its own
-        worker."""
+        worker. `crowded`: slots passed over unless every worker is one of
+        them (precise mode: engines evicting much faster than the others)."""
         cdef uint64_t weight, best_weight = 0
         cdef Worker best = None, w
         for w in ready:
             if w is avoid or not w.routable(now):
+                continue
+            if crowded and self.slot_for(w) in crowded:
                 continue
             weight = weight_of(key, w)
             if best is not None and weight <= best_weight:
@@ -907,6 +910,8 @@ cdef class CacheAwarePolicy(Policy):
                 continue
             best = w
             best_weight = weight
+        if best is None and crowded:
+            return self.place(key, ready, g, now, avoid, None)
         if best is None:
             best = least_loaded(ready, now, avoid)
         return best
@@ -947,6 +952,12 @@ cdef class CacheAwarePolicy(Policy):
         return best
 
     cdef Worker pick(self, list ready, str text, bytes key, double now):
+        if self.kv is not None:
+            return self.pick_precise(ready, text, now)
+        return self.pick_tree(ready, text, key, now)
+
+    cdef Worker pick_tree(self, list ready, str text, bytes key, double now):
+        """Where the character tree says the prompt's longest prefix is."""
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0
         cdef Text view
         cdef Text* prompt = &view
@@ -967,8 +978,6 @@ cdef class CacheAwarePolicy(Policy):
             # a longer prompt is routed (and recorded) by that much of its start
             n = self.prompt_budget()
         view = text_view(text, n)
-        if self.kv is not None:
-            return self.pick_precise(ready, text, prompt, n, now)
         try:
             g = self.gate(ready, now)
             gkey = hash_text(prompt, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
@@ -1045,14 +1054,17 @@ cdef class CacheAwarePolicy(Policy):
             if self.tree.total_chars > self.max_tree_size:
                 self.trim(n)
 
-    cdef Worker pick_precise(self, list ready, str text, Text* prompt, Py_ssize_t n, double now):
+    cdef Worker pick_precise(self, list ready, str text, double now):
         """pick() in precise mode: what each worker holds is what its engine
         reported (KvEvents.holdings) where its stream is trusted, and what
         the tree says elsewhere. The owner is the worker holding the most
         (the highest rendezvous weight among equals, so replicas, which see
-        the same events, agree); leaving it is weighed as in pick(). The
+        the same events, agree); leaving it is weighed as in pick_tree(). The
         tree records every request too, so a worker whose events stop is
         routed as without them."""
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text) if text is not None else 0
+        cdef Text view
+        cdef Text* prompt = &view
         cdef Node* best
         cdef Py_ssize_t matched, depth, top = 0, h
         cdef Worker w = None, o, target = None
@@ -1062,6 +1074,13 @@ cdef class CacheAwarePolicy(Policy):
         cdef Gate g
         cdef dict slots = {}
         cdef Py_ssize_t i
+        if not ready:
+            return None
+        if n == 0:
+            return least_loaded(ready, now, None)
+        if n > self.prompt_budget():
+            n = self.prompt_budget()
+        view = text_view(text, n)
         try:
             g = self.gate(ready, now)
             gkey = hash_text(prompt, n if n < PLACEMENT_KEY_CHARS else PLACEMENT_KEY_CHARS)
@@ -1097,8 +1116,10 @@ cdef class CacheAwarePolicy(Policy):
                 if h > top or weight > top_weight:
                     w, top, top_weight = o, h, weight
             if w is None or top <= self.cache_threshold * n:
+                # no worker holds it (or its engine evicted it): placed as a new prefix, past the
+                # workers whose caches turn over much faster than the others'
                 self.misses += 1
-                w = self.place(gkey, ready, &g, now, None)
+                w = self.place(gkey, ready, &g, now, None, self.kv.crowded(now))
                 if w is not None:
                     s = self.slot_for(w)
                     h = self.held[s] if s < self.held_len else 0
@@ -1196,26 +1217,34 @@ cdef class WorkerGroup:
         self.ready = [w for w in self.workers if w.state == STATE_READY]
         self.policy.workers_changed(self.ready)
 
-    cdef Worker select(self, str text, bytes key, double now, Worker avoid, bytes sticky_key=None):
+    cdef Worker select(self, str text, bytes key, double now, Worker avoid, bytes sticky_key=None,
+                       bint prompt=True):
         """The worker for a request (None: none can take it). `key`: the
         policy's routing key; `sticky_key`: the session a request belongs
         to under --sticky-sessions, kept on the worker it was first sent
-        to while that worker can take it and is not the one to avoid."""
+        to while that worker can take it and is not the one to avoid.
+        `prompt`: the text is the prompt the engine tokenizes (not a chat's
+        messages, which the engine renders through its chat template first);
+        precise cache_aware routes any other text by its character tree."""
         cdef Worker w
         cdef PinTable sticky = self.sticky
         if sticky_key is not None and sticky is not None:
             w = sticky.get(sticky_key, now)
             if w is not None and w is not avoid:
                 return w
-            w = self.pick(text, key, now, avoid)
+            w = self.pick(text, key, now, avoid, prompt)
             if w is not None:
                 sticky.put(sticky_key, w, now)
             return w
-        return self.pick(text, key, now, avoid)
+        return self.pick(text, key, now, avoid, prompt)
 
-    cdef Worker pick(self, str text, bytes key, double now, Worker avoid):
-        cdef Worker w = self.policy.pick(self.ready, text, key, now)
+    cdef Worker pick(self, str text, bytes key, double now, Worker avoid, bint prompt):
+        cdef Worker w
         cdef Worker other
+        if not prompt and type(self.policy) is CacheAwarePolicy and (<CacheAwarePolicy>self.policy).kv is not None:
+            w = (<CacheAwarePolicy>self.policy).pick_tree(self.ready, text, key, now)
+        else:
+            w = self.policy.pick(self.ready, text, key, now)
         if w is not None and w is avoid and len(self.ready) > 1:
             # a retry: prefer any other routable worker over the one that failed
             other = least_loaded(self.ready, now, avoid)
@@ -1223,8 +1252,9 @@ cdef class WorkerGroup:
                 return other
         return w
 
-    def select_py(self, str text=None, bytes key=None, double now=0.0, Worker avoid=None, bytes sticky_key=None):
-        return self.select(text, key, now, avoid, sticky_key)
+    def select_py(self, str text=None, bytes key=None, double now=0.0, Worker avoid=None, bytes sticky_key=None,
+                  bint prompt=True):
+        return self.select(text, key, now, avoid, sticky_key, prompt)
 
 
 cdef class Router:

@@ -270,3 +270,15 @@ cdef tuple _invalid_messages(int endpoint, dict body):
         if type(v) is not int:
             return _wrong("max_tokens", "an integer")
     return None
+
+
+cpdef bint prompt_text(int endpoint, dict body):
+    """Whether the routing text is the prompt itself, as the engine
+    tokenizes it: a /generate "text" or a /v1/completions "prompt" string
+    (not token ids, not a chat's messages, which the engine renders through
+    the model's chat template first)."""
+    if endpoint == EP_GENERATE:
+        return type(body.get("text")) is str and body.get("input_ids") is None
+    if endpoint == EP_COMPLETIONS:
+        return type(body.get("prompt")) is str
+    return False
