@@ -20,7 +20,7 @@ import pytest
 from helpers import free_port, request, wait_for
 
 from smg._fast.kvindex import BlockIndex, chain_hashes
-from smg._fast.worker import Worker
+from smg._fast.worker import READY, Worker
 from smg.kv_events import LIVE, OVERFLOW, STALE, KvEvents, MalformedBatch, decode_batch
 from smg.simulated_engine import write_tokenizer
 from smg.workers import KV_EVENTS_LABEL, KV_REPLAY_LABEL
@@ -514,3 +514,75 @@ def test_without_the_flags_nothing_of_it_is_imported():
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert done.stdout.decode().strip() == "[]", done.stderr.decode()
+
+
+# --- placement past crowded engines -------------------------------------------
+
+def test_engines_evicting_much_faster_than_the_rest_are_crowded():
+    events = KvEvents(None, port=1)
+    from smg.kv_events import EventStream
+    streams = []
+    for i in range(4):
+        s = EventStream(events, Worker(f"w{i}", f"http://127.0.0.1:{9000 + i}"), i, "tcp://127.0.0.1:1", None)
+        s.state = LIVE
+        events.streams[s.worker.id] = s
+        streams.append(s)
+    assert events.crowded(100.0) is None          # nothing evicted yet
+    for t in range(1, 21):
+        for i, s in enumerate(streams):
+            s.removed_blocks += (60 if i == 2 else 10)   # worker 2 turns its cache over six times as fast
+        now = 100.0 + t
+        crowded = events.crowded(now)
+    assert crowded == {2}
+    streams[2].state = STALE                        # not live: its rate is not trusted
+    assert events.crowded(now + 1) is None
+
+
+class _Reported:
+    """A KvEvents stand-in: no worker holds anything; `busy` are crowded."""
+
+    def __init__(self, busy):
+        self.busy = busy
+
+    def holdings(self, text, slots, now):
+        return {slot: 0 for slot in slots.values()}
+
+    def cleared_at(self, slot):
+        return 0.0
+
+    def crowded(self, now):
+        return self.busy
+
+    def sent(self, *args):
+        pass
+
+    def workers_changed(self, policy, ready):
+        pass
+
+    def worker_removed(self, worker, slot):
+        pass
+
+
+def test_a_new_prefix_is_placed_past_crowded_engines():
+    from smg._fast.policies import CacheAwarePolicy
+
+    ready = [Worker(f"w{i}", f"http://127.0.0.1:{9100 + i}") for i in range(4)]
+    for w in ready:
+        w.state = READY
+    plain = CacheAwarePolicy()
+    home = plain.place_py(ready, "a new prompt " * 40)
+    policy = CacheAwarePolicy()
+    policy.kv = _Reported(None)
+    assert policy.pick_py(ready, "a new prompt " * 40, None, 1.0) is home    # rendezvous, as without events
+    policy = CacheAwarePolicy()
+    policy.kv = _Reported(None)
+    for w in ready:
+        policy.slot_py(w)
+    policy.kv.busy = {policy.slot_of(home)}
+    other = policy.pick_py(ready, "a new prompt " * 40, None, 1.0)
+    assert other is not home and other is plain.place_py([w for w in ready if w is not home], "a new prompt " * 40)
+    fresh = CacheAwarePolicy()                                # all crowded: as if none were
+    fresh.kv = _Reported({0, 1, 2, 3})
+    for w in ready:
+        fresh.slot_py(w)
+    assert fresh.pick_py(ready, "a new prompt " * 40, None, 1.0) is home
