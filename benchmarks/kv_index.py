@@ -1,7 +1,8 @@
 """What precise routing (--kv-events-port) costs: per request, tokenizing
 and matching a prompt (whole, and reusing the previous turn of its
 conversation); per cached block, the index's memory; per event, applying
-it. One process, this machine.
+it (one process); and how soon two independent gateways both know what an
+engine stored.
 
     .venv/bin/python benchmarks/kv_index.py [--sizes 1000,8000,32000,128000]
 
@@ -144,15 +145,80 @@ def event_rate() -> None:
           f"decoded and applied at {len(payloads) / took:,.0f} batches/s ({took / len(payloads) * 1e6:.0f} us each)")
 
 
+def propagation(path: str, trials: int) -> None:
+    """Two independent gateways subscribed to one simulated engine: a prompt
+    is sent to the engine directly (as another router would), and both
+    gateways' GET /workers are polled until each shows the blocks it
+    stored. The time from the engine's answer to both showing them."""
+    import json
+    import subprocess
+    import urllib.request
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from load import free_port, wait_until
+
+    def get(url: str):
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+
+    def post(url: str, body: dict) -> None:
+        req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+
+    port, events = free_port(), free_port()
+    engine = subprocess.Popen([sys.executable, "-m", "smg.testing", "--port", str(port), "--simulate",
+                               "--sim-tokenizer", path, "--sim-kv-events-port", str(events),
+                               "--sim-prefill-chars-per-sec", "1e8"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    gateways, ports = [], []
+    try:
+        for _ in range(2):
+            p = free_port()
+            ports.append(p)
+            gateways.append(subprocess.Popen(
+                [sys.executable, "-m", "smg", "--host", "127.0.0.1", "--port", str(p), "--prometheus-port",
+                 str(free_port()), "--worker-urls", f"http://127.0.0.1:{port}", "--kv-events-port", str(events),
+                 "--tokenizer-path", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT))
+
+        def blocks(p: int) -> int:
+            (w,) = get(f"http://127.0.0.1:{p}/workers")["workers"]
+            return (w.get("kv_events") or {}).get("indexed_blocks", -1)
+
+        wait_until(lambda: all(blocks(p) == 0 for p in ports), 30, "gateways subscribed")
+        rng = random.Random(5)
+        post(f"http://127.0.0.1:{port}/generate", {"text": text(rng, 2000)})       # the subscriptions are up
+        took = []
+        for _ in range(trials):
+            wait_until(lambda: len({blocks(p) for p in ports}) == 1, 10, "the gateways to agree")
+            before = blocks(ports[0])
+            post(f"http://127.0.0.1:{port}/generate", {"text": text(rng, 2000), "stream": False})
+            t0 = time.perf_counter()
+            while not all(blocks(p) > before for p in ports):
+                if time.perf_counter() - t0 > 5:
+                    raise RuntimeError("a gateway never showed the blocks")
+            took.append(time.perf_counter() - t0)
+        took.sort()
+        print(f"\npropagation: {trials} stores sent to the engine directly; both of two gateways showed them "
+              f"within p50 {took[len(took) // 2] * 1000:.1f} ms, max {took[-1] * 1000:.1f} ms of the engine's answer "
+              f"(polling GET /workers of each in turn)")
+    finally:
+        for proc in (*gateways, engine):
+            proc.terminate()
+            proc.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,8000,32000,128000")
+    ap.add_argument("--trials", type=int, default=30, help="propagation trials")
     args = ap.parse_args()
     rng = random.Random(0)
     path = write_tokenizer(tempfile.mkdtemp(prefix="smg-kv-"), [text(rng, 2000) for _ in range(200)])
     per_request(load_tokenizer(path), [int(s) for s in args.sizes.split(",")])
     index_memory()
     event_rate()
+    propagation(path, args.trials)
 
 
 if __name__ == "__main__":

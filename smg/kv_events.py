@@ -71,6 +71,9 @@ CROWDED_FACTOR = 1.5
 CROWDED_FLOOR = 1.0
 EVICTION_SMOOTHING_SECS = 10.0
 CROWDED_RECHECK_SECS = 0.5
+# a stream hands the event loop back after this many batches in a row (a
+# flooding publisher cannot starve the requests)
+YIELD_EVERY = 64
 
 
 class MalformedBatch(ValueError):
@@ -163,6 +166,7 @@ class EventStream:
         self.last_event_at = 0.0
         self.awaiting_since = 0.0     # a request was sent that should store blocks; 0: none
         self.silent_logged = False
+        self.malformed_logged = False
         self.rejoin = False             # reconnected: the index is rebuilt on the next batch
         self.removed_blocks = 0         # evicted, as its events said (KvEvents.crowded)
         self.removed_seen = 0
@@ -223,9 +227,14 @@ class EventStream:
         log.info("subscribed to KV events of %s at %s", self.worker.url, self.endpoint)
         watch = asyncio.get_running_loop().create_task(self.watch(monitor))
         try:
+            received = 0
             while True:
                 frames = await sub.recv_multipart()
                 await self.on_message(frames)
+                received += 1
+                if received % YIELD_EVERY == 0:
+                    # a waiting message completes the await at once: let requests run
+                    await asyncio.sleep(0)
         except asyncio.CancelledError:
             pass
         finally:
@@ -294,20 +303,23 @@ class EventStream:
 
     def apply(self, seq: int, payload: bytes) -> None:
         self.next_seq = seq + 1
+        try:
+            _, events, _ = decode_batch(payload)
+        except MalformedBatch as e:
+            # what it said is lost: the index cannot be trusted to match the engine
+            self.malformed += 1
+            if not self.malformed_logged:
+                self.malformed_logged = True
+                log.warning("KV events of %s: malformed batch %d (%s): index rebuilt (further malformed batches "
+                            "are counted in smg_kv_events_stream_problems_total)", self.worker.url, seq, e)
+            self.rebuild()
+            return
         self.last_event_at = time.monotonic()
         self.awaiting_since = 0.0
         if self.state in (CONNECTING, STALE):
             if self.state == STALE:
                 log.info("KV events of %s resumed", self.worker.url)
             self.state = LIVE
-        try:
-            _, events, _ = decode_batch(payload)
-        except MalformedBatch as e:
-            # what it said is lost: the index cannot be trusted to match the engine
-            self.malformed += 1
-            log.warning("KV events of %s: malformed batch %d (%s): index rebuilt", self.worker.url, seq, e)
-            self.rebuild()
-            return
         index = self.events.index
         for tag, fields in events:
             if tag not in self.received:

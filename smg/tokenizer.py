@@ -77,7 +77,7 @@ class PrefixTokenizer:
     whole (logged once)."""
 
     KEY_CHARS = 256         # prompts are grouped by their first characters
-    PER_GROUP = 4           # recent prompts kept per group
+    PER_GROUP = 32          # recent prompts kept per group (conversations sharing a system prompt share one)
     MIN_REUSE = 1024        # shorter shared starts are tokenized again
     MARGIN = 64             # characters before the shared end where reuse stops
     CHECK_EVERY = 64

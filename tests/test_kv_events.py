@@ -586,3 +586,50 @@ def test_a_new_prefix_is_placed_past_crowded_engines():
     for w in ready:
         fresh.slot_py(w)
     assert fresh.pick_py(ready, "a new prompt " * 40, None, 1.0) is home
+
+
+def test_a_hostile_publisher_flooding_garbage_is_counted_and_the_gateway_answers(fake_workers, gateway,
+                                                                                 tokenizer_path):
+    import threading
+    import time
+
+    import zmq
+
+    port = free_port()
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    (w,) = fake_workers(1)
+    g = _gateway(gateway, tokenizer_path)
+    r = request(g.port, "POST", "/workers", {"url": w.url, "labels": {KV_EVENTS_LABEL: f"tcp://127.0.0.1:{port}"}})
+    assert r.status == 202
+    g.wait_ready_workers(1)
+    stop = threading.Event()
+
+    def flood():
+        seq = 0
+        while not stop.is_set():
+            for _ in range(200):
+                pub.send_multipart([b"", seq.to_bytes(8, "big"), b"\xc1 not msgpack"])
+                seq += 1
+            pub.send_multipart([b"", b"bad", b""])
+            time.sleep(0.001)
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: f'problem="malformed",worker="{w.url}"}} ' in g.metrics()
+                 and float(g.metrics().split(f'problem="malformed",worker="{w.url}"}} ')[1].split()[0]) > 5000,
+                 message="thousands of malformed batches counted")
+        for _ in range(20):         # answered while the flood goes on
+            t0 = time.monotonic()
+            assert request(g.port, "GET", "/liveness", timeout=2).status == 200
+            assert time.monotonic() - t0 < 1.0
+        _generate(g.port, "a request routed meanwhile " * 20)
+    finally:
+        stop.set()
+        t.join(5)
+        pub.close(0)
+        ctx.term()
+    assert _stream_of(g, w)["state"] == "connecting"       # garbage never makes a stream trusted
+    assert g.logs().count(": malformed batch ") == 1
