@@ -293,7 +293,10 @@ def test_a_late_subscriber_gets_what_it_missed_from_sglangs_replay_socket(sglang
     try:
         asyncio.run(main())
     finally:
+        import atexit
+
         publisher.shutdown()
+        atexit.unregister(publisher.shutdown)   # (SGLang's publisher shuts itself down at exit too)
 
 
 # --- through the gateway, over simulated engines --------------------------------
