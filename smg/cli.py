@@ -568,9 +568,12 @@ def _check_kv_events(cfg: Config) -> None:
     if not path:
         raise ValueError("--kv-events-port needs the model's tokenizer: --tokenizer-path or --model-path")
     tokenizer_file(path)
-    for module in ("zmq", "msgspec", "tokenizers"):
+    for module in ("zmq", "msgspec", "tokenizers", "jinja2"):
         if importlib.util.find_spec(module) is None:
             raise ValueError("--kv-events-port needs the kv-events extra: pip install 'smg[kv-events]'")
+    from smg.tokenizer import load_chat_template
+
+    load_chat_template(path)        # one that does not parse is an error now, not at the first chat
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

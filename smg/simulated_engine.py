@@ -104,10 +104,11 @@ class TokenBlocks:
         self.block_tokens = block_tokens
         self.seed = seed
 
-    def split(self, prompt: str) -> tuple[list[int], list[list[int]], list[int]]:
+    def split(self, prompt: str, special: bool = True) -> tuple[list[int], list[list[int]], list[int]]:
         """(block hashes, token ids per block, characters per block) of the
-        prompt's full blocks."""
-        enc = self.tokenizer.encode(prompt)
+        prompt's full blocks (`special`: with the tokenizer's special tokens;
+        a chat template writes its own)."""
+        enc = self.tokenizer.encode(prompt, add_special_tokens=special)
         ids, offsets = enc.ids, enc.offsets
         bt = self.block_tokens
         keys, tokens, chars = [], [], []
@@ -260,13 +261,13 @@ class SimulatedEngine:
         if self.events is not None:
             self.events.publish([{"type": "AllBlocksCleared"}])
 
-    def lookup(self, prompt: str) -> tuple[int, object]:
+    def lookup(self, prompt: str, special: bool = True) -> tuple[int, object]:
         """(cached characters of the prompt, what store() needs)."""
         m = self.model
         if self.blocks is None:
             keys = block_keys(prompt, m.block_chars)
             return min(self.cache.cached_blocks(keys) * m.block_chars, len(prompt)), keys
-        keys, tokens, chars = self.blocks.split(prompt)
+        keys, tokens, chars = self.blocks.split(prompt, special)
         n = self.cache.cached_blocks(keys)
         return sum(chars[:n]), (keys, tokens, chars)
 
@@ -296,8 +297,10 @@ class SimulatedEngine:
             events.append({"type": "BlockRemoved", "block_hashes": evicted, "medium": "GPU"})
         self.events.publish(events)
 
-    async def generate(self, prompt: str, max_new_tokens: int) -> AsyncIterator[int]:
-        """Yields the index of each token as it is produced."""
+    async def generate(self, prompt: str, max_new_tokens: int, special: bool = True) -> AsyncIterator[int]:
+        """Yields the index of each token as it is produced (`special`: the
+        prompt is tokenized with the tokenizer's special tokens, as a
+        completion's is; a chat rendered by its template is not)."""
         m = self.model
         self.requests += 1
         async with self.slot_freed:
@@ -305,7 +308,7 @@ class SimulatedEngine:
             self.running += 1
         try:
             async with self.prefill_lock:
-                cached, blocks = self.lookup(prompt)
+                cached, blocks = self.lookup(prompt, special)
                 self.prompt_chars += len(prompt)
                 self.cached_chars += cached
                 took = m.prefill_overhead + (len(prompt) - cached) / m.prefill_chars_per_sec

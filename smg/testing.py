@@ -296,6 +296,7 @@ class FakeWorker:
         self._conns: set[_WorkerProtocol] = set()
         self._rid = 0
         self._engine = None
+        self._chat_template = None      # --sim-tokenizer's model's chat template, if it ships one
         # /v1/responses answers kept for GET/DELETE /v1/responses/{id}, as an
         # engine does for requests with `store` (the default); the oldest go first
         self.stored: dict[str, tuple[dict, Any]] = {}
@@ -392,7 +393,10 @@ class FakeWorker:
             if cfg.sim_tokenizer:
                 from smg.tokenizer import load_tokenizer
 
+                from smg.tokenizer import load_chat_template
+
                 blocks = TokenBlocks(load_tokenizer(cfg.sim_tokenizer), cfg.sim_block_tokens, seed=self.port)
+                self._chat_template = load_chat_template(cfg.sim_tokenizer)
                 if cfg.sim_kv_events_port:
                     events = KvEventPublisher(cfg.sim_kv_events_port, cfg.sim_kv_replay_port, self.host)
             self._engine = SimulatedEngine(EngineModel(
@@ -867,7 +871,13 @@ class FakeWorker:
         if body is None:
             return
         self._rid += 1
-        prompt = _prompt_text(body)
+        self.engine                 # made on first use, and with it the chat template
+        prompt = None
+        if self._chat_template is not None and req.path == "/v1/chat/completions":
+            prompt = self._chat_template.render(body)     # as an engine renders a chat, then tokenizes it
+        rendered = prompt is not None
+        if prompt is None:
+            prompt = _prompt_text(body)
         params = body.get("sampling_params") if isinstance(body.get("sampling_params"), dict) else {}
         tokens = params.get("max_new_tokens") or body.get("max_tokens") or self.config.completion_tokens
         tokens = tokens if isinstance(tokens, int) and 0 < tokens <= 4096 else self.config.completion_tokens
@@ -875,7 +885,7 @@ class FakeWorker:
         if stream:
             proto._write(_head(200, "text/event-stream", None))
         produced = 0
-        async for i in self.engine.generate(prompt, tokens):
+        async for i in self.engine.generate(prompt, tokens, special=not rendered):
             if proto.closed:
                 raise asyncio.CancelledError
             produced = i + 1

@@ -1,12 +1,15 @@
 """The model's tokenizer, for precise (KV-event) routing: a request's token
 ids must be those its engine caches, so the gateway tokenizes prompts as
 the engine does, from the model's own `tokenizer.json` (Hugging Face
-`tokenizers`). Only local files are read: nothing is downloaded."""
+`tokenizers`), and renders chat requests through the model's chat template
+(Jinja) first. Only local files are read: nothing is downloaded."""
 
 from __future__ import annotations
 
 import bisect
 import collections
+import datetime
+import json
 import logging
 import os
 from array import array
@@ -171,3 +174,104 @@ class PrefixTokenizer:
         while self.chars > self.max_chars and self.groups:
             _, dropped = self.groups.popitem(last=False)
             self.chars -= sum(len(e.text) for e in dropped)
+
+
+class ChatTemplate:
+    """The model's chat template, rendered as Hugging Face's
+    apply_chat_template renders it for an engine (sandboxed Jinja with
+    trim_blocks and lstrip_blocks, raise_exception, strftime_now, a tojson
+    that keeps non-ASCII, the special tokens of tokenizer_config.json, and
+    add_generation_prompt), so a chat request's prompt is the text its
+    engine tokenizes."""
+
+    def __init__(self, source: str, special_tokens: dict):
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(value, indent=None, separators=None, sort_keys=False):
+            return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        self.template = env.from_string(source)
+        self.special_tokens = special_tokens
+        self.errors = 0
+
+    def render(self, body: dict) -> Optional[str]:
+        """The prompt of a chat request (OpenAI's shape), or None when its
+        messages are not a list of messages or the template refuses them."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return None
+        try:
+            return self.template.render(messages=messages, tools=body.get("tools"), add_generation_prompt=True,
+                                        **self.special_tokens)
+        except Exception:  # a template's raise_exception, or any error in its logic
+            self.errors += 1
+            return None
+
+
+def chat_renderer(template: ChatTemplate, tokenizer):
+    """A chat request's prompt as the gateway tokenizes it (with the
+    tokenizer's special tokens, as any prompt): the template's text, less a
+    leading BOS token where the tokenizer adds that one itself. The engine
+    tokenizes the template's text without adding special tokens; both give
+    the same ids."""
+    bos = template.special_tokens.get("bos_token") or ""
+    with_special = tokenizer.encode("a").ids
+    without = tokenizer.encode("a", add_special_tokens=False).ids
+    added = with_special[:len(with_special) - len(without)]
+    strip = bool(bos) and bool(added) and tokenizer.encode(bos, add_special_tokens=False).ids == added
+
+    def render(body: dict) -> Optional[str]:
+        text = template.render(body)
+        if text is not None and strip and text.startswith(bos):
+            return text[len(bos):]
+        return text
+
+    return render
+
+
+def load_chat_template(path: str) -> Optional[ChatTemplate]:
+    """The chat template beside the tokenizer.json of `path` (the file
+    chat_template.jinja, or tokenizer_config.json's chat_template, the
+    "default" one where it lists several); None where the model ships none.
+    Raises ValueError on one that does not parse."""
+    folder = os.path.dirname(tokenizer_file(path))
+    config: dict = {}
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{config_file}: {e}") from None
+    source = None
+    jinja_file = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            source = f.read()
+    else:
+        source = config.get("chat_template")
+        if isinstance(source, list):
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+    if not isinstance(source, str) or not source:
+        return None
+    special = {}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        special[name] = value if isinstance(value, str) else ""
+    try:
+        return ChatTemplate(source, special)
+    except Exception as e:  # jinja2.TemplateSyntaxError
+        raise ValueError(f"{folder}: the chat template does not parse ({e})") from None

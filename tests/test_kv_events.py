@@ -636,3 +636,68 @@ def test_a_hostile_publisher_flooding_garbage_is_counted_and_the_gateway_answers
         ctx.term()
     assert _stream_of(g, w)["state"] == "connecting"       # garbage never makes a stream trusted
     assert g.logs().count(": malformed batch ") == 1
+
+
+# --- chat requests through the model's chat template --------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, tokenizer_path):
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("chat-model")
+    shutil.copy(tokenizer_path, folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "bos_token": "<s>"}))
+    return str(folder)
+
+
+def test_a_chat_is_rendered_as_its_engine_renders_it(chat_model):
+    from smg.tokenizer import load_chat_template
+
+    template = load_chat_template(chat_model)
+    body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    assert template.render(body) == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                                     "<|im_start|>assistant\n")
+    assert template.render({"messages": "not a list"}) is None
+
+
+def test_chat_requests_are_routed_by_what_the_engines_hold(fake_workers, gateway, chat_model):
+    a, b = (_sim_worker(fake_workers, chat_model) for _ in range(2))
+    g = _gateway(gateway, chat_model)
+    for w in (a, b):
+        _add(g, w)
+    g.wait_ready_workers(2)
+    rng = random.Random(11)
+    system = {"role": "system", "content": "[sys] " + words(rng, 500)}
+
+    def chat(port, question):
+        r = request(port, "POST", "/v1/chat/completions", {"model": "fake-model", "stream": True, "max_tokens": 2,
+                                                           "messages": [system, {"role": "user", "content": question}]})
+        assert r.status == 200, r
+
+    chat(g.port, "first question")
+    owner, other = (a, b) if _engine(a)["requests"] else (b, a)
+    _wait_indexed(g, owner)
+    chat(other.port, "asked elsewhere")          # another router's chat fills the other engine
+    request(owner.port, "POST", "/flush_cache", {})
+    _wait_indexed(g, other)
+    _wait_indexed(g, owner)
+    before = _engine(other)["cached_chars"]
+    chat(g.port, "second question")
+    assert _engine(other)["requests"] == 2, "the chat went where the tree remembers, not to the holder"
+    assert _engine(other)["cached_chars"] - before >= len(system["content"]) * 0.9
+
+
+def test_a_chat_template_that_does_not_parse_exits_2(tmp_path, tokenizer_path):
+    import json
+    import shutil
+
+    shutil.copy(tokenizer_path, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
+    done = subprocess.run([sys.executable, "-m", "smg", "--kv-events-port", "5557", "--model-path", str(tmp_path)],
+                          capture_output=True, timeout=30)
+    assert done.returncode == 2 and b"chat template does not parse" in done.stderr

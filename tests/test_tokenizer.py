@@ -107,3 +107,31 @@ def test_tokenizers_load_from_local_paths_only(tmp_path):
     bad.write_text("{}")
     with pytest.raises(ValueError, match="not a tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_chat_prompt_gets_the_ids_its_engine_tokenizes(tmp_path):
+    """The engine tokenizes a rendered chat without adding special tokens
+    (the template wrote its BOS); the gateway tokenizes every prompt with
+    them, so the renderer leaves out a BOS the tokenizer adds itself."""
+    import json
+
+    from tokenizers import processors
+
+    from smg.tokenizer import chat_renderer, load_chat_template
+
+    rng = random.Random(4)
+    path = write_tokenizer(str(tmp_path), [words(rng, 300) for _ in range(20)], vocab_size=400)
+    tok = load_tokenizer(path)
+    tok.add_special_tokens(["<s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<s>"},
+        "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"}))
+    tok = load_tokenizer(path)
+    template = load_chat_template(path)
+    body = {"messages": [{"role": "user", "content": words(rng, 40)}]}
+    engine_ids = tok.encode(template.render(body), add_special_tokens=False).ids
+    assert engine_ids[0] == tok.token_to_id("<s>") and engine_ids[1] != engine_ids[0]
+    assert tok.encode(chat_renderer(template, tok)(body)).ids == engine_ids

@@ -27,7 +27,7 @@ from smg._fast.cycle cimport RequestCycle
 from smg._fast.request cimport Request
 from smg._fast.worker cimport Worker, TYPE_PREFILL, TYPE_DECODE
 from smg._fast.policies cimport WorkerGroup, rand64
-from smg._fast.routing_text cimport routing_text, prompt_text, EP_GENERATE, EP_COMPLETIONS
+from smg._fast.routing_text cimport routing_prompt, EP_GENERATE, EP_COMPLETIONS
 from smg._fast.call cimport (ClientCall, RouterSeries, Leg, LEG_STOP, new_leg, wrap_chunk, retryable_status, failure_status,
                              forwarded_head, with_dp_rank)
 from smg._fast.proxy cimport KEPT_TEXT_CHARS, ProxiedRoute, resolve_group, parse_body, resolve_alias, routing_key, session_key, model_label
@@ -242,6 +242,7 @@ cdef class PDHandler(ProxiedRoute):
         cdef object obj = parse_body(cycle, self.endpoint)
         cdef WorkerGroup prefill, decode
         cdef str text = None
+        cdef bint is_prompt = False
         cdef RouterSeries series
         cdef PDCall call
         if obj is None:
@@ -258,10 +259,11 @@ cdef class PDHandler(ProxiedRoute):
             self.no_group(cycle, "pd", label, TYPE_DECODE)
             return 0
         if prefill.policy.needs_text or decode.policy.needs_text:
-            text = routing_text(self.endpoint, <dict>obj)
+            text, is_prompt = routing_prompt(self.endpoint, <dict>obj)
         key = cycle.req.routing_key if prefill.policy.header_key_only or decode.policy.header_key_only \
             else routing_key(cycle.req)
         call = new_pd_call(self, cycle, <dict>obj, prefill, decode, text, key, label)
+        call.text_is_prompt = is_prompt
         call.series = series
         obj = text = None  # the call holds what it needs; a long prompt's str is let go once routed
         self.launch(call)
@@ -280,7 +282,6 @@ cdef PDCall new_pd_call(PDHandler handler, RequestCycle cycle, dict obj, WorkerG
     call.pgroup = pgroup
     call.dgroup = dgroup
     call.text = text
-    call.text_is_prompt = text is not None and prompt_text(handler.endpoint, obj)
     call.key = key
     if pgroup.sticky is not None:
         call.session = session_key(cycle.req)
@@ -296,7 +297,7 @@ cdef class PDCall(ClientCall):
     cdef bint empty_body
     cdef int endpoint
     cdef bint text_let_go           # a long routing text, not kept once routed (see ProxyCall.attempt)
-    cdef bint text_is_prompt        # the text is the prompt the engine tokenizes (see prompt_text)
+    cdef bint text_is_prompt        # the text is the prompt the engine tokenizes (see routing_prompt)
     cdef WorkerGroup pgroup
     cdef WorkerGroup dgroup
     cdef str text
@@ -325,12 +326,14 @@ cdef class PDCall(ClientCall):
         cdef bytes body, head, start, client_auth, pbody, dbody, phead, dhead
         cdef Request req = self.req
         if self.text_let_go:
-            self.text = routing_text(self.endpoint, parse_json(req.body))
-        pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill, self.session, self.text_is_prompt)
+            self.text = routing_prompt(self.endpoint, parse_json(req.body))[0]
+        pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill, self.session,
+                                self.text_is_prompt)
         if pw is None and self.settings.prefill_queue is not None and at_limit(self.pgroup):
             (<PrefillQueue>self.settings.prefill_queue).wait(self, now)
             return 0
-        dw = self.dgroup.select(self.text, self.key, now, self.failed_decode, self.session, self.text_is_prompt)
+        dw = self.dgroup.select(self.text, self.key, now, self.failed_decode, self.session,
+                                self.text_is_prompt)
         if self.text is not None and PyUnicode_GET_LENGTH(self.text) > KEPT_TEXT_CHARS:
             self.text = None
             self.text_let_go = True

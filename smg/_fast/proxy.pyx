@@ -22,7 +22,7 @@ from smg._fast.exchange cimport FAIL_CONNECT
 from smg._fast.admission cimport Admission
 from smg._fast.call cimport Leg, LEG_STOP, new_leg, retryable_status, failure_status, forwarded_head, with_dp_rank
 from smg._fast.worker cimport Worker, TYPE_REGULAR
-from smg._fast.routing_text cimport routing_text, prompt_text, invalid_field, EP_RERANK, EP_MESSAGES, EP_COUNT_TOKENS
+from smg._fast.routing_text cimport routing_prompt, invalid_field, EP_RERANK, EP_MESSAGES, EP_COUNT_TOKENS
 from smg._fast.routes cimport Route, anthropic_error_type
 
 from smg._fast.routing_text import ENDPOINT_NAMES
@@ -219,6 +219,7 @@ cdef class ProxyHandler(ProxiedRoute):
         cdef object obj = parse_body(cycle, self.endpoint)
         cdef WorkerGroup group
         cdef str text = None
+        cdef bint is_prompt = False
         cdef str label
         cdef bytes key
         cdef ProxyCall call
@@ -239,7 +240,7 @@ cdef class ProxyHandler(ProxiedRoute):
             self.no_group(cycle, "regular", label, TYPE_REGULAR)
             return 0
         if group.policy.needs_text:
-            text = routing_text(self.endpoint, <dict>obj)
+            text, is_prompt = routing_prompt(self.endpoint, <dict>obj)
         key = cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req)
         if self.endpoint == EP_RERANK:
             call = new_rerank_call(self, cycle, group, text, key, label, model)
@@ -247,8 +248,7 @@ cdef class ProxyHandler(ProxiedRoute):
             call = new_messages_call(self, cycle, group, text, key, label)
         else:
             call = new_proxy_call(self, cycle, group, text, key, label)
-        if text is not None:
-            call.text_is_prompt = prompt_text(self.endpoint, <dict>obj)
+        call.text_is_prompt = is_prompt
         call.answer_streamed = streamed
         call.series = series
         obj = text = None  # the call holds what it needs; a long prompt's str is let go once routed
@@ -270,7 +270,7 @@ cdef class ProxyCall(ClientCall):
     cdef int endpoint
     cdef str text                        # the routing text (None: not needed, or let go: see attempt)
     cdef bint text_let_go
-    cdef bint text_is_prompt             # the text is the prompt the engine tokenizes (see prompt_text)
+    cdef bint text_is_prompt             # the text is the prompt the engine tokenizes (see routing_prompt)
     cdef bytes key
     cdef Worker failed_worker
     cdef bytes head_start
@@ -313,8 +313,9 @@ cdef class ProxyCall(ClientCall):
         cdef Leg leg
         if self.text_let_go:
             # a retry of a long prompt: its text again, from the body
-            self.text = routing_text(self.endpoint, parse_json(self.req.body))
-        w = self.group.select(self.text, self.key, monotonic(), self.failed_worker, self.session, self.text_is_prompt)
+            self.text = routing_prompt(self.endpoint, parse_json(self.req.body))[0]
+        w = self.group.select(self.text, self.key, monotonic(), self.failed_worker, self.session,
+                              self.text_is_prompt)
         if self.text is not None and PyUnicode_GET_LENGTH(self.text) > KEPT_TEXT_CHARS:
             # while the call lasts the body is all it holds of a long prompt
             self.text = None

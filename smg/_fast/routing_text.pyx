@@ -272,13 +272,31 @@ cdef tuple _invalid_messages(int endpoint, dict body):
     return None
 
 
-cpdef bint prompt_text(int endpoint, dict body):
-    """Whether the routing text is the prompt itself, as the engine
-    tokenizes it: a /generate "text" or a /v1/completions "prompt" string
-    (not token ids, not a chat's messages, which the engine renders through
-    the model's chat template first)."""
+# precise routing (--kv-events-port) with a model that ships a chat template:
+# body -> the prompt the engine makes of a chat request's messages (None: it
+# could not be rendered); see set_chat_renderer
+cdef object _chat_renderer = None
+
+
+def set_chat_renderer(renderer):
+    """Render chat requests' messages with `renderer` (None: stop)."""
+    global _chat_renderer
+    _chat_renderer = renderer
+
+
+cpdef tuple routing_prompt(int endpoint, dict body):
+    """(routing text, whether it is the prompt as the engine tokenizes it):
+    a /generate "text" or /v1/completions "prompt" string, or a chat's
+    messages rendered through the model's chat template (set_chat_renderer).
+    Token ids, and chats without a template, are not."""
+    cdef object text
+    if endpoint == EP_CHAT and _chat_renderer is not None:
+        text = _chat_renderer(body)
+        if text is not None:
+            return text, True
+    text = routing_text(endpoint, body)
     if endpoint == EP_GENERATE:
-        return type(body.get("text")) is str and body.get("input_ids") is None
+        return text, type(body.get("text")) is str and body.get("input_ids") is None
     if endpoint == EP_COMPLETIONS:
-        return type(body.get("prompt")) is str
-    return False
+        return text, type(body.get("prompt")) is str
+    return text, False
