@@ -130,7 +130,7 @@ class AdminRoutes:
             else:
                 w.labels[key] = value
         if labels and (KV_EVENTS_LABEL in labels or KV_REPLAY_LABEL in labels):
-            self.registry.router.refresh_worker(w)      # its event stream follows the new address
+            self.registry.labels_changed(w)             # its event stream follows the new address
         if priority is not None:
             self.registry.overrides.setdefault(w.id, {})["priority"] = priority
         if cost is not None:

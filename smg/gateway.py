@@ -114,8 +114,9 @@ def policy_factory(cfg: Config, kv_events: bool = True) -> Callable[[int], Polic
             template = load_chat_template(path)
             # chat requests are routed by the prompt their engine makes of them
             set_chat_renderer(chat_renderer(template, tokenizer[0]) if template is not None else None)
-        policy.kv = KvEvents(PrefixTokenizer(tokenizer[0]), cfg.kv_events_port, cfg.kv_events_replay_port, cfg.kv_events_port_offset,
-                             cfg.kv_events_replay_port_offset, cfg.kv_events_stale_secs, cfg.kv_events_max_blocks)
+        policy.kv = KvEvents(PrefixTokenizer(tokenizer[0]), cfg.kv_events_port, cfg.kv_events_replay_port,
+                             cfg.kv_events_port_offset, cfg.kv_events_replay_port_offset, cfg.kv_events_stale_secs,
+                             cfg.kv_events_max_blocks)
         return policy
 
     def make(worker_type: int) -> Policy:

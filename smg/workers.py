@@ -211,6 +211,12 @@ class Registry:
         level = logging.WARNING if new == 1 else logging.INFO
         log.log(level, "Circuit breaker for %s: %s -> %s", w.url, names[old], names[new])
 
+    def labels_changed(self, w: Worker) -> None:
+        """PATCH changed w's labels: routing follows the ones it reads (its
+        KV-event endpoints), here and in the data-plane processes."""
+        self.router.refresh_worker(w)
+        self._notify("labels", w)
+
     def _notify(self, event: str, w: Worker) -> None:
         for listener in self.listeners:
             try:
@@ -243,7 +249,9 @@ class Registry:
         """What a data-plane process needs to know of a worker to route to it."""
         return {"id": w.id, "url": w.url, "model_id": w.model_id, "worker_type": w.worker_type,
                 "bootstrap_port": w.bootstrap_port, "api_key": w.api_key, "state": w.state,
-                "dp_size": w.dp_size}
+                "dp_size": w.dp_size,
+                # of the labels, the ones routing reads: where its KV events are published
+                "labels": {k: v for k, v in (w.labels or {}).items() if k in (KV_EVENTS_LABEL, KV_REPLAY_LABEL)}}
 
     def apply(self, rec: dict) -> Optional[Worker]:
         """Bring this registry (a data-plane process's mirror) in line with
@@ -255,8 +263,13 @@ class Registry:
             stale = self.by_url.get(rec["url"])
             if stale is not None:  # re-registered under a new id while this one was missed
                 self.remove(stale, "replaced")
-            w = self.add(rec["url"], rec["worker_type"], rec["bootstrap_port"], None, rec["api_key"],
-                         source="control-plane", model_id=rec["model_id"], worker_id=rec["id"])
+            w = self.add(rec["url"], rec["worker_type"], rec["bootstrap_port"], dict(rec.get("labels") or {}),
+                         rec["api_key"], source="control-plane", model_id=rec["model_id"], worker_id=rec["id"])
+        elif rec.get("labels", {}) != {k: v for k, v in (w.labels or {}).items()
+                                       if k in (KV_EVENTS_LABEL, KV_REPLAY_LABEL)}:
+            w.labels = {k: v for k, v in (w.labels or {}).items() if k not in (KV_EVENTS_LABEL, KV_REPLAY_LABEL)}
+            w.labels.update(rec.get("labels") or {})
+            self.router.refresh_worker(w)       # an event stream follows its new address
         if w.state == PENDING:
             w.dp_size = rec.get("dp_size", 0)
         state = rec["state"]

@@ -701,3 +701,38 @@ def test_a_chat_template_that_does_not_parse_exits_2(tmp_path, tokenizer_path):
     done = subprocess.run([sys.executable, "-m", "smg", "--kv-events-port", "5557", "--model-path", str(tmp_path)],
                           capture_output=True, timeout=30)
     assert done.returncode == 2 and b"chat template does not parse" in done.stderr
+
+
+def test_every_data_plane_process_follows_the_events(fake_workers, gateway, tokenizer_path):
+    w = _sim_worker(fake_workers, tokenizer_path)
+    g = _gateway(gateway, tokenizer_path, "--workers", "2")
+    _add(g, w)
+    g.wait_ready_workers(1)
+    rng = random.Random(12)
+    for _ in range(4):                  # over both processes' connections
+        _generate(g.port, words(rng, 200))
+    # GET /workers shows the stream live only where it is live in both processes
+    _wait_indexed(g, w, "both processes' index to match the engine")
+    m = g.metrics()
+    assert f'smg_kv_events_indexed_blocks{{model="fake-model",worker="{w.url}"}} {_engine(w)["cached_blocks"]}.0' in m
+    assert 'smg_kv_events_tokenized_requests_total{model="fake-model",reuse="whole"}' in m
+
+
+def test_patching_a_workers_endpoint_moves_its_stream(fake_workers, gateway, tokenizer_path):
+    w = _sim_worker(fake_workers, tokenizer_path)
+    g = _gateway(gateway, tokenizer_path, "--workers", "2")
+    r = request(g.port, "POST", "/workers", {"url": w.url, "labels": {KV_EVENTS_LABEL: "tcp://127.0.0.1:9"}})
+    assert r.status == 202
+    (info,) = g.wait_ready_workers(1)
+    wait_for(lambda: _stream_of(g, w).get("endpoint") == "tcp://127.0.0.1:9", message="the first address")
+    r = request(g.port, "PATCH", f"/workers/{info['id']}",
+                {"labels": {KV_EVENTS_LABEL: f"tcp://127.0.0.1:{w.config.sim_kv_events_port}"}})
+    assert r.status == 202
+    rng = random.Random(13)
+
+    def followed():
+        _generate(g.port, words(rng, 100))
+        s = _stream_of(g, w)
+        return s["endpoint"].endswith(f":{w.config.sim_kv_events_port}") and s["state"] == "live"
+
+    wait_for(followed, message="both processes' streams at the new address")
