@@ -475,14 +475,12 @@ class KvEvents:
         trusted, or None when none is (or the block size is not known yet:
         no block stored so far)."""
         self.last_blocks = -1
-        if not self.block_size:
-            return None
         mask = 0
         for wid, slot in slots.items():
             stream = self.streams.get(wid)
             if stream is not None and stream.trusted(now):
                 mask |= 1 << slot
-        if not mask:
+        if not mask or not self.block_size:
             return None
         t0 = time.perf_counter()
         tokens = self.tokenizer.encode(text if len(text) <= self.max_tokenize_chars

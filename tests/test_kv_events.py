@@ -736,3 +736,23 @@ def test_patching_a_workers_endpoint_moves_its_stream(fake_workers, gateway, tok
         return s["endpoint"].endswith(f":{w.config.sim_kv_events_port}") and s["state"] == "live"
 
     wait_for(followed, message="both processes' streams at the new address")
+
+
+def test_a_worker_that_never_publishes_is_logged_once(fake_workers, gateway, tokenizer_path):
+    (w,) = fake_workers(1)                      # no publisher behind the address
+    g = _gateway(gateway, tokenizer_path, "--kv-events-stale-secs", "0.2")
+    silent = f"tcp://127.0.0.1:{free_port()}"
+    r = request(g.port, "POST", "/workers", {"url": w.url, "labels": {KV_EVENTS_LABEL: silent}})
+    assert r.status == 202
+    g.wait_ready_workers(1)
+    rng = random.Random(14)
+
+    def logged():
+        _generate(g.port, words(rng, 200))
+        return f"no KV events from {w.url}" in g.logs()
+
+    wait_for(logged, message="the silence logged")
+    for _ in range(5):
+        _generate(g.port, words(rng, 200))
+    assert g.logs().count(f"no KV events from {w.url}") == 1
+    assert _stream_of(g, w)["state"] == "connecting"
