@@ -104,7 +104,7 @@ def policy_factory(cfg: Config, kv_events: bool = True) -> Callable[[int], Polic
     tokenizer = []      # loaded once per process, on the first cache_aware group (precise mode)
 
     def precise(policy: CacheAwarePolicy) -> CacheAwarePolicy:
-        from smg._fast.routing_text import set_chat_renderer
+        from smg._fast.routing_text import set_precise
         from smg.kv_events import KvEvents
         from smg.tokenizer import PrefixTokenizer, chat_renderer, load_chat_template, load_tokenizer
 
@@ -113,7 +113,7 @@ def policy_factory(cfg: Config, kv_events: bool = True) -> Callable[[int], Polic
             tokenizer.append(load_tokenizer(path))
             template = load_chat_template(path)
             # chat requests are routed by the prompt their engine makes of them
-            set_chat_renderer(chat_renderer(template, tokenizer[0]) if template is not None else None)
+            set_precise(True, chat_renderer(template, tokenizer[0]) if template is not None else None)
         policy.kv = KvEvents(PrefixTokenizer(tokenizer[0]), cfg.kv_events_port, cfg.kv_events_replay_port,
                              cfg.kv_events_port_offset, cfg.kv_events_replay_port_offset, cfg.kv_events_stale_secs,
                              cfg.kv_events_max_blocks)

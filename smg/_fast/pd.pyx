@@ -259,7 +259,7 @@ cdef class PDHandler(ProxiedRoute):
             self.no_group(cycle, "pd", label, TYPE_DECODE)
             return 0
         if prefill.policy.needs_text or decode.policy.needs_text:
-            text, is_prompt = routing_prompt(self.endpoint, <dict>obj)
+            text = routing_prompt(self.endpoint, <dict>obj, &is_prompt)
         key = cycle.req.routing_key if prefill.policy.header_key_only or decode.policy.header_key_only \
             else routing_key(cycle.req)
         call = new_pd_call(self, cycle, <dict>obj, prefill, decode, text, key, label)
@@ -326,7 +326,7 @@ cdef class PDCall(ClientCall):
         cdef bytes body, head, start, client_auth, pbody, dbody, phead, dhead
         cdef Request req = self.req
         if self.text_let_go:
-            self.text = routing_prompt(self.endpoint, parse_json(req.body))[0]
+            self.text = routing_prompt(self.endpoint, parse_json(req.body), &self.text_is_prompt)
         pw = self.pgroup.select(self.text, self.key, now, self.failed_prefill, self.session,
                                 self.text_is_prompt)
         if pw is None and self.settings.prefill_queue is not None and at_limit(self.pgroup):

@@ -240,7 +240,7 @@ cdef class ProxyHandler(ProxiedRoute):
             self.no_group(cycle, "regular", label, TYPE_REGULAR)
             return 0
         if group.policy.needs_text:
-            text, is_prompt = routing_prompt(self.endpoint, <dict>obj)
+            text = routing_prompt(self.endpoint, <dict>obj, &is_prompt)
         key = cycle.req.routing_key if group.policy.header_key_only else routing_key(cycle.req)
         if self.endpoint == EP_RERANK:
             call = new_rerank_call(self, cycle, group, text, key, label, model)
@@ -313,7 +313,7 @@ cdef class ProxyCall(ClientCall):
         cdef Leg leg
         if self.text_let_go:
             # a retry of a long prompt: its text again, from the body
-            self.text = routing_prompt(self.endpoint, parse_json(self.req.body))[0]
+            self.text = routing_prompt(self.endpoint, parse_json(self.req.body), &self.text_is_prompt)
         w = self.group.select(self.text, self.key, monotonic(), self.failed_worker, self.session,
                               self.text_is_prompt)
         if self.text is not None and PyUnicode_GET_LENGTH(self.text) > KEPT_TEXT_CHARS:

@@ -11,4 +11,4 @@ cdef enum:
 
 cpdef str routing_text(int endpoint, dict body)
 cpdef tuple invalid_field(int endpoint, dict body)
-cpdef tuple routing_prompt(int endpoint, dict body)
+cdef str routing_prompt(int endpoint, dict body, bint* is_prompt)

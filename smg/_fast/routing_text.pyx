@@ -272,31 +272,46 @@ cdef tuple _invalid_messages(int endpoint, dict body):
     return None
 
 
-# precise routing (--kv-events-port) with a model that ships a chat template:
-# body -> the prompt the engine makes of a chat request's messages (None: it
-# could not be rendered); see set_chat_renderer
+# precise routing (--kv-events-port): whether requests say if their routing
+# text is the prompt the engine tokenizes, and, for a model that ships a
+# chat template, body -> the prompt the engine makes of a chat request's
+# messages (None: it could not be rendered); see set_precise
+cdef bint _precise = False
 cdef object _chat_renderer = None
 
 
-def set_chat_renderer(renderer):
-    """Render chat requests' messages with `renderer` (None: stop)."""
-    global _chat_renderer
+def set_precise(bint on, renderer=None):
+    """Precise routing on or off; `renderer`: a chat template's (None: none)."""
+    global _precise, _chat_renderer
+    _precise = on
     _chat_renderer = renderer
 
 
-cpdef tuple routing_prompt(int endpoint, dict body):
-    """(routing text, whether it is the prompt as the engine tokenizes it):
-    a /generate "text" or /v1/completions "prompt" string, or a chat's
-    messages rendered through the model's chat template (set_chat_renderer).
-    Token ids, and chats without a template, are not."""
+cdef str routing_prompt(int endpoint, dict body, bint* is_prompt):
+    """The routing text, and in is_prompt whether it is the prompt as the
+    engine tokenizes it: a /generate "text" or /v1/completions "prompt"
+    string, or a chat's messages rendered through the model's chat template
+    (set_precise). Token ids, and chats without a template, are not; without
+    precise routing nothing is (and nothing more is spent)."""
     cdef object text
+    is_prompt[0] = False
+    if not _precise:
+        return routing_text(endpoint, body)
     if endpoint == EP_CHAT and _chat_renderer is not None:
         text = _chat_renderer(body)
         if text is not None:
-            return text, True
+            is_prompt[0] = True
+            return <str>text
     text = routing_text(endpoint, body)
     if endpoint == EP_GENERATE:
-        return text, type(body.get("text")) is str and body.get("input_ids") is None
-    if endpoint == EP_COMPLETIONS:
-        return text, type(body.get("prompt")) is str
-    return text, False
+        is_prompt[0] = type(body.get("text")) is str and body.get("input_ids") is None
+    elif endpoint == EP_COMPLETIONS:
+        is_prompt[0] = type(body.get("prompt")) is str
+    return <str>text
+
+
+def routing_prompt_py(int endpoint, dict body):
+    """(routing text, is_prompt): routing_prompt for tests."""
+    cdef bint is_prompt = False
+    text = routing_prompt(endpoint, body, &is_prompt)
+    return text, is_prompt
