@@ -756,3 +756,23 @@ def test_a_worker_that_never_publishes_is_logged_once(fake_workers, gateway, tok
         _generate(g.port, words(rng, 200))
     assert g.logs().count(f"no KV events from {w.url}") == 1
     assert _stream_of(g, w)["state"] == "connecting"
+
+
+def test_only_prompts_the_engine_tokenizes_as_they_are_count_as_prompts():
+    from smg._fast.routing_text import routing_prompt_py, set_precise
+
+    generate, chat, completions = 0, 1, 2
+    chat_body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert routing_prompt_py(generate, {"text": "abc"}) == ("abc", False)        # precise routing off: never
+    try:
+        set_precise(True, lambda body: "<rendered>" if body.get("messages") else None)
+        assert routing_prompt_py(generate, {"text": "abc"}) == ("abc", True)
+        assert routing_prompt_py(generate, {"input_ids": [1, 2]}) == ("1 2", False)
+        assert routing_prompt_py(completions, {"prompt": "p"}) == ("p", True)
+        assert routing_prompt_py(completions, {"prompt": ["p", "q"]})[1] is False
+        assert routing_prompt_py(chat, chat_body) == ("<rendered>", True)
+        assert routing_prompt_py(chat, {"messages": []}) == ("", False)          # the template refused it
+        set_precise(True, None)
+        assert routing_prompt_py(chat, chat_body) == ("hi", False)               # no template: the tree
+    finally:
+        set_precise(False)
