@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a local model directory: its tokenizer.json tokenizes prompts for --kv-events-port")
     kv.add_argument("--tokenizer-path", default=None, metavar="PATH",
                     help="a local tokenizer.json, or a directory holding one (overrides --model-path)")
+    kv.add_argument("--chat-template", default=None, metavar="PATH",
+                    help="a Jinja chat template file, instead of the one the model ships (chat requests are "
+                         "routed by the prompt it makes)")
 
     h = p.add_argument_group("conversations (/v1/conversations)")
     h.add_argument("--history-backend", default=d.history_backend, metavar="BACKEND",
@@ -456,8 +459,8 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> Config:
             # discovery adds a removed worker back once it is healthy again
             values["remove_unhealthy_workers"] = values["service_discovery"] or values["discovery_provider"] == "file"
         cfg = Config(**values)
-        if (cfg.model_path or cfg.tokenizer_path) and not cfg.kv_events:
-            notices.append("--model-path/--tokenizer-path have no effect without --kv-events-port "
+        if (cfg.model_path or cfg.tokenizer_path or cfg.chat_template) and not cfg.kv_events:
+            notices.append("--model-path/--tokenizer-path/--chat-template have no effect without --kv-events-port "
                            "(smg routes by the request text; the workers tokenize)")
         cfg.startup_notices = notices
         validate(cfg)
@@ -573,7 +576,10 @@ def _check_kv_events(cfg: Config) -> None:
             raise ValueError("--kv-events-port needs the kv-events extra: pip install 'smg[kv-events]'")
     from smg.tokenizer import load_chat_template
 
-    load_chat_template(path)        # one that does not parse is an error now, not at the first chat
+    if cfg.chat_template is not None and not (os.path.isfile(cfg.chat_template)
+                                              and os.path.getsize(cfg.chat_template) > 0):
+        raise ValueError(f"--chat-template {cfg.chat_template}: not a file, or empty")
+    load_chat_template(path, cfg.chat_template)     # one that does not parse is an error now, not at the first chat
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

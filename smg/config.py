@@ -57,6 +57,7 @@ class Config:
     # precise cache_aware routing from the engines' KV-cache events (smg.kv_events)
     model_path: Optional[str] = None
     tokenizer_path: Optional[str] = None
+    chat_template: Optional[str] = None
     kv_events_port: Optional[int] = None
     kv_events_replay_port: Optional[int] = None
     kv_events_port_offset: Optional[int] = None

@@ -111,7 +111,7 @@ def policy_factory(cfg: Config, kv_events: bool = True) -> Callable[[int], Polic
         if not tokenizer:
             path = cfg.tokenizer_path or cfg.model_path
             tokenizer.append(load_tokenizer(path))
-            template = load_chat_template(path)
+            template = load_chat_template(path, cfg.chat_template)
             # chat requests are routed by the prompt their engine makes of them
             set_precise(True, chat_renderer(template, tokenizer[0]) if template is not None else None)
         policy.kv = KvEvents(PrefixTokenizer(tokenizer[0]), cfg.kv_events_port, cfg.kv_events_replay_port,

@@ -38,8 +38,7 @@ def _f(*names: str, nargs: Nargs = 1) -> tuple[tuple[str, ...], Nargs]:
 
 
 NOT_SUPPORTED = (
-    FlagGroup("chat templates and tokenizer caches in the gateway (smg tokenizes only for --kv-events-port)", (
-        _f("--chat-template"),
+    FlagGroup("tokenizer caches in the gateway (smg tokenizes only for --kv-events-port, with a cache of its own)", (
         _f("--tokenizer-cache-enable-l0", nargs=0), _f("--tokenizer-cache-l0-max-entries"),
         _f("--tokenizer-cache-enable-l1", nargs=0), _f("--tokenizer-cache-l0-max-memory"),
         _f("--tokenizer-cache-l1-max-memory"),

@@ -239,11 +239,12 @@ def chat_renderer(template: ChatTemplate, tokenizer):
     return render
 
 
-def load_chat_template(path: str) -> Optional[ChatTemplate]:
+def load_chat_template(path: str, override: Optional[str] = None) -> Optional[ChatTemplate]:
     """The chat template beside the tokenizer.json of `path` (the file
     chat_template.jinja, or tokenizer_config.json's chat_template, the
-    "default" one where it lists several); None where the model ships none.
-    Raises ValueError on one that does not parse."""
+    "default" one where it lists several), or the file `override`
+    (--chat-template); None where the model ships none. Raises ValueError on
+    one that does not parse."""
     folder = os.path.dirname(tokenizer_file(path))
     config: dict = {}
     config_file = os.path.join(folder, "tokenizer_config.json")
@@ -254,7 +255,7 @@ def load_chat_template(path: str) -> Optional[ChatTemplate]:
         except (OSError, ValueError) as e:
             raise ValueError(f"{config_file}: {e}") from None
     source = None
-    jinja_file = os.path.join(folder, "chat_template.jinja")
+    jinja_file = override or os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(jinja_file):
         with open(jinja_file, encoding="utf-8") as f:
             source = f.read()

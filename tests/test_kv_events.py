@@ -776,3 +776,16 @@ def test_only_prompts_the_engine_tokenizes_as_they_are_count_as_prompts():
         assert routing_prompt_py(chat, chat_body) == ("hi", False)               # no template: the tree
     finally:
         set_precise(False)
+
+
+def test_a_chat_template_file_overrides_the_models(tmp_path, chat_model, tokenizer_path):
+    from smg.tokenizer import load_chat_template
+
+    override = tmp_path / "template.jinja"
+    override.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert load_chat_template(chat_model, str(override)).render(body) == "<user>hi"
+    assert load_chat_template(chat_model).render(body).startswith("<|im_start|>user")
+    done = subprocess.run([sys.executable, "-m", "smg", "--kv-events-port", "5557", "--tokenizer-path", tokenizer_path,
+                           "--chat-template", str(tmp_path / "missing.jinja")], capture_output=True, timeout=30)
+    assert done.returncode == 2 and b"--chat-template" in done.stderr
