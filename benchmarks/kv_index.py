@@ -32,21 +32,10 @@ from smg._fast.worker import Worker  # noqa: E402
 from smg.kv_events import EventStream, KvEvents  # noqa: E402
 from smg.simulated_engine import write_tokenizer  # noqa: E402
 from smg.tokenizer import PrefixTokenizer, load_tokenizer  # noqa: E402
+from routing_quality import text  # noqa: E402  (the routing benchmark's prompts)
 
-WORDS = ("the of and to in is was for on that with as by at from this be are or an which it not have has "
-         "model token cache prefix worker request route gateway latency batch prefill decode kernel memory "
-         "tensor layer head attention query key value context window stream server client replica").split()
 BLOCK = 16
 SLOTS = 8
-
-
-def text(rng: random.Random, chars: int) -> str:
-    out, n = [], 0
-    while n < chars:
-        w = rng.choice(WORDS)
-        out.append(w)
-        n += len(w) + 1
-    return " ".join(out)[:chars]
 
 
 def best_of(fn, rounds: int = 5) -> float:
@@ -154,7 +143,6 @@ def propagation(path: str, trials: int) -> None:
     import subprocess
     import urllib.request
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from load import free_port, wait_until
 
     def get(url: str):

@@ -39,7 +39,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from smg._fast.kvindex import BlockIndex, chain_hashes
+from smg._fast.kvindex import BlockIndex, slots_in
 from smg.tokenizer import PrefixTokenizer
 from smg.workers import KV_EVENTS_LABEL, KV_REPLAY_LABEL
 
@@ -490,7 +490,7 @@ class KvEvents:
         self.tokenize_secs += time.perf_counter() - t0
         self.tokenized += 1
         held = {}
-        for slot in _bits(mask):
+        for slot in slots_in(mask):
             held[slot] = tokens.chars_of(blocks.get(slot, 0))
         self.last_blocks = len(hashes)
         self.last_match = blocks
@@ -560,16 +560,6 @@ def _plus(endpoint: str, rank: int) -> str:
         host, _, port = endpoint.rpartition(":")
         return f"{host}:{int(port) + rank}"
     return f"{endpoint}_dp{rank}"
-
-
-def _bits(mask: int) -> list[int]:
-    out, s = [], 0
-    while mask:
-        if mask & 1:
-            out.append(s)
-        mask >>= 1
-        s += 1
-    return out
 
 
 def streams_of(router) -> dict:

@@ -341,12 +341,18 @@ def _wait_indexed(g, w, message="the gateway's index to match the engine"):
                     and _stream_of(g, w)["indexed_blocks"] == _engine(w)["cached_blocks"], message=message)
 
 
-def test_routes_to_the_worker_whose_engine_holds_the_prompt(fake_workers, gateway, tokenizer_path):
+def _two_engines(fake_workers, gateway, tokenizer_path):
+    """Two simulated engines publishing events, behind one precise gateway."""
     a, b = (_sim_worker(fake_workers, tokenizer_path) for _ in range(2))
     g = _gateway(gateway, tokenizer_path)
     for w in (a, b):
         _add(g, w)
     g.wait_ready_workers(2)
+    return a, b, g
+
+
+def test_routes_to_the_worker_whose_engine_holds_the_prompt(fake_workers, gateway, tokenizer_path):
+    a, b, g = _two_engines(fake_workers, gateway, tokenizer_path)
     rng = random.Random(3)
     doc = "[doc] " + words(rng, 600)
     _generate(g.port, doc + " first question")
@@ -666,11 +672,7 @@ def test_a_chat_is_rendered_as_its_engine_renders_it(chat_model):
 
 
 def test_chat_requests_are_routed_by_what_the_engines_hold(fake_workers, gateway, chat_model):
-    a, b = (_sim_worker(fake_workers, chat_model) for _ in range(2))
-    g = _gateway(gateway, chat_model)
-    for w in (a, b):
-        _add(g, w)
-    g.wait_ready_workers(2)
+    a, b, g = _two_engines(fake_workers, gateway, chat_model)
     rng = random.Random(11)
     system = {"role": "system", "content": "[sys] " + words(rng, 500)}
 

@@ -170,19 +170,20 @@ cdef class BlockIndex:
             held = held & alive
             gone = alive & ~held
             if gone and depth:
-                for s in _bits(gone):
+                for s in slots_in(gone):
                     out[s] = depth
             alive = held
             if not alive:
                 break
             depth += 1
         if alive and depth:
-            for s in _bits(alive):
+            for s in slots_in(alive):
                 out[s] = depth
         return out
 
 
-cdef list _bits(object mask):
+cpdef list slots_in(object mask):
+    """The slots in a bit set, in order."""
     cdef list out = []
     cdef int s = 0
     while mask:

@@ -951,6 +951,39 @@ cdef class CacheAwarePolicy(Policy):
                     cost[0] = c
         return best
 
+    cdef Worker leave_to(self, Worker w, int slot, Py_ssize_t n, Py_ssize_t held, Py_ssize_t most_held,
+                         uint64_t gkey, list ready, Gate* g, double now, Node* best, bint noted,
+                         int* reason, long long* cost):
+        """Where a prompt of `n` characters leaves its owner w (slot `slot`,
+        holding `held` of them) for, or None: it stays. No worker holds more
+        than `most_held`; `best` is the tree's match for note_holdings, unless
+        the holdings are `noted` already. Sets why it leaves (reason) and
+        what the prompt costs where it goes (cost)."""
+        cdef long long stay = w.prefill_queue_chars + n - held
+        cdef Worker target
+        reason[0] = -1
+        if self.overloaded(w, g, now):
+            reason[0] = LEFT_INFLIGHT
+        elif too_costly(stay, g.min_queue + REPREFILL_WEIGHT * (n - most_held)):
+            # (no worker holds more than `most_held`: no other can cost less)
+            reason[0] = LEFT_PREFILL
+        else:
+            return None
+        if not noted:
+            self.note_holdings(best, most_held)
+        target = self.cheapest(gkey, ready, g, now, w, n, cost)
+        if target is None:
+            return None
+        if reason[0] == LEFT_PREFILL:
+            return target if too_costly(stay, cost[0]) else None
+        if too_costly(cost[0], stay) and <double>self.load_avg[slot] <= 2.0 * (g.mean + g.margin):
+            # over the spill gate, but not twice over it: not worth
+            # re-prefilling what the owner holds (answers that are
+            # not streamed count until complete, and may be
+            # decoding, which a prompt's first token does not wait for)
+            return None
+        return target
+
     cdef Worker pick(self, list ready, str text, bytes key, double now):
         if self.kv is not None:
             return self.pick_precise(ready, text, now)
@@ -966,7 +999,7 @@ cdef class CacheAwarePolicy(Policy):
         cdef Py_ssize_t matched, depth, held
         cdef Worker w = None, target = None
         cdef int slot, reason
-        cdef long long stay, cost = 0
+        cdef long long cost = 0
         cdef double rate
         cdef Gate g
         cdef uint64_t gkey
@@ -1002,27 +1035,7 @@ cdef class CacheAwarePolicy(Policy):
                     w.next_prefill_chars = n
                 return self.expect_cached(w, n)
             slot = self.slot_for(w)
-            stay = w.prefill_queue_chars + n - held
-            reason = -1
-            if self.overloaded(w, &g, now):
-                reason = LEFT_INFLIGHT
-            elif too_costly(stay, g.min_queue + REPREFILL_WEIGHT * (n - matched)):
-                # (no worker holds more than `matched`: no other can cost less)
-                reason = LEFT_PREFILL
-            if reason >= 0:
-                self.note_holdings(best, matched)
-                target = self.cheapest(gkey, ready, &g, now, w, n, &cost)
-                if target is None:
-                    pass
-                elif reason == LEFT_PREFILL:
-                    if not too_costly(stay, cost):
-                        target = None
-                elif too_costly(cost, stay) and <double>self.load_avg[slot] <= 2.0 * (g.mean + g.margin):
-                    # over the spill gate, but not twice over it: not worth
-                    # re-prefilling what the owner holds (answers that are
-                    # not streamed count until complete, and may be
-                    # decoding, which a prompt's first token does not wait for)
-                    target = None
+            target = self.leave_to(w, slot, n, held, matched, gkey, ready, &g, now, best, False, &reason, &cost)
             if target is None:
                 self.hits += 1
                 self.spill_rate[slot] = <double>self.spill_rate[slot] * (1.0 - SPILL_AVERAGING)
@@ -1069,7 +1082,7 @@ cdef class CacheAwarePolicy(Policy):
         cdef Py_ssize_t matched, depth, top = 0, h
         cdef Worker w = None, o, target = None
         cdef int s, reason
-        cdef long long stay, cost = 0
+        cdef long long cost = 0
         cdef uint64_t gkey, weight, top_weight = 0
         cdef Gate g
         cdef dict slots = {}
@@ -1128,21 +1141,7 @@ cdef class CacheAwarePolicy(Policy):
                     self.kv.sent(w.id, s, n - h, now)
                 return self.expect_cached(w, n)
             s = self.slot_for(w)
-            stay = w.prefill_queue_chars + n - top
-            reason = -1
-            if self.overloaded(w, &g, now):
-                reason = LEFT_INFLIGHT
-            elif too_costly(stay, g.min_queue + REPREFILL_WEIGHT * (n - top)):
-                reason = LEFT_PREFILL
-            if reason >= 0:
-                target = self.cheapest(gkey, ready, &g, now, w, n, &cost)
-                if target is None:
-                    pass
-                elif reason == LEFT_PREFILL:
-                    if not too_costly(stay, cost):
-                        target = None
-                elif too_costly(cost, stay) and <double>self.load_avg[s] <= 2.0 * (g.mean + g.margin):
-                    target = None
+            target = self.leave_to(w, s, n, top, top, gkey, ready, &g, now, best, True, &reason, &cost)
             if target is None:
                 self.hits += 1
                 self.tree.insert_matched(prompt, n, best, matched, s, now, INSERT_HIT)
